@@ -1,0 +1,95 @@
+"""Pure-PyTorch tensor-product ops: the specification of every kernel, and the CPU path.
+
+Irreps layout. Node features carry ``C`` channels of every ``l`` in ``0..lmax`` with the
+natural parity ``(-1)^l`` (0e, 1o, 2e, 3o), packed densely as ``[n, C, (lmax+1)^2]``
+in e3nn's real spherical-harmonic order (component ``m`` of degree ``l`` at ``l*l + l + m``).
+Edge attributes are spherical harmonics ``Y_l(r̂)`` of the same layout (e3nn,
+``normalization="component"``). A channel-wise ("uvu") path ``(l1, l2, l3)`` couples
+``x_{l1}`` with ``Y_{l2}`` into ``l3`` by Clebsch-Gordan coefficients; only paths with
+``l1 + l2 + l3`` even are used, which keeps natural parity and hence exact O(3)
+equivariance (rotations *and* reflections).
+
+Triton kernels in :mod:`mlip.kernels.triton` keep these names and signatures.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def tp_paths(lmax_in: int, lmax_sh: int, lmax_out: int) -> tuple[tuple[int, int, int], ...]:
+    """All parity-preserving paths ``(l1, l2, l3)``, ordered by ``l3`` then ``l1`` then ``l2``.
+
+    >>> tp_paths(1, 1, 1)
+    ((0, 0, 0), (1, 1, 0), (0, 1, 1), (1, 0, 1))
+    """
+    paths = [
+        (l1, l2, l3)
+        for l3 in range(lmax_out + 1)
+        for l1 in range(lmax_in + 1)
+        for l2 in range(lmax_sh + 1)
+        if abs(l1 - l2) <= l3 <= l1 + l2 and (l1 + l2 + l3) % 2 == 0
+    ]
+    return tuple(paths)
+
+
+def tp_out_dim(lmax_in: int, lmax_sh: int, lmax_out: int) -> int:
+    """Width of the per-path output: ``sum_p (2 l3_p + 1)``."""
+    return sum(2 * l3 + 1 for _, _, l3 in tp_paths(lmax_in, lmax_sh, lmax_out))
+
+
+@functools.lru_cache(maxsize=None)
+def _cg_cpu(l1: int, l2: int, l3: int) -> torch.Tensor:
+    from e3nn import o3
+
+    # wigner_3j is normalised to unit Frobenius norm; sqrt(2 l3 + 1) gives unit-variance outputs
+    return o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * math.sqrt(2 * l3 + 1)
+
+
+def clebsch_gordan(l1: int, l2: int, l3: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Real Clebsch-Gordan tensor ``[2l1+1, 2l2+1, 2l3+1]`` (e3nn basis, component-normalised)."""
+    return _cg_cpu(l1, l2, l3).to(dtype=dtype, device=device)
+
+
+def conv_tp(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    edge_weights: torch.Tensor,
+    sender: torch.Tensor,
+    receiver: torch.Tensor,
+    n_nodes: int,
+    lmax_in: int,
+    lmax_sh: int,
+    lmax_out: int,
+) -> torch.Tensor:
+    """Fused-convolution specification: gather, channel-wise TP, radial weighting, scatter-sum.
+
+    ``out[i, c, p] = sum_{e: receiver[e]=i} w[e, p, c] * sum_{m1,m2} x[sender[e], c, l1 m1] Y[e, l2 m2] CG_p[m1, m2, m3]``
+
+    Args:
+        node_feats: ``[n_nodes, C, (lmax_in+1)^2]`` sender features.
+        edge_attrs: ``[n_edges, (lmax_sh+1)^2]`` spherical harmonics of edge directions.
+        edge_weights: ``[n_edges, n_paths, C]`` per-edge, per-path, per-channel radial weights.
+        sender, receiver: ``[n_edges]`` atom indices (messages aggregate at the receiver).
+        n_nodes: number of output rows.
+
+    Returns:
+        ``[n_nodes, C, tp_out_dim(...)]``: per-path outputs concatenated in ``tp_paths`` order.
+    """
+    paths = tp_paths(lmax_in, lmax_sh, lmax_out)
+    if edge_weights.shape[1] != len(paths):
+        raise ValueError(f"edge_weights has {edge_weights.shape[1]} paths, expected {len(paths)}")
+    x = node_feats.index_select(0, sender)  # [n_edges, C, (lmax_in+1)^2]
+    msgs = []
+    for p, (l1, l2, l3) in enumerate(paths):
+        cg = clebsch_gordan(l1, l2, l3, node_feats.dtype, node_feats.device)
+        x1 = x[:, :, l1 * l1 : (l1 + 1) ** 2]  # [n_edges, C, 2l1+1]
+        y2 = edge_attrs[:, l2 * l2 : (l2 + 1) ** 2]  # [n_edges, 2l2+1]
+        m = torch.einsum("eci,ej,ijk->eck", x1, y2, cg) * edge_weights[:, p, :, None]
+        msgs.append(m)
+    msg = torch.cat(msgs, dim=-1)  # [n_edges, C, D_out]
+    out = torch.zeros((n_nodes,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
+    return out.index_add_(0, receiver, msg)

@@ -1,0 +1,164 @@
+"""The contract every potential family implements, the ``MODELS`` registry, and save/load.
+
+A family is a ``torch.nn.Module`` subclass of :class:`PotentialModel` built from one
+config dataclass. Models map a batch plus edge vectors to per-atom energies; forces,
+stress and virial are derived in :mod:`mlip.models.outputs` only, so every family
+shares that code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mlip.data.graph import GraphBatch
+
+#: family name -> model class (each class has a ``Config`` dataclass attribute)
+MODELS: dict[str, type["PotentialModel"]] = {}
+
+
+def register(name: str) -> Callable[[type["PotentialModel"]], type["PotentialModel"]]:
+    """Class decorator: ``@register("equivariant")`` adds a family to :data:`MODELS`."""
+
+    def deco(cls: type["PotentialModel"]) -> type["PotentialModel"]:
+        if name in MODELS and MODELS[name] is not cls:
+            raise ValueError(f"model family {name!r} registered twice")
+        cls.family = name
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+class PotentialModel(torch.nn.Module):
+    """Base class of all potential families.
+
+    Subclasses define ``Config`` (a dataclass with at least ``r_max`` and ``elements``)
+    and ``forward(batch, edge_vec) -> {"node_energy": [n_atoms], "energy": [n_graphs]}``
+    in eV, where ``edge_vec`` is ``[n_edges, 3]`` in Å (see ``GraphBatch.edge_vectors``).
+    Energies include the per-element reference energies E0.
+    """
+
+    family: str = ""
+    Config: type = object
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def r_max(self) -> float:
+        return float(self.config.r_max)
+
+    @property
+    def elements(self) -> list[int]:
+        return list(self.config.elements)
+
+    def check_batch(self, batch: GraphBatch) -> None:
+        """Raise a clear error for elements outside ``config.elements``."""
+        known = torch.tensor(self.elements, device=batch.numbers.device)
+        unknown = batch.numbers[~torch.isin(batch.numbers, known)]
+        if unknown.numel():
+            from ase.data import chemical_symbols
+
+            names = sorted({chemical_symbols[int(z)] for z in unknown.unique()})
+            allowed = [chemical_symbols[z] for z in self.elements]
+            raise ValueError(f"model was not trained on element(s) {names}; it knows {allowed}")
+
+    def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass, rejecting unknown keys with the nearest valid name."""
+    import difflib
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            near = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise KeyError(f"unknown model config key {key!r}{hint}")
+    return cls(**data)
+
+
+def build_model(family: str, config: dict[str, Any] | Any) -> PotentialModel:
+    """Build a model of ``family`` from a config dict or dataclass."""
+    if family not in MODELS:
+        _import_families()
+    if family not in MODELS:
+        raise KeyError(f"unknown model family {family!r}; known: {sorted(MODELS)}")
+    cls = MODELS[family]
+    cfg = config_from_dict(cls.Config, dict(config)) if isinstance(config, dict) else config
+    return cls(cfg)
+
+
+def _import_families() -> None:
+    """Import the family modules so their ``@register`` runs."""
+    import importlib
+
+    for mod in ("mlip.models.equivariant", "mlip.models.faenet", "mlip.models.transip"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
+    a killed process never leaves a truncated file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: PotentialModel, path: str | os.PathLike) -> None:
+    """Write one file holding family, config, weights, cutoff, elements and mlip version."""
+    from mlip import __version__
+
+    payload = {
+        "family": model.family,
+        "config": config_to_dict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "r_max": model.r_max,
+        "elements": model.elements,
+        "mlip_version": __version__,
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PotentialModel:
+    """Restore a model written by :func:`save_model` (``weights_only=True``, ``strict=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: not a readable mlip model file ({err})") from err
+    for key in ("family", "config", "state_dict"):
+        if key not in payload:
+            raise ValueError(f"{path}: model file lacks {key!r}")
+    model = build_model(payload["family"], payload["config"])
+    model.load_state_dict(payload["state_dict"], strict=True)
+    dtype = next(iter(payload["state_dict"].values())).dtype if payload["state_dict"] else torch.float32
+    return model.to(dtype=dtype).eval()
