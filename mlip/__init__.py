@@ -16,4 +16,11 @@ def load(path, map_location="cpu"):
     return load_model(path, map_location=map_location)
 
 
-__all__ = ["__version__", "load"]
+def relax(structure, model=None, **kwargs):
+    """Relax a pymatgen ``Structure`` or ASE ``Atoms`` (see :func:`mlip.md.relax.relax`)."""
+    from mlip.md.relax import relax as _relax
+
+    return _relax(structure, model, **kwargs)
+
+
+__all__ = ["__version__", "load", "relax"]

@@ -1,0 +1,19 @@
+"""ASE calculator (:class:`MLIPCalculator`) and, if ``torch-sim-atomistic`` is installed, a TorchSim model.
+
+``MLIPTorchSimModel`` is imported lazily so that ``torch_sim`` stays optional.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mlip.calculator.ase import MLIPCalculator, NeighborCache
+
+__all__ = ["MLIPCalculator", "NeighborCache", "MLIPTorchSimModel"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MLIPTorchSimModel":
+        from mlip.calculator.torchsim import MLIPTorchSimModel
+
+        return MLIPTorchSimModel
+    raise AttributeError(f"module 'mlip.calculator' has no attribute {name!r}")

@@ -159,6 +159,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         if key not in payload:
             raise ValueError(f"{path}: model file lacks {key!r}")
     model = build_model(payload["family"], payload["config"])
+    floats = [v for v in payload["state_dict"].values() if v.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.float32
+    # cast before loading: loading float64 weights into float32 parameters would round them
+    model = model.to(dtype=dtype)
     model.load_state_dict(payload["state_dict"], strict=True)
-    dtype = next(iter(payload["state_dict"].values())).dtype if payload["state_dict"] else torch.float32
-    return model.to(dtype=dtype).eval()
+    return model.eval()

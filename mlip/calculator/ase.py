@@ -1,0 +1,322 @@
+"""ASE calculator for mlip models, with a neighbour list reused across MD/relaxation steps.
+
+:class:`MLIPCalculator` is a drop-in for MACE's and fairchem's calculators: energy, free_energy,
+per-atom ``energies``, forces and (for 3D-periodic cells) Voigt stress in eV, eV/Å and eV/Å³,
+for molecules and periodic cells. :class:`NeighborCache` keeps edges built with ``r_max + skin``
+and rebuilds them only when the structure moved or deformed enough that a pair could have
+crossed the cutoff; edges are filtered to ``|edge_vec| < r_max`` on every call, so the graph the
+model sees is exactly the one a full rebuild gives (same edges, same order).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from mlip.data.graph import GraphBatch
+from mlip.data.neighbors import neighbor_list
+from mlip.models.base import PotentialModel
+from mlip.models.outputs import predict
+
+__all__ = ["MLIPCalculator", "NeighborCache", "resolve_device", "resolve_dtype", "prepare_model"]
+
+#: CUDA out-of-memory (``torch.OutOfMemoryError`` since torch 2.5)
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"``/``"float64"`` (or a torch dtype) -> torch dtype; anything else is an error."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def prepare_model(
+    model: PotentialModel | str, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
+) -> PotentialModel:
+    """A model in eval mode on ``device``/``dtype``: loads a path, copies a model that must change.
+
+    A model passed in is never modified: if it lives on another device or dtype, a deep copy is
+    converted, so the caller's model (e.g. one still being trained) is left as it was.
+    """
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if not isinstance(model, torch.nn.Module):
+        from mlip.models.base import load_model
+
+        return load_model(model, map_location=dev).to(device=dev, dtype=dt).eval()
+    params = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    same = all(p.device == dev and p.dtype == dt for p in params)
+    if not same or model.training:
+        model = copy.deepcopy(model).to(device=dev, dtype=dt)
+    return model.eval()
+
+
+class NeighborCache:
+    """Edges within ``r_max`` of one structure, from a list built with ``r_max + skin`` and reused.
+
+    The list is rebuilt when the atomic numbers or pbc change, when a cell change cannot be
+    bounded (a singular cell that changed), or when some pair might have crossed ``r_max``. With
+    reference positions ``p0`` and cell ``C0`` (rows), write the new cell ``C = C0 M`` and the new
+    positions ``p = p0 M + u``; every pair vector becomes ``d = d0 M + (u_s - u_r)``. A pair not
+    in the list had ``|d0| >= r_max + skin``, so it is still beyond ``r_max`` while
+
+        (r_max + 2 max|u|) / sigma_min(M) < r_max + skin,
+
+    which for a fixed cell (``M = I``) is the usual "max displacement < skin/2". This keeps the
+    list valid under the small cell changes of NPT and cell relaxation. Listed edges are filtered
+    to ``|d| < r_max`` on every call, with the same float64 arithmetic and strict test as
+    :func:`mlip.data.neighbors.neighbor_list`, so the result equals a full rebuild exactly.
+
+    Args:
+        r_max: model cutoff (Å).
+        skin: extra shell (Å); 0 rebuilds on every call.
+        backend: neighbour-list backend (see :func:`mlip.data.neighbors.neighbor_list`).
+
+    Attributes:
+        n_builds: how many times the list was (re)built; n_calls: how many times it was queried.
+    """
+
+    def __init__(self, r_max: float, skin: float = 0.5, backend: str = "torch") -> None:
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.r_max = float(r_max)
+        self.skin = float(skin)
+        self.backend = backend
+        self.n_builds = 0
+        self.n_calls = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stored list; the next call rebuilds."""
+        self._ref_pos: torch.Tensor | None = None
+        self._ref_cell: torch.Tensor | None = None
+        self._ref_cell_inv: torch.Tensor | None = None
+        self._ref_pbc: torch.Tensor | None = None
+        self._ref_numbers: torch.Tensor | None = None
+        self._edges: torch.Tensor | None = None
+        self._shifts: torch.Tensor | None = None
+
+    def _still_valid(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor) -> bool:
+        if self._ref_pos is None or self.skin == 0.0:
+            return False
+        if pos.shape != self._ref_pos.shape or not torch.equal(numbers, self._ref_numbers):
+            return False
+        if not torch.equal(pbc, self._ref_pbc):
+            return False
+        if not bool(pbc.any()) or torch.equal(cell, self._ref_cell):
+            u = pos - self._ref_pos  # [n_atoms, 3] displacement; the cell does not matter
+            sigma_min = 1.0
+        else:
+            if self._ref_cell_inv is None:
+                return False  # a singular reference cell changed: no bound, rebuild
+            m = self._ref_cell_inv @ cell  # [3, 3]; cell = ref_cell @ m
+            u = pos - self._ref_pos @ m
+            sigma_min = float(torch.linalg.svdvals(m).min())
+            if not sigma_min > 0:
+                return False
+        max_u = float(torch.linalg.norm(u, dim=1).max()) if u.numel() else 0.0
+        return (self.r_max + 2.0 * max_u) / sigma_min < self.r_max + self.skin
+
+    def _build(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor) -> None:
+        self._edges, self._shifts = neighbor_list(pos, cell, pbc, self.r_max + self.skin, backend=self.backend)
+        self._ref_pos, self._ref_cell, self._ref_pbc, self._ref_numbers = pos.clone(), cell.clone(), pbc.clone(), numbers.clone()
+        self._ref_cell_inv = None
+        if abs(float(torch.linalg.det(cell))) > 1e-12:
+            self._ref_cell_inv = torch.linalg.inv(cell)
+        self.n_builds += 1
+
+    def __call__(
+        self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edges closer than ``r_max`` for these positions.
+
+        Shapes:
+            positions [n_atoms, 3] float64 Å; cell [3, 3] float64 Å; pbc [3] bool; numbers [n_atoms];
+            returns edge_index [2, n_edges] (sender, receiver) and unit_shifts [n_edges, 3] (long).
+        """
+        self.n_calls += 1
+        pos = positions.to(torch.float64)
+        cell = cell.to(torch.float64)
+        if not self._still_valid(pos, cell, pbc, numbers):
+            self._build(pos, cell, pbc, numbers)
+            if self.skin == 0.0:
+                return self._edges, self._shifts
+        sender, receiver = self._edges
+        vec = pos[sender] - pos[receiver] + self._shifts.to(torch.float64) @ cell  # [n_edges, 3]
+        keep = torch.sqrt((vec * vec).sum(dim=1)) < self.r_max
+        return self._edges[:, keep], self._shifts[keep]
+
+
+def _info_scalar(atoms: Atoms, key: str, default: float | None) -> float:
+    value = atoms.info.get(key, default)
+    if value is None:
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"atoms.info[{key!r}] must be a number, got {value!r}") from err
+
+
+class MLIPCalculator(Calculator):
+    """ASE calculator for any mlip potential (all families share :func:`mlip.models.outputs.predict`).
+
+    Args:
+        model: a loaded :class:`~mlip.models.base.PotentialModel` or the path of a model file.
+            A model passed in is not modified (a copy is moved if device or dtype differ).
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"float32"`` (default: fast, and accurate enough for MD and relaxation at the
+            force precision of trained models) or ``"float64"`` (use it for finite-difference
+            checks, phonons and tight energy conservation tests). Neighbour search and the
+            skin test always run in float64.
+        skin: neighbour-list skin in Å; the list is rebuilt only when an atom moved by more
+            than ``skin/2`` (or the cell deformed by the equivalent amount). 0 rebuilds every call.
+        head: model head to use when ``atoms.info["head"]`` is absent.
+        charge, spin: total charge (e) and spin multiplicity used when ``atoms.info`` lacks
+            ``"charge"``/``"spin"``; only models built with ``use_charge_spin`` read them, and such a
+            model raises a clear error if neither is given.
+        compute_stress: ``None`` computes stress along with forces for 3D-periodic cells (one
+            model call serves ``FrechetCellFilter``/NPT); ``False`` computes it only when asked.
+        neighbor_backend: see :func:`mlip.data.neighbors.neighbor_list`.
+
+    Results: ``energy`` and ``free_energy`` (eV, equal: the model has no electronic entropy),
+    ``energies`` (per-atom, eV, summing to the energy), ``forces`` (eV/Å), ``stress`` (Voigt
+    xx yy zz yz xz xy, eV/Å³, ASE sign) for cells periodic in all three directions.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: PotentialModel | str,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "float32",
+        skin: float = 0.5,
+        head: str = "default",
+        charge: float | None = None,
+        spin: float | None = None,
+        compute_stress: bool | None = None,
+        neighbor_backend: str = "torch",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.model = prepare_model(model, self.device, self.dtype)
+        self.neighbors = NeighborCache(self.model.r_max, skin=skin, backend=neighbor_backend)
+        self.head = head
+        self.default_charge = charge
+        self.default_spin = spin
+        self.compute_stress = compute_stress
+        self.uses_charge_spin = bool(getattr(self.model.config, "use_charge_spin", False))
+
+    # -- state ------------------------------------------------------------------------------
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's checks (positions, numbers, cell, pbc, ...) plus charge, spin and head in ``info``."""
+        changes = super().check_state(atoms, tol=tol)
+        if self.atoms is not None:
+            for key in ("charge", "spin", "head"):
+                if self.atoms.info.get(key) != atoms.info.get(key):
+                    changes.append(f"info[{key}]")
+                    break
+        return changes
+
+    def reset(self) -> None:
+        super().reset()
+        if hasattr(self, "neighbors"):
+            self.neighbors.reset()
+
+    # -- evaluation -------------------------------------------------------------------------
+    def batch_from_atoms(self, atoms: Atoms) -> GraphBatch:
+        """One-structure :class:`GraphBatch` on the calculator's device and dtype (edges from the cache)."""
+        dev = self.device
+        pos64 = torch.as_tensor(atoms.positions, dtype=torch.float64, device=dev)
+        cell64 = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=dev)
+        pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool), device=dev)
+        numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=dev)
+        edge_index, unit_shifts = self.neighbors(pos64, cell64, pbc, numbers)
+        n = len(atoms)
+        charge = _info_scalar(atoms, "charge", self.default_charge)
+        spin = _info_scalar(atoms, "spin", self.default_spin)
+        if self.uses_charge_spin and not (math.isfinite(charge) and math.isfinite(spin)):
+            raise ValueError(
+                "this model uses the total charge and spin multiplicity: set atoms.info['charge'] and "
+                "atoms.info['spin'] (e.g. 0 and 1 for a neutral singlet) or pass charge=/spin= to MLIPCalculator"
+            )
+        nan = float("nan")
+        dt = self.dtype
+        return GraphBatch(
+            positions=pos64.to(dt),
+            numbers=numbers,
+            cell=cell64.to(dt)[None],
+            pbc=pbc[None],
+            edge_index=edge_index,
+            unit_shifts=unit_shifts,
+            batch=torch.zeros(n, dtype=torch.long, device=dev),
+            ptr=torch.tensor([0, n], device=dev),
+            energy=torch.full((1,), nan, dtype=dt, device=dev),
+            forces=torch.full((n, 3), nan, dtype=dt, device=dev),
+            stress=torch.full((1, 3, 3), nan, dtype=dt, device=dev),
+            charge=torch.tensor([charge], dtype=dt, device=dev),
+            spin=torch.tensor([spin], dtype=dt, device=dev),
+            weight=torch.ones(1, dtype=dt, device=dev),
+            head=[str(atoms.info.get("head", self.head))],
+        )
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = tuple(all_changes),
+    ) -> None:
+        # Clear first: if anything below raises (unknown element, out of memory) no stale
+        # result of a previous structure can be returned for this one.
+        self.results = {}
+        super().calculate(atoms, list(properties), list(system_changes))
+        atoms = self.atoms
+        periodic3d = bool(np.all(atoms.pbc))
+        if "stress" in properties and not periodic3d:
+            raise PropertyNotImplementedError(
+                f"stress needs a cell periodic in all three directions (pbc={atoms.pbc.tolist()})"
+            )
+        want_stress = periodic3d and ("stress" in properties or self.compute_stress is not False)
+        try:
+            batch = self.batch_from_atoms(atoms)
+            out = predict(self.model, batch, forces=True, stress=want_stress)
+        except _OOM as err:
+            self.atoms = None  # nothing cached for this structure
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise RuntimeError(
+                f"out of memory on {self.device} evaluating {len(atoms)} atoms "
+                f"(r_max={self.model.r_max} Å): split the system, use a smaller skin, float32, "
+                "or a device with more memory; no forces were returned"
+            ) from err
+        except Exception:
+            self.atoms = None
+            raise
+        energy = float(out["energy"][0].detach())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out["node_energy"].detach().to("cpu", torch.float64).numpy()
+        self.results["forces"] = out["forces"].detach().to("cpu", torch.float64).numpy()
+        if want_stress:
+            s = out["stress"][0].detach().to("cpu", torch.float64).numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(0.5 * (s + s.T))

@@ -1,0 +1,362 @@
+"""Dataset statistics: per-element reference energies (E0s), neighbour counts, label summaries.
+
+E0s come either from isolated-atom frames (:func:`e0s_from_isolated_atoms`) or from a least-squares
+fit of total energies on element counts (:func:`fit_e0s`). All energies are eV, forces eV/Å,
+stress eV/Å³ (ASE sign). Functions taking ``atoms_list`` read canonical labels
+(``atoms.info["energy"]`` ...; see :mod:`mlip.data.formats`); one head (level of theory) at a time.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from mlip import keys as K
+
+__all__ = [
+    "e0s_from_isolated_atoms", "fit_e0s", "average_num_neighbors", "summarize", "format_summary",
+    "is_isolated",
+]
+
+#: two isolated-atom energies of one element farther apart than this (eV) are a conflict
+E0_CONFLICT_TOL = 1e-6
+
+
+def _where(atoms: Atoms, i: int) -> str:
+    return str(atoms.info.get("source", f"structure {i}"))
+
+
+def _energy(atoms: Atoms) -> float:
+    """The energy label in eV, NaN when missing."""
+    value = atoms.info.get(K.ENERGY)
+    return float("nan") if value is None else float(value)
+
+
+def is_isolated(atoms: Atoms) -> bool:
+    """An isolated-atom reference frame: ``info["isolated_atom"]`` as set by the readers, else
+    ``config_type`` IsolatedAtom or a single atom without periodic boundaries."""
+    flag = atoms.info.get("isolated_atom")
+    if flag is not None:
+        return bool(flag)
+    config_type = str(atoms.info.get("config_type", "")).lower()
+    if config_type in ("isolatedatom", "isolated_atom", "isolated-atom"):
+        return True
+    return len(atoms) == 1 and not bool(np.any(atoms.pbc))
+
+
+def e0s_from_isolated_atoms(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) -> dict[int, float]:
+    """Per-element reference energies from isolated-atom frames.
+
+    Args:
+        atoms_list: structures with canonical labels; the isolated-atom frames among them (see
+            :func:`is_isolated`) give the E0s, the others say which elements are needed.
+        elements: atomic numbers that need an E0 (default: every element of ``atoms_list``).
+
+    Returns:
+        ``{Z: E0 in eV}`` for every needed element, sorted by Z.
+
+    Raises:
+        ValueError: an isolated-atom frame with more than one atom or without energy; one element
+            with two different isolated-atom energies (more than :data:`E0_CONFLICT_TOL` apart);
+            a needed element without an isolated-atom frame.
+
+    >>> from ase import Atoms
+    >>> frames = [Atoms("H", info={"energy": -13.6, "isolated_atom": True}), Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])]
+    >>> e0s_from_isolated_atoms(frames)
+    {1: -13.6}
+    """
+    found: dict[int, tuple[float, str]] = {}
+    present: set[int] = set()
+    for i, atoms in enumerate(atoms_list):
+        present.update(int(z) for z in np.unique(atoms.numbers))
+        if not is_isolated(atoms):
+            continue
+        where = _where(atoms, i)
+        if len(atoms) != 1:
+            raise ValueError(f"{where}: marked as an isolated atom but has {len(atoms)} atoms")
+        energy = _energy(atoms)
+        if not math.isfinite(energy):
+            raise ValueError(f"{where}: isolated-atom frame of {atoms.get_chemical_symbols()[0]} has no energy label")
+        z = int(atoms.numbers[0])
+        if z in found and abs(found[z][0] - energy) > E0_CONFLICT_TOL:
+            raise ValueError(
+                f"two different isolated-atom energies for {chemical_symbols[z]} (Z={z}): "
+                f"{found[z][0]!r} eV ({found[z][1]}) and {energy!r} eV ({where}); "
+                "split the data by head (level of theory) or remove one"
+            )
+        found.setdefault(z, (energy, where))
+    needed = sorted(present if elements is None else {int(z) for z in elements})
+    missing = [z for z in needed if z not in found]
+    if missing:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+        raise ValueError(f"no isolated-atom frame for {names}; add one per element or fit E0s with fit_e0s()")
+    return {z: found[z][0] for z in needed}
+
+
+def fit_e0s(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) -> dict[int, float]:
+    """Per-element energies by least squares, ``E_total ≈ Σ_Z n_Z · E0_Z``, over labelled frames.
+
+    Frames without an energy label are skipped. When the compositions do not determine every
+    E0 (e.g. a data set of water only fixes ``2 E0_H + E0_O``), the solution is the one closest
+    to the mean per-atom energy ``μ`` in the undetermined directions: ``x = μ·1 + lstsq(A, y - A μ·1)``
+    (the minimum-norm least-squares deviation from ``μ``), and a ``UserWarning`` names the
+    elements whose E0 is not determined. The fit still reproduces every determined combination.
+
+    Args:
+        atoms_list: structures with ``info["energy"]`` in eV.
+        elements: atomic numbers to fit (default: every element of the labelled frames); an
+            element of a labelled frame that is not listed is an error.
+
+    Returns:
+        ``{Z: E0 in eV}``, sorted by Z.
+
+    Raises:
+        ValueError: no labelled frame, or a frame containing an element outside ``elements``.
+
+    Shapes:
+        the design matrix A is [n_labelled, n_elements] element counts; y [n_labelled] eV.
+
+    >>> from ase import Atoms
+    >>> frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7]], info={"energy": -2.0}),
+    ...           Atoms("HO", positions=[[0, 0, 0], [0, 0, 1.0]], info={"energy": -5.0})]
+    >>> {z: round(e, 9) for z, e in fit_e0s(frames).items()}
+    {1: -1.0, 8: -4.0}
+    """
+    counts: list[Counter] = []
+    energies: list[float] = []
+    seen: set[int] = set()
+    for i, atoms in enumerate(atoms_list):
+        energy = _energy(atoms)
+        if not math.isfinite(energy):
+            continue
+        c = Counter(int(z) for z in atoms.numbers)
+        if elements is not None:
+            extra = sorted(set(c) - {int(z) for z in elements})
+            if extra:
+                raise ValueError(f"{_where(atoms, i)}: contains {[chemical_symbols[z] for z in extra]}, "
+                                 f"not among the elements to fit {[chemical_symbols[int(z)] for z in elements]}")
+        seen.update(c)
+        counts.append(c)
+        energies.append(energy)
+    if not energies:
+        raise ValueError("fit_e0s: no structure carries an energy label")
+    zs = sorted(seen if elements is None else {int(z) for z in elements})
+    col = {z: k for k, z in enumerate(zs)}
+    a = np.zeros((len(counts), len(zs)))
+    for row, c in enumerate(counts):
+        for z, n in c.items():
+            a[row, col[z]] = n
+    y = np.asarray(energies, dtype=np.float64)
+    mu = float(y.sum() / a.sum())
+    prior = np.full(len(zs), mu)
+    delta, _, rank, sing = np.linalg.lstsq(a, y - a @ prior, rcond=None)
+    solution = prior + delta
+    if rank < len(zs):
+        # null space of A: right singular vectors beyond the rank; an element is undetermined
+        # when its unit vector is not in the row space, i.e. it has weight in the null space
+        _, s, vt = np.linalg.svd(a, full_matrices=True)
+        null = vt[rank:]  # [n_elements - rank, n_elements]
+        loose = [z for z, k in col.items() if np.linalg.norm(null[:, k]) > 1e-8]
+        names = ", ".join(chemical_symbols[z] for z in loose)
+        warnings.warn(
+            f"fit_e0s: the compositions of the {len(y)} labelled structures determine only {rank} of "
+            f"{len(zs)} E0s (rank-deficient); E0s of {names} are not separable (these elements appear "
+            f"only in fixed ratios, or never). Using the solution closest to the mean per-atom energy "
+            f"{mu:.6g} eV in the undetermined directions. Add isolated-atom frames or structures of "
+            "other compositions for physical E0s.",
+            UserWarning, stacklevel=2,
+        )
+    return {z: float(solution[col[z]]) for z in zs}
+
+
+def average_num_neighbors(dataset: Any) -> float:
+    """Mean number of neighbours per atom (edges / atoms) over a dataset.
+
+    Args:
+        dataset: a :class:`~mlip.data.datasets.GraphDataset` (uses its cached ``n_edges`` /
+            ``n_atoms``) or any sequence of :class:`~mlip.data.graph.AtomGraph`.
+
+    Returns:
+        ``Σ n_edges / Σ n_atoms`` (0 for an empty dataset).
+    """
+    n_edges = getattr(dataset, "n_edges", None)
+    n_atoms = getattr(dataset, "n_atoms", None)
+    if isinstance(n_edges, np.ndarray) and isinstance(n_atoms, np.ndarray):
+        total_edges, total_atoms = int(n_edges.sum()), int(n_atoms.sum())
+    else:
+        total_edges = total_atoms = 0
+        for i in range(len(dataset)):
+            g = dataset[i]
+            total_edges += g.n_edges
+            total_atoms += g.n_atoms
+    return total_edges / total_atoms if total_atoms else 0.0
+
+
+class _Moments:
+    """Running count, mean and sum of squared deviations (Welford), plus min/max."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.min, self.max = math.inf, -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if values.size == 0:
+            return
+        n_b, mean_b = values.size, float(values.mean())
+        m2_b = float(((values - mean_b) ** 2).sum())
+        n = self.n + n_b
+        d = mean_b - self.mean
+        self.mean += d * n_b / n
+        self.m2 += m2_b + d * d * self.n * n_b / n
+        self.n = n
+        self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else float("nan")
+
+
+def summarize(atoms_list: Iterable[Atoms]) -> dict[str, Any]:
+    """Statistics of a data set for ``mlip data inspect``; streams (one structure at a time).
+
+    Args:
+        atoms_list: structures with canonical labels (a list or e.g. ``iter_read(path)``).
+
+    Returns:
+        A dict with ``n_structures``; ``n_atoms_total/min/max/mean``; ``elements``
+        ``{symbol: n atoms}`` and ``element_structures`` ``{symbol: n structures containing it}``
+        (ordered by Z); ``labels`` ``{energy, forces, stress, charge, spin, weight, head: n
+        structures carrying it}``; ``n_periodic`` (all three directions periodic),
+        ``n_molecular`` (none), ``n_partially_periodic``, ``n_isolated_atoms``;
+        ``energy_per_atom_mean/std/min/max`` (eV/atom, over every structure with an energy,
+        isolated atoms included), ``forces_rms`` (RMS of force components, eV/Å),
+        ``forces_max`` (largest per-atom |F|, eV/Å), ``stress_min/max`` (component range, eV/Å³),
+        ``heads``, ``config_types``, ``charges``, ``spins`` (value -> n structures). Statistics
+        with no data are NaN.
+    """
+    n_structures = n_atoms_total = 0
+    atom_counts = _Moments()
+    elements: Counter = Counter()
+    element_structures: Counter = Counter()
+    labels = {name: 0 for name in (K.ENERGY, K.FORCES, K.STRESS, K.CHARGE, K.SPIN, K.WEIGHT, K.HEAD)}
+    periodic = molecular = partial = isolated = 0
+    e_per_atom = _Moments()
+    force_sq, force_n, force_max = 0.0, 0, 0.0
+    stress = _Moments()
+    heads: Counter = Counter()
+    config_types: Counter = Counter()
+    charges: Counter = Counter()
+    spins: Counter = Counter()
+    for atoms in atoms_list:
+        n_structures += 1
+        n = len(atoms)
+        n_atoms_total += n
+        atom_counts.add(np.array([n]))
+        zs, cnt = np.unique(atoms.numbers, return_counts=True)
+        for z, c in zip(zs.tolist(), cnt.tolist()):
+            elements[z] += c
+            element_structures[z] += 1
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if pbc.all():
+            periodic += 1
+        elif not pbc.any():
+            molecular += 1
+        else:
+            partial += 1
+        isolated += int(is_isolated(atoms))
+        for name in labels:
+            if (name == K.FORCES and K.FORCES in atoms.arrays) or (name != K.FORCES and atoms.info.get(name) is not None):
+                labels[name] += 1
+        energy = _energy(atoms)
+        if math.isfinite(energy):
+            e_per_atom.add(np.array([energy / n]))
+        if K.FORCES in atoms.arrays:
+            f = np.asarray(atoms.arrays[K.FORCES], dtype=np.float64)
+            force_sq += float((f**2).sum())
+            force_n += f.size
+            force_max = max(force_max, float(np.linalg.norm(f, axis=1).max()) if n else 0.0)
+        if atoms.info.get(K.STRESS) is not None:
+            stress.add(np.asarray(atoms.info[K.STRESS], dtype=np.float64))
+        heads[str(atoms.info.get(K.HEAD, "default"))] += 1
+        if atoms.info.get("config_type") is not None:
+            config_types[str(atoms.info["config_type"])] += 1
+        if atoms.info.get(K.CHARGE) is not None:
+            charges[float(atoms.info[K.CHARGE])] += 1
+        if atoms.info.get(K.SPIN) is not None:
+            spins[float(atoms.info[K.SPIN])] += 1
+    nan = float("nan")
+    return {
+        "n_structures": n_structures,
+        "n_atoms_total": n_atoms_total,
+        "n_atoms_min": int(atom_counts.min) if n_structures else 0,
+        "n_atoms_max": int(atom_counts.max) if n_structures else 0,
+        "n_atoms_mean": atom_counts.mean if n_structures else nan,
+        "elements": {chemical_symbols[z]: elements[z] for z in sorted(elements)},
+        "element_structures": {chemical_symbols[z]: element_structures[z] for z in sorted(element_structures)},
+        "labels": labels,
+        "n_periodic": periodic,
+        "n_molecular": molecular,
+        "n_partially_periodic": partial,
+        "n_isolated_atoms": isolated,
+        "energy_per_atom_mean": e_per_atom.mean if e_per_atom.n else nan,
+        "energy_per_atom_std": e_per_atom.std,
+        "energy_per_atom_min": e_per_atom.min if e_per_atom.n else nan,
+        "energy_per_atom_max": e_per_atom.max if e_per_atom.n else nan,
+        "forces_rms": math.sqrt(force_sq / force_n) if force_n else nan,
+        "forces_max": force_max if force_n else nan,
+        "stress_min": stress.min if stress.n else nan,
+        "stress_max": stress.max if stress.n else nan,
+        "heads": dict(sorted(heads.items())),
+        "config_types": dict(sorted(config_types.items())),
+        "charges": dict(sorted(charges.items())),
+        "spins": dict(sorted(spins.items())),
+    }
+
+
+def format_summary(summary: dict[str, Any], title: str | None = None) -> str:
+    """Plain-text table of a :func:`summarize` result."""
+    n = summary["n_structures"]
+    lines = [title] if title else []
+
+    def row(label: str, value: str) -> None:
+        lines.append(f"  {label:<26s} {value}")
+
+    def num(v: float, fmt: str = ".6g") -> str:
+        return "n/a" if not math.isfinite(v) else format(v, fmt)
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k:g}: {v}" if isinstance(k, float) else f"{k}: {v}" for k, v in d.items()) or "-"
+
+    row("structures", str(n))
+    row("atoms total", str(summary["n_atoms_total"]))
+    row("atoms per structure", f"min {summary['n_atoms_min']}, max {summary['n_atoms_max']}, "
+                               f"mean {num(summary['n_atoms_mean'], '.2f')}")
+    row("periodic / molecular", f"{summary['n_periodic']} / {summary['n_molecular']}"
+        + (f" (+{summary['n_partially_periodic']} partially periodic)" if summary["n_partially_periodic"] else ""))
+    row("isolated-atom frames", str(summary["n_isolated_atoms"]))
+    lines.append("  elements (atoms, structures):")
+    for sym, count in summary["elements"].items():
+        lines.append(f"    {sym:<4s} {count:>10d} {summary['element_structures'][sym]:>8d}")
+    lines.append("  label coverage (structures):")
+    for name, count in summary["labels"].items():
+        pct = 100.0 * count / n if n else 0.0
+        lines.append(f"    {name:<8s} {count:>8d} / {n} ({pct:5.1f}%)")
+    row("energy per atom [eV]", f"mean {num(summary['energy_per_atom_mean'])}, std {num(summary['energy_per_atom_std'])}, "
+                                f"min {num(summary['energy_per_atom_min'])}, max {num(summary['energy_per_atom_max'])}")
+    row("force RMS [eV/Å]", num(summary["forces_rms"]))
+    row("max |F| [eV/Å]", num(summary["forces_max"]))
+    row("stress range [eV/Å³]", f"{num(summary['stress_min'])} .. {num(summary['stress_max'])}")
+    row("heads", counts(summary["heads"]))
+    if summary["config_types"]:
+        row("config types", counts(summary["config_types"]))
+    if summary["charges"]:
+        row("charges", counts(summary["charges"]))
+    if summary["spins"]:
+        row("spin multiplicities", counts(summary["spins"]))
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Triton twins of :mod:`mlip.kernels.reference` and :mod:`mlip.kernels.reference_grid`: same names, same signatures.
+
+``conv_tp`` runs gather + channel-wise tensor product + radial weighting + scatter-sum in one
+kernel per direction, differentiable to any order (forces, and force-loss training).
+``grid_product`` is the fused spherical-grid (Gaunt) product. Both run on CUDA tensors, or on
+the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mlip.kernels.reference import clebsch_gordan, tp_out_dim, tp_paths  # noqa: F401 - same names as reference
+from mlip.kernels.reference_grid import _check_shapes, gaunt_grid  # noqa: F401
+from mlip.kernels.triton.autograd import conv_tp_autograd
+from mlip.kernels.triton.conv import csr_graph
+from mlip.kernels.triton.grid import grid_product_autograd
+
+#: largest degree the generated kernels are validated for (code size grows as lmax^5)
+MAX_LMAX = 3
+DTYPES = (torch.float32, torch.float64)
+
+
+def check_inputs(dtype: torch.dtype, device: torch.device, lmaxes: tuple[int, ...] = ()) -> None:
+    """Raise a clear error for a dtype, device or ``lmax`` the Triton kernels do not support."""
+    if dtype not in DTYPES:
+        raise TypeError(f"triton kernels support {DTYPES}, got {dtype}; use kernel='torch'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            f"triton kernels run on CUDA tensors (got device {device}); use kernel='torch' or 'auto' "
+            "(or set TRITON_INTERPRET=1 before importing triton, for testing on the CPU)"
+        )
+    for lmax in lmaxes:
+        if not 0 <= lmax <= MAX_LMAX:
+            raise ValueError(f"triton conv_tp supports lmax 0..{MAX_LMAX}, got {lmax}; use kernel='torch'")
+
+
+def conv_tp(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    edge_weights: torch.Tensor,
+    sender: torch.Tensor,
+    receiver: torch.Tensor,
+    n_nodes: int,
+    lmax_in: int,
+    lmax_sh: int,
+    lmax_out: int,
+) -> torch.Tensor:
+    """Fused convolution; same contract as :func:`mlip.kernels.reference.conv_tp`.
+
+    Receivers are visited in CSR order (edges sorted by receiver once, cached for the edge
+    list), so each output row is written once, without atomics: results are deterministic.
+
+    Shapes:
+        node_feats [n_nodes, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2];
+        edge_weights [n_edges, n_paths, C]; sender, receiver [n_edges]
+        -> [n_nodes, C, tp_out_dim(lmax_in, lmax_sh, lmax_out)].
+    """
+    paths = tp_paths(lmax_in, lmax_sh, lmax_out)
+    if edge_weights.shape[1] != len(paths):
+        raise ValueError(f"edge_weights has {edge_weights.shape[1]} paths, expected {len(paths)}")
+    check_inputs(node_feats.dtype, node_feats.device, (lmax_in, lmax_sh, lmax_out))
+    n_edges, c = sender.shape[0], node_feats.shape[1]
+    expect = {
+        "node_feats": ((node_feats.shape[0], c, (lmax_in + 1) ** 2), node_feats),
+        "edge_attrs": ((n_edges, (lmax_sh + 1) ** 2), edge_attrs),
+        "edge_weights": ((n_edges, len(paths), c), edge_weights),
+        "receiver": ((n_edges,), receiver),
+    }
+    for name, (shape, t) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"conv_tp: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.is_floating_point() and t.dtype != node_feats.dtype:
+            raise TypeError(f"conv_tp: {name} is {t.dtype} but node_feats is {node_feats.dtype}")
+    graph = csr_graph(sender, receiver, int(n_nodes))
+    return conv_tp_autograd(node_feats, edge_attrs, edge_weights, graph, (lmax_in, lmax_sh, lmax_out))
+
+
+def grid_product(a: torch.Tensor, b: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
+    """Fused spherical-grid product; same contract as :func:`mlip.kernels.reference_grid.grid_product`.
+
+    Shapes:
+        a, b [n, C, D]; to_grid [G, D]; from_grid [D_out, G] -> [n, C, D_out].
+    """
+    _check_shapes(a, b, to_grid, from_grid)
+    check_inputs(a.dtype, a.device)
+    for name, t in (("b", b), ("to_grid", to_grid), ("from_grid", from_grid)):
+        if t.dtype != a.dtype:
+            raise TypeError(f"grid_product: {name} is {t.dtype} but a is {a.dtype}")
+    return grid_product_autograd(a, b, to_grid, from_grid)

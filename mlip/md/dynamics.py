@@ -1,0 +1,287 @@
+"""Molecular dynamics with ASE integrators and an mlip calculator: NVE, NVT, NPT.
+
+:func:`run_md` wraps ASE's ``VelocityVerlet`` (NVE), ``NoseHooverChainNVT`` or ``Langevin`` (NVT)
+and ``MTKNPT`` (NPT, Martyna-Tobias-Klein with Nose-Hoover chains), writes the trajectory as
+extxyz or ASE ``.traj`` as it goes, logs temperature, energies and the drift of the conserved
+quantity to a CSV, and stops with :class:`MDBlowUpError` (keeping the trajectory written so far)
+when the temperature or a force leaves physical bounds.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms, units
+
+from mlip.calculator.ase import MLIPCalculator
+from mlip.models.base import PotentialModel
+from mlip.units import GPA
+
+__all__ = ["run_md", "MDResult", "MDBlowUpError", "ENSEMBLES", "THERMOSTATS", "LOG_COLUMNS"]
+
+ENSEMBLES = ("nve", "nvt", "npt")
+THERMOSTATS = ("nose-hoover", "langevin")
+#: columns of the CSV log: step, time (fs), T (K), potential/kinetic/total energy (eV),
+#: conserved quantity (eV; total energy in NVE, including thermostat/barostat terms for
+#: Nose-Hoover and MTK, plain total energy for Langevin), its drift per atom since step 0 (eV/atom),
+#: volume (Å³, 0 without a cell), largest force (eV/Å)
+LOG_COLUMNS = (
+    "step", "time_fs", "temperature_K", "epot_eV", "ekin_eV", "etot_eV", "conserved_eV",
+    "drift_eV_per_atom", "volume_A3", "max_force_eV_A",
+)
+
+
+class MDBlowUpError(RuntimeError):
+    """The simulation left physical bounds; ``result`` holds what was done (trajectory kept)."""
+
+    def __init__(self, message: str, result: "MDResult") -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class MDResult:
+    """Outcome of :func:`run_md`.
+
+    Attributes:
+        atoms: the final structure (with the calculator attached).
+        steps: MD steps completed.
+        trajectory: path of the trajectory file; log: path of the CSV log.
+        rows: the logged rows (dicts keyed by :data:`LOG_COLUMNS`).
+        max_abs_drift: largest ``|drift_eV_per_atom|`` over the logged rows (eV/atom).
+    """
+
+    atoms: Atoms
+    steps: int
+    trajectory: str | None
+    log: str | None
+    rows: list[dict[str, float]] = field(default_factory=list)
+    max_abs_drift: float = 0.0
+
+
+class _TrajectoryWriter:
+    """Appends frames to extxyz (flushed after each frame) or ASE ``.traj``; closes cleanly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.suffix = Path(path).suffix.lower()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if self.suffix == ".traj":
+            from ase.io.trajectory import Trajectory
+
+            self._traj = Trajectory(path, "w")
+            self._fh = None
+        elif self.suffix in (".xyz", ".extxyz"):
+            self._traj = None
+            self._fh = open(path, "w")
+        else:
+            raise ValueError(f"trajectory {path}: use .extxyz, .xyz or .traj")
+
+    def write(self, atoms: Atoms) -> None:
+        if self._traj is not None:
+            self._traj.write(atoms)
+        else:
+            from ase.io import write
+
+            write(self._fh, atoms, format="extxyz")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._traj is not None:
+            self._traj.close()
+        if self._fh is not None:
+            self._fh.close()
+
+
+def _make_dynamics(
+    atoms: Atoms, ensemble: str, thermostat: str, temperature: float, timestep: float, friction: float,
+    tdamp: float, pressure: float, pdamp: float, seed: int,
+) -> Any:
+    dt = timestep * units.fs
+    if ensemble == "nve":
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(atoms, timestep=dt)
+    if ensemble == "nvt":
+        if thermostat == "langevin":
+            from ase.md.langevin import Langevin
+
+            return Langevin(atoms, timestep=dt, temperature_K=temperature, friction=friction / units.fs,
+                            rng=np.random.default_rng(seed))
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature, tdamp=tdamp * units.fs)
+    from ase.md.nose_hoover_chain import MTKNPT
+
+    if not bool(np.all(atoms.pbc)):
+        raise ValueError("NPT needs a cell periodic in all three directions")
+    return MTKNPT(atoms, timestep=dt, temperature_K=temperature, pressure_au=pressure * GPA,
+                  tdamp=tdamp * units.fs, pdamp=pdamp * units.fs)
+
+
+def run_md(
+    atoms: Atoms,
+    model: PotentialModel | str | None = None,
+    *,
+    calculator: MLIPCalculator | None = None,
+    ensemble: str = "nve",
+    thermostat: str = "nose-hoover",
+    temperature: float = 300.0,
+    steps: int = 1000,
+    timestep: float = 1.0,
+    out: str | None = "md.extxyz",
+    log: str | None = None,
+    log_every: int = 10,
+    traj_every: int = 10,
+    friction: float = 0.01,
+    tdamp: float = 100.0,
+    pressure: float = 0.0,
+    pdamp: float = 1000.0,
+    init_velocities: bool = True,
+    max_temperature: float | None = None,
+    max_force: float = 100.0,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    skin: float = 0.5,
+) -> MDResult:
+    """Run MD on ``atoms`` (modified in place) and write trajectory and log as it goes.
+
+    Args:
+        atoms: starting structure. Velocities: kept if it already has momenta, otherwise drawn
+            from Maxwell-Boltzmann at ``temperature`` (when ``init_velocities``), with the centre
+            of mass at rest.
+        model: model or model path (ignored when ``calculator`` is given).
+        calculator: an existing :class:`~mlip.calculator.MLIPCalculator`.
+        ensemble: ``"nve"``, ``"nvt"`` or ``"npt"``.
+        thermostat: for NVT, ``"nose-hoover"`` (chain of 3) or ``"langevin"``.
+        temperature: target (NVT/NPT) or initial (NVE) temperature, K.
+        steps: MD steps; timestep: fs.
+        out: trajectory path (``.extxyz``/``.xyz`` or ``.traj``), ``None`` for none; a frame is
+            written every ``traj_every`` steps (and at step 0).
+        log: CSV log path (default: ``out`` with ``.log.csv``; none if both are ``None``); a row every
+            ``log_every`` steps with :data:`LOG_COLUMNS`.
+        friction: Langevin friction, 1/fs. tdamp, pdamp: Nose-Hoover/MTK time constants, fs.
+        pressure: NPT external pressure, GPa.
+        max_temperature: stop above this temperature, K (default ``max(10 T, 5000)``).
+        max_force: stop when any force exceeds this, eV/Å (also on NaN/inf energy or forces).
+        seed: random seed for the initial velocities and the Langevin noise.
+        progress: show a tqdm progress bar.
+        device, dtype, skin: passed to the calculator built from ``model``.
+
+    Returns:
+        :class:`MDResult`.
+
+    Raises:
+        MDBlowUpError: the run left the bounds; the message says at which step and why, and
+            the trajectory and log up to that step are kept.
+    """
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+    ensemble = ensemble.lower()
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"unknown thermostat {thermostat!r}; choose from {THERMOSTATS}")
+    if steps < 0 or timestep <= 0 or log_every < 1 or traj_every < 1:
+        raise ValueError("steps >= 0, timestep > 0, log_every >= 1 and traj_every >= 1 are required")
+    if calculator is None:
+        if model is None:
+            raise ValueError("run_md() needs a model or a calculator")
+        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin)
+    atoms.calc = calculator
+    if max_temperature is None:
+        max_temperature = max(10.0 * temperature, 5000.0)
+    if init_velocities and temperature > 0 and not np.any(atoms.get_momenta()):
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+        Stationary(atoms)
+        if not np.any(atoms.pbc):
+            ZeroRotation(atoms)
+
+    dyn = _make_dynamics(atoms, ensemble, thermostat, temperature, timestep, friction, tdamp, pressure, pdamp, seed)
+    if log is None and out is not None:
+        log = str(Path(out).with_suffix("")) + ".log.csv"
+    writer = _TrajectoryWriter(out) if out is not None else None
+    log_fh = None
+    log_csv = None
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        log_fh = open(log, "w", newline="")
+        log_csv = csv.DictWriter(log_fh, fieldnames=list(LOG_COLUMNS))
+        log_csv.writeheader()
+    n_atoms = len(atoms)
+    rows: list[dict[str, float]] = []
+    state = {"conserved0": None, "done": 0}
+
+    def conserved(epot: float, ekin: float) -> float:
+        if hasattr(dyn, "get_conserved_energy"):
+            return float(dyn.get_conserved_energy())
+        return epot + ekin
+
+    def make_result() -> MDResult:
+        drift = max((abs(r["drift_eV_per_atom"]) for r in rows), default=0.0)
+        return MDResult(atoms=atoms, steps=state["done"], trajectory=out, log=log, rows=rows, max_abs_drift=drift)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"MD {ensemble}", unit="step", dynamic_ncols=True)
+    try:
+        for _ in dyn.irun(steps):
+            step = int(dyn.nsteps)
+            state["done"] = step
+            epot = float(atoms.get_potential_energy())
+            forces = atoms.get_forces()
+            ekin = float(atoms.get_kinetic_energy())
+            temp = float(atoms.get_temperature()) if n_atoms else 0.0
+            fmax_now = float(np.sqrt((forces**2).sum(axis=1).max())) if n_atoms else 0.0
+            cons = conserved(epot, ekin)
+            if state["conserved0"] is None:
+                state["conserved0"] = cons
+            reason = None
+            if not (math.isfinite(epot) and np.all(np.isfinite(forces))):
+                reason = "the energy or forces are not finite"
+            elif temp > max_temperature:
+                reason = f"temperature {temp:.1f} K exceeds the limit {max_temperature:.1f} K"
+            elif fmax_now > max_force:
+                reason = f"the largest force {fmax_now:.3g} eV/Å exceeds the limit {max_force:.3g} eV/Å"
+            if step % log_every == 0 or reason is not None or step == steps:
+                row = {
+                    "step": step, "time_fs": step * timestep, "temperature_K": temp, "epot_eV": epot,
+                    "ekin_eV": ekin, "etot_eV": epot + ekin, "conserved_eV": cons,
+                    "drift_eV_per_atom": (cons - state["conserved0"]) / max(n_atoms, 1),
+                    "volume_A3": float(abs(np.linalg.det(np.asarray(atoms.cell)))), "max_force_eV_A": fmax_now,
+                }
+                rows.append(row)
+                if log_csv is not None:
+                    log_csv.writerow(row)
+                    log_fh.flush()
+                if bar is not None:
+                    bar.set_postfix(T=f"{temp:.0f}K", Epot=f"{epot:.3f}", drift=f"{row['drift_eV_per_atom']:.1e}")
+            if writer is not None and (step % traj_every == 0 or reason is not None or step == steps):
+                writer.write(atoms)
+            if reason is not None:
+                where = f"; trajectory so far kept in {out}" if out is not None else ""
+                raise MDBlowUpError(
+                    f"MD stopped at step {step} ({step * timestep:g} fs): {reason}. The simulation blew up "
+                    f"(try a smaller timestep, a lower temperature, or check the model){where}",
+                    make_result(),
+                )
+            if bar is not None and step > 0:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        if log_fh is not None:
+            log_fh.close()
+    return make_result()

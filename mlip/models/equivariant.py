@@ -1,0 +1,216 @@
+"""The ``equivariant`` family: a NequIP/MACE-style message-passing potential with Facet's
+spline radial functions and spherical-grid mixing (arXiv 2509.08418).
+
+Per layer: equivariant linear -> edge convolution (channel-wise CG product of sender features
+with edge spherical harmonics, per-edge radial weights, sum over neighbours; through the
+``mlip.kernels`` backend) -> linear over paths -> symmetric contraction (body order) -> linear
+-> residual -> spherical-grid MLP mixing (residual). Each layer's scalars feed an energy readout;
+per-element, per-head E0s are added. Forces and stress come from :mod:`mlip.models.outputs`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from mlip.data.graph import GraphBatch
+from mlip.kernels import get_backend
+from mlip.models.base import PotentialModel, register
+from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
+from mlip.nn.irreps import irreps_dim, spherical_harmonics
+from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
+from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
+from mlip.nn.s2grid import GridMixing
+from mlip.nn.scatter import scatter_sum
+from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SymmetricContraction
+
+
+@dataclass
+class EquivariantConfig:
+    """Hyperparameters of the ``equivariant`` family (a plain dict/YAML maps onto these fields).
+
+    ``lmax`` is the degree of the edge spherical harmonics and of the messages; ``hidden_lmax``
+    (default ``lmax``) that of the node features kept between layers (MACE-MP medium: 3 and 1).
+    ``mixing="grid"`` with ``grid_activation="silu"`` is approximately rotation-equivariant (exactly
+    parity-equivariant); ``"quadratic"`` or ``mixing="none"`` give exact O(3) equivariance.
+    """
+
+    r_max: float = 5.0
+    elements: list = field(default_factory=list)
+    num_channels: int = 32
+    lmax: int = 2
+    hidden_lmax: int | None = None
+    num_layers: int = 2
+    num_radial: int = 8
+    radial: str = "spline"
+    spline_knots: int = 16
+    radial_mlp: list = field(default_factory=lambda: [64, 64])
+    envelope_p: int = 5
+    correlation: int = 3
+    contraction_per_element: bool = True
+    mixing: str = "grid"
+    grid_activation: str = "silu"
+    grid_degree: int | None = None
+    grid_hidden: int | None = None
+    readout_hidden: int = 16
+    use_charge_spin: bool = False
+    heads: list = field(default_factory=lambda: ["default"])
+    e0s: Any = None
+    avg_num_neighbors: float | None = None
+    scale: float = 1.0
+    shift: float = 0.0
+    kernel: str = "auto"
+    seed: int | None = 0
+
+
+def _validate(cfg: EquivariantConfig) -> None:
+    if not 1 <= int(cfg.lmax) <= 3:
+        raise ValueError(f"equivariant: lmax must be 1..3, got {cfg.lmax}")
+    if cfg.hidden_lmax is not None and not 0 <= int(cfg.hidden_lmax) <= int(cfg.lmax):
+        raise ValueError(f"equivariant: hidden_lmax must be 0..lmax={cfg.lmax}, got {cfg.hidden_lmax}")
+    if cfg.radial not in ("spline", "mlp"):
+        raise ValueError(f"equivariant: radial must be 'spline' or 'mlp', got {cfg.radial!r}")
+    if cfg.mixing not in ("grid", "none"):
+        raise ValueError(f"equivariant: mixing must be 'grid' or 'none', got {cfg.mixing!r}")
+    if int(cfg.num_layers) < 1:
+        raise ValueError(f"equivariant: num_layers must be >= 1, got {cfg.num_layers}")
+    if not cfg.heads:
+        raise ValueError("equivariant: heads must list at least one head name")
+
+
+class InteractionBlock(torch.nn.Module):
+    """One message-passing layer, ``[n, C, (lmax_in+1)^2] -> [n, C, (lmax_out+1)^2]``.
+
+    Shapes:
+        h [n_atoms, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2]; radial_basis
+        [n_edges, K]; envelope [n_edges]; sender/receiver [n_edges]; element [n_atoms].
+    """
+
+    def __init__(self, cfg: EquivariantConfig, lmax_in: int, lmax_out: int, residual: bool) -> None:
+        super().__init__()
+        C, lsh = int(cfg.num_channels), int(cfg.lmax)
+        lmax_msg = lsh if cfg.correlation > 1 else lmax_out
+        self.linear_up = EquivariantLinear(C, C, lmax_in, lmax_in)
+        self.conv = ConvTP(lmax_in, lsh, lmax_msg)
+        n_out = self.conv.n_paths * C
+        if cfg.radial == "spline":
+            self.radial = SplineRadial(int(cfg.spline_knots), n_out)
+        else:
+            self.radial = MLPRadial(int(cfg.num_radial), list(cfg.radial_mlp), n_out)
+        self.path_linear = PathLinear(C, C, lmax_in, lsh, lmax_msg)
+        n_elem = len(cfg.elements) if cfg.contraction_per_element else 1
+        self.contraction = SymmetricContraction(C, lmax_msg, lmax_out, int(cfg.correlation), n_elem)
+        self.linear_out = EquivariantLinear(C, C, lmax_out, lmax_out)
+        self.skip = EquivariantLinear(C, C, lmax_in, lmax_out) if residual else None
+        self.mixing = None
+        if cfg.mixing == "grid" and lmax_out > 0:
+            self.mixing = GridMixing(C, lmax_out, hidden=cfg.grid_hidden, degree=cfg.grid_degree,
+                                     activation=cfg.grid_activation)
+        self.inv_avg = 1.0 / float(cfg.avg_num_neighbors or 1.0)
+        self.C = C
+
+    def forward(
+        self, backend: ModuleType, h: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
+        envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, element: torch.Tensor,
+        extra_scalars: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.linear_up(h)
+        w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [n_edges, P, C]
+        m = self.conv(backend, x, edge_attrs, w, sender, receiver) * self.inv_avg
+        A = self.path_linear(m)  # [n, C, (lmax_msg+1)^2]
+        out = self.linear_out(self.contraction(A, element))
+        if self.skip is not None:
+            out = out + self.skip(h)
+        if extra_scalars is not None:
+            out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
+        if self.mixing is not None:
+            out = out + self.mixing(out)
+        return out
+
+
+@register("equivariant")
+class EquivariantModel(PotentialModel):
+    """Equivariant message-passing potential (see module docstring).
+
+    Shapes:
+        forward(batch, edge_vec [n_edges, 3] Å) -> {"node_energy": [n_atoms] eV, "energy": [n_graphs] eV}.
+    """
+
+    Config = EquivariantConfig
+    #: the default config (SiLU grid mixing) is only approximately rotation-equivariant
+    exactly_equivariant = False
+
+    def __init__(self, config: EquivariantConfig) -> None:
+        super().__init__(config)
+        _validate(config)
+        cfg = config
+        seed_ctx = contextlib.nullcontext() if cfg.seed is None else torch.random.fork_rng()
+        with seed_ctx:
+            if cfg.seed is not None:
+                torch.manual_seed(int(cfg.seed))
+            C = int(cfg.num_channels)
+            lh = int(cfg.lmax if cfg.hidden_lmax is None else cfg.hidden_lmax)
+            self.embedding = SpeciesEmbedding(list(cfg.elements), C)
+            self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None
+            self.envelope = PolynomialEnvelope(cfg.r_max, int(cfg.envelope_p))
+            if cfg.radial == "spline":
+                self.radial_basis: torch.nn.Module = SplineBasis(cfg.r_max, int(cfg.spline_knots))
+            else:
+                self.radial_basis = BesselBasis(cfg.r_max, int(cfg.num_radial))
+            L = int(cfg.num_layers)
+            self.layers = torch.nn.ModuleList()
+            self.readouts = torch.nn.ModuleList()
+            n_heads = len(cfg.heads)
+            for i in range(L):
+                last = i == L - 1
+                self.layers.append(InteractionBlock(cfg, 0 if i == 0 else lh, 0 if last else lh, residual=i > 0))
+                self.readouts.append(MLPReadout(C, int(cfg.readout_hidden), n_heads) if last else LinearReadout(C, n_heads))
+        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
+        self._backends: dict[str, ModuleType] = {}
+
+    def backend(self, device: torch.device) -> ModuleType:
+        """The ``mlip.kernels`` module for ``config.kernel`` on ``device`` (resolved once per device)."""
+        key = str(device)
+        if key not in self._backends:
+            self._backends[key] = get_backend(self.config.kernel, device)
+        return self._backends[key]
+
+    def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        sender, receiver = batch.edge_index[0], batch.edge_index[1]
+        n_atoms, n_graphs = batch.n_atoms, batch.n_graphs
+        element = self.embedding.index(batch.numbers)  # [n_atoms]
+        if bool((element < 0).any()):
+            self.check_batch(batch)
+        h = self.embedding.weight[element].to(edge_vec.dtype)[:, :, None]  # [n_atoms, C, 1]
+        extra = None
+        if self.charge_spin is not None:
+            check_charge_spin(batch.numbers, batch.batch, batch.charge, batch.spin, n_graphs)
+            extra = self.charge_spin(batch.charge.to(edge_vec.dtype), batch.spin.to(edge_vec.dtype))[batch.batch]
+            h = h + extra[:, :, None]
+        r = edge_vec.norm(dim=-1)  # [n_edges]
+        edge_attrs = spherical_harmonics(int(self.config.lmax), edge_vec)  # [n_edges, (lmax+1)^2]
+        envelope = self.envelope(r)
+        basis = self.radial_basis(r)
+        backend = self.backend(edge_vec.device)
+        graph_head = head_index(self.config.heads, batch.head, device=element.device)
+        atom_head = graph_head[batch.batch]
+        node_energy = torch.zeros(n_atoms, dtype=edge_vec.dtype, device=edge_vec.device)
+        for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
+            h = layer(backend, h, edge_attrs, basis, envelope, sender, receiver, element,
+                      extra_scalars=extra if i == 0 else None)
+            node_energy = node_energy + select_head(readout(h[:, :, 0]), atom_head)
+        node_energy = self.atomic_energies(node_energy, element, atom_head)
+        energy = scatter_sum(node_energy, batch.batch, n_graphs)
+        return {"node_energy": node_energy, "energy": energy}
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["EquivariantConfig", "EquivariantModel", "InteractionBlock", "num_parameters", "irreps_dim", "math"]

@@ -1,0 +1,135 @@
+"""Per-atom energy heads: linear/MLP readouts with one output per head, scale/shift, and the
+per-head, per-element reference energies E0.
+
+Readouts have no biases, so an atom whose features are all zero (an isolated atom) gets
+exactly ``shift + E0``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+
+def head_index(heads: Sequence[str], batch_heads: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Index of each structure's head in ``heads`` (``[n_graphs]``, int64).
+
+    A single-head model maps every structure to that head; a multi-head model raises on a
+    head it does not have.
+    """
+    if len(heads) == 1:
+        return torch.zeros(len(batch_heads), dtype=torch.long, device=device)
+    lookup = {h: i for i, h in enumerate(heads)}
+    out = []
+    for g, h in enumerate(batch_heads):
+        if h not in lookup:
+            raise ValueError(f"structure {g} in the batch has head {h!r}; this model has heads {list(heads)}")
+        out.append(lookup[h])
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def e0_table(e0s: Any, heads: Sequence[str], elements: Sequence[int]) -> torch.Tensor:
+    """Reference energies as a float64 table ``[n_heads, n_elements]`` in eV.
+
+    ``e0s`` is ``None`` (zeros), ``{Z: E0}`` (one table for every head), ``{head: {Z: E0}}``,
+    or a list of per-element values (or a list of such lists, one per head) in ``elements`` order.
+    Keys may be ints or strings (YAML).
+    """
+    n_h, n_e = len(heads), len(elements)
+    table = torch.zeros(n_h, n_e, dtype=torch.float64)
+    if e0s is None:
+        return table
+
+    def row(spec: Any, where: str) -> torch.Tensor:
+        r = torch.zeros(n_e, dtype=torch.float64)
+        if isinstance(spec, dict):
+            for z, v in spec.items():
+                z = int(z)
+                if z in elements:
+                    r[list(elements).index(z)] = float(v)
+            return r
+        spec = list(spec)
+        if len(spec) != n_e:
+            raise ValueError(f"e0s{where}: {len(spec)} values for {n_e} elements {list(elements)}")
+        return torch.tensor([float(v) for v in spec], dtype=torch.float64)
+
+    if isinstance(e0s, dict) and e0s and all(isinstance(k, str) and k in heads for k in e0s):
+        for h, spec in e0s.items():
+            table[list(heads).index(h)] = row(spec, f"[{h!r}]")
+        return table
+    if isinstance(e0s, (list, tuple)) and e0s and isinstance(e0s[0], (list, tuple, dict)):
+        if len(e0s) != n_h:
+            raise ValueError(f"e0s: {len(e0s)} per-head tables for {n_h} heads {list(heads)}")
+        for i, spec in enumerate(e0s):
+            table[i] = row(spec, f"[{i}]")
+        return table
+    table[:] = row(e0s, "")
+    return table
+
+
+class LinearReadout(torch.nn.Module):
+    """Scalars -> one energy per head, bias-free.
+
+    Shapes:
+        x [n_atoms, num_channels] -> [n_atoms, n_heads].
+    """
+
+    def __init__(self, num_channels: int, n_heads: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(num_channels, n_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight / math.sqrt(self.weight.shape[0])
+
+
+class MLPReadout(torch.nn.Module):
+    """Scalars -> SiLU -> one energy per head, bias-free (zero features give zero energy).
+
+    Shapes:
+        x [n_atoms, num_channels] -> [n_atoms, n_heads].
+    """
+
+    def __init__(self, num_channels: int, hidden: int, n_heads: int) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(num_channels, hidden))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, n_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(x @ self.w1 / math.sqrt(self.w1.shape[0]))
+        return h @ self.w2 / math.sqrt(self.w2.shape[0])
+
+
+def select_head(per_head: torch.Tensor, atom_head: torch.Tensor) -> torch.Tensor:
+    """Pick each atom's head column: ``[n_atoms, n_heads], [n_atoms] -> [n_atoms]``."""
+    if per_head.shape[1] == 1:
+        return per_head[:, 0]
+    return per_head.gather(1, atom_head[:, None])[:, 0]
+
+
+class AtomicEnergies(torch.nn.Module):
+    """Per-atom ``scale * e + shift + E0[head, element]`` in eV.
+
+    E0s, scale and shift come from the config and are kept as a float64 master copy (not as
+    buffers), cast to the input dtype on use, so a float32 model moved to float64 keeps exact E0s.
+
+    Shapes:
+        energy [n_atoms], element [n_atoms], atom_head [n_atoms] -> [n_atoms].
+    """
+
+    def __init__(self, e0s: Any, heads: Sequence[str], elements: Sequence[int], scale: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self._e0 = e0_table(e0s, heads, elements)
+        self.scale = float(scale)
+        self.shift = float(shift)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, device)
+        if key not in self._cache:
+            self._cache[key] = self._e0.to(dtype=dtype, device=device)
+        return self._cache[key]
+
+    def forward(self, energy: torch.Tensor, element: torch.Tensor, atom_head: torch.Tensor) -> torch.Tensor:
+        e0 = self.table(energy.dtype, energy.device)[atom_head, element]
+        return self.scale * energy + self.shift + e0

@@ -1,0 +1,127 @@
+"""``mlip evaluate``: errors of a saved model on a data set, its measured rotation-equivariance
+error, and the predicted/reference values for parity plots."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mlip.data.graph import BoundedBatchSampler, collate
+from mlip.models.base import PotentialModel
+from mlip.models.outputs import predict
+from mlip.train.equivariance import equivariance_error
+from mlip.train.metrics import Metrics
+
+
+def _split_sizes(split: Any) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(split, "n_atoms") and hasattr(split, "n_edges"):
+        return np.asarray(split.n_atoms), np.asarray(split.n_edges)
+    graphs = [split[i] for i in range(len(split))]
+    return np.array([g.n_atoms for g in graphs]), np.array([g.n_edges for g in graphs])
+
+
+def evaluate_split(
+    model: PotentialModel,
+    split: Any,
+    max_atoms: int | None = 512,
+    equivariance_structures: int = 8,
+    n_rotations: int = 3,
+    seed: int = 0,
+    collect: dict[str, list] | None = None,
+) -> dict:
+    """Metrics of ``model`` on every structure of ``split`` (a map-style dataset of AtomGraphs).
+
+    Args:
+        max_atoms: atoms per evaluation batch.
+        equivariance_structures: how many structures enter the rotation test (0 = skip).
+        collect: if given, filled with ``energy_per_atom``, ``forces``, ``stress`` as lists of
+            ``(reference, predicted)`` numpy arrays for parity plots.
+
+    Returns:
+        :meth:`Metrics.summary` plus ``equivariance_*`` (see
+        :func:`~mlip.train.equivariance.equivariance_error`).
+    """
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float64
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    n_atoms, n_edges = _split_sizes(split)
+    sampler = BoundedBatchSampler(n_atoms, n_edges, max_atoms=max_atoms)
+    metrics = Metrics()
+    for idx in sampler:
+        batch = collate([split[i] for i in idx]).to(device, dtype)
+        want_s = bool(torch.isfinite(batch.stress).any())
+        pred = predict(model, batch, forces=True, stress=want_s)
+        pred = {k: v.detach() for k, v in pred.items()}
+        metrics.update(pred, batch)
+        if collect is not None:
+            na = (batch.ptr[1:] - batch.ptr[:-1]).to(dtype)
+            collect.setdefault("energy_per_atom", []).append(
+                ((batch.energy / na).cpu().numpy(), (pred["energy"] / na).cpu().numpy()))
+            collect.setdefault("forces", []).append((batch.forces.cpu().numpy(), pred["forces"].cpu().numpy()))
+            if want_s:
+                collect.setdefault("stress", []).append((batch.stress.cpu().numpy(), pred["stress"].cpu().numpy()))
+    out = metrics.summary()
+    n = min(equivariance_structures, len(split))
+    if n > 0:
+        batch = collate([split[i] for i in range(n)]).to(device, dtype)
+        eq = equivariance_error(model, batch, n_rotations=n_rotations, seed=seed)
+        out.update({f"equivariance_{k}": v for k, v in eq.items()})
+    return out
+
+
+def evaluate_paths(
+    model: PotentialModel,
+    paths: Sequence[str | os.PathLike],
+    keys: Any = None,
+    max_atoms: int | None = 512,
+    plots_dir: str | os.PathLike | None = None,
+    equivariance_structures: int = 8,
+) -> dict:
+    """Read ``paths`` (any format mlip reads) at the model's cutoff and evaluate; optionally
+    write parity plots ``parity_{energy_per_atom,forces,stress}.png`` into ``plots_dir``."""
+    from mlip.data.datasets import open_dataset
+
+    dataset = open_dataset([str(p) for p in paths], r_max=model.r_max, keys=keys)
+    if len(dataset) == 0:
+        raise ValueError(f"no structures in {', '.join(map(str, paths))}")
+    collect: dict[str, list] | None = {} if plots_dir is not None else None
+    result = evaluate_split(model, dataset, max_atoms=max_atoms, equivariance_structures=equivariance_structures,
+                            collect=collect)
+    result["data"] = [str(p) for p in paths]
+    if collect:
+        from mlip.train.plots import parity_plots
+
+        values = {k: (np.concatenate([r.ravel() for r, _ in v]), np.concatenate([p.ravel() for _, p in v]))
+                  for k, v in collect.items()}
+        result["plots"] = [str(p) for p in parity_plots(values, Path(plots_dir))]
+    return result
+
+
+def format_report(result: dict) -> str:
+    """Human-readable table of an evaluation result (meV units)."""
+    lines = [f"structures: {result['n_structures']}, atoms: {result['n_atoms']}"]
+
+    def row(label: str, key: str, unit: str) -> None:
+        v = result.get(key, float("nan"))
+        if v == v:
+            lines.append(f"  {label:<28s} {1e3 * v:12.3f} {unit}")
+
+    row("energy MAE", "energy_mae", "meV")
+    row("energy RMSE", "energy_rmse", "meV")
+    row("energy MAE per atom", "energy_per_atom_mae", "meV/atom")
+    row("energy RMSE per atom", "energy_per_atom_rmse", "meV/atom")
+    row("force MAE", "forces_mae", "meV/Å")
+    row("force RMSE", "forces_rmse", "meV/Å")
+    for sym, m in result.get("forces_per_element", {}).items():
+        lines.append(f"  force MAE / RMSE {sym:<10s} {1e3 * m['mae']:12.3f} / {1e3 * m['rmse']:.3f} meV/Å "
+                     f"({m['n_atoms']} atoms)")
+    row("stress MAE", "stress_mae", "meV/Å³")
+    if "equivariance_energy_max" in result:
+        lines.append(f"  rotation equivariance: max |ΔE| {result['equivariance_energy_max']:.3e} eV/atom, "
+                     f"max |ΔF| {result['equivariance_forces_max']:.3e} eV/Å, "
+                     f"relative F error {result['equivariance_forces_rel']:.3e}")
+    return "\n".join(lines)

@@ -1,0 +1,655 @@
+"""The training loop behind ``mlip train``: four named steps, ``build_data``, ``build_model``,
+``fit`` and ``export``, driven by :func:`train`.
+
+Determinism: batches come from :class:`~mlip.data.graph.BoundedBatchSampler` seeded with
+``seed + epoch``; a checkpoint records the position inside the epoch, so ``resume=True``
+replays exactly the batches an uninterrupted run would have seen next.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
+from mlip.models.base import MODELS, PotentialModel, _import_families, build_model as _build, load_model, save_model
+from mlip.models.outputs import predict
+from mlip.train import checkpoint as ckpt
+from mlip.train import distributed as ddp
+from mlip.train.config import TrainConfig, config_to_dict, save_config
+from mlip.train.data import Data, Split, build_data
+from mlip.train.ema import EMA
+from mlip.train.equivariance import equivariance_error, is_exact_by_construction
+from mlip.train.loss import LossWeights, combine, loss_sums, needs, weights_at_epoch
+from mlip.train.metrics import Metrics, format_summary
+
+log = logging.getLogger("mlip.train")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# ----------------------------------------------------------------------------- schedule
+class LRSchedule:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``, reduce-on-plateau, or constant.
+
+    Stepped after every optimiser step (``step()``) and after every validation
+    (``on_validation(loss)``, used by ``plateau``). ``set_override(lr)`` pins a constant rate
+    (MACE-style second stage).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> None:  # noqa: ANN001
+        self.opt, self.kind, self.base = optimizer, cfg.scheduler, cfg.lr
+        self.warmup, self.total, self.min_ratio = cfg.warmup_steps, max(total_steps, 1), cfg.min_lr_ratio
+        self.factor, self.patience = cfg.plateau_factor, cfg.plateau_patience
+        self.t, self.plateau_scale, self.best, self.bad, self.override = 0, 1.0, math.inf, 0, None
+        self._apply()
+
+    def lr(self) -> float:
+        if self.override is not None:
+            return self.override
+        warm = min(1.0, (self.t + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.kind == "cosine":
+            frac = min(1.0, max(0, self.t - self.warmup) / max(1, self.total - self.warmup))
+            decay = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+            return self.base * warm * decay
+        if self.kind == "plateau":
+            return self.base * warm * self.plateau_scale
+        return self.base * warm
+
+    def _apply(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
+
+    def step(self) -> None:
+        self.t += 1
+        self._apply()
+
+    def on_validation(self, loss: float) -> None:
+        if self.kind != "plateau" or not math.isfinite(loss):
+            return
+        if loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad > self.patience:
+                self.plateau_scale *= self.factor
+                self.bad = 0
+        self._apply()
+
+    def set_override(self, lr: float | None) -> None:
+        self.override = lr
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("t", "plateau_scale", "best", "bad", "override")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._apply()
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class RunState:
+    """Everything :func:`fit` mutates; saved in checkpoints."""
+
+    cfg: TrainConfig
+    data: Data
+    model: PotentialModel
+    net: torch.nn.Module  # the model, DDP-wrapped on several processes
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    ema: EMA | None
+    dist: ddp.DistInfo
+    out: Path
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    best: float = math.inf
+    nonfinite: int = 0
+    history: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    hooks: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.cfg.dtype]
+
+    def to_checkpoint(self) -> dict:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": ckpt.rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_steps": self.epoch_loss_steps,
+            "best": self.best,
+            "history": self.history,
+            "config": config_to_dict(self.cfg),
+            "model_family": self.model.family,
+            "model_config": config_to_dict_any(self.model.config),
+        }
+
+    def load_checkpoint(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("the checkpoint was written without EMA but the config enables it")
+            self.ema.load_state_dict(state["ema"])
+        for key in ("epoch", "step", "step_in_epoch", "epoch_loss_sum", "epoch_loss_steps", "best", "history"):
+            setattr(self, key, state[key])
+        ckpt.set_rng_state(state["rng"])
+
+
+def config_to_dict_any(cfg: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+# ----------------------------------------------------------------------------- build_model
+def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
+    """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
+    ``avg_num_neighbors``, ``shift`` and ``scale`` from the data where the family has such a
+    field left unset;
+    with ``train.init_from``, start from that model's config and weights."""
+    section = dict(cfg.model)
+    family = section.pop("family")
+    base: dict = {}
+    init = None
+    if cfg.train.init_from:
+        init = load_model(cfg.train.init_from)
+        if init.family != family:
+            raise ValueError(f"--init-from {cfg.train.init_from} is a {init.family!r} model; the config asks for {family!r}")
+        base = config_to_dict_any(init.config)
+    base.update(section)
+    if family not in MODELS:
+        _import_families()
+    if family not in MODELS:
+        raise KeyError(f"unknown model family {family!r} in config section 'model'; known: {sorted(MODELS)}")
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(MODELS[family].Config)}
+    derived = {
+        "elements": data.elements,
+        "heads": data.heads,
+        "e0s": data.e0s_for_model(),
+        "avg_num_neighbors": data.avg_num_neighbors,
+    }
+    for key, value in (("shift", data.shift), ("scale", data.scale)):
+        if key not in base:  # left to the data unless the user (or --init-from) set it
+            derived[key] = value
+    for key, value in derived.items():
+        if key in names and value is not None and base.get(key) in (None, [], {}):
+            if key == "e0s" and init is not None and cfg.data.e0s == "auto":
+                continue  # fine-tuning keeps the pretrained reference energies unless asked otherwise
+            base[key] = value
+    model = _build(family, base).to(DTYPES[cfg.dtype])
+    if init is not None:
+        own = model.state_dict()
+        loadable = {k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(loadable, strict=False)
+        skipped = sorted(set(own) - set(loadable))
+        if skipped:
+            log.info("init-from: %d tensors not taken from %s (new or reshaped): %s", len(skipped),
+                     cfg.train.init_from, ", ".join(skipped[:8]))
+    _freeze(model, cfg.train.freeze)
+    return model
+
+
+def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Stop training parameters whose name matches any glob pattern (``interactions.0.*``)."""
+    for pattern in patterns:
+        hits = [n for n, p in model.named_parameters() if fnmatch(n, pattern) or n.startswith(pattern + ".")]
+        if not hits:
+            names = [n for n, _ in model.named_parameters()]
+            raise ValueError(f"train.freeze pattern {pattern!r} matches no parameter; names look like {names[:6]}")
+        for n, p in model.named_parameters():
+            if n in hits:
+                p.requires_grad_(False)
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (is everything frozen?)")
+    o = cfg.optim
+    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+
+
+# ----------------------------------------------------------------------------- fit
+def _batches(split: Split, cfg: TrainConfig, epoch: int, shuffle: bool, max_atoms: int | None = None) -> list[list[int]]:
+    sampler = BoundedBatchSampler(
+        split.n_atoms, split.n_edges, max_atoms=max_atoms or cfg.batch.max_atoms,
+        max_edges=cfg.batch.max_edges, max_graphs=cfg.batch.max_graphs, shuffle=shuffle, seed=cfg.seed,
+    )
+    sampler.set_epoch(epoch)
+    return sampler.batches()
+
+
+def _load(split: Split, parts: list[list[int]], num_workers: int):
+    """Iterate collated batches of ``parts`` (lists of positions in ``split``)."""
+    if num_workers <= 0:
+        return (collate([split[i] for i in part]) for part in parts)
+    return iter(torch.utils.data.DataLoader(split, batch_sampler=parts, collate_fn=collate, num_workers=num_workers))
+
+
+def _local(state: RunState, parts: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+    """This rank's share of each global batch; an empty share reuses the batch's first
+    structure with zero weight so every rank runs the same collective operations."""
+    out, real = [], []
+    for part in parts:
+        mine = ddp.local_part(part, state.dist)
+        out.append(mine if mine else part[:1])
+        real.append(bool(mine))
+    return out, real
+
+
+def train_step(state: RunState, batch: GraphBatch, real: bool, weights: LossWeights) -> float | None:
+    """One optimiser step on this rank's share of a global batch; returns the global loss,
+    or ``None`` when the step was skipped because the loss or gradient was not finite."""
+    cfg, info = state.cfg, state.dist
+    batch = batch.to(info.device, state.dtype)
+    if "batch" in state.hooks:
+        batch = state.hooks["batch"](state, batch)
+    want_f, want_s = needs(weights, batch)
+    want_f, want_s = ddp.all_reduce_max_flag(want_f, info), ddp.all_reduce_max_flag(want_s, info)
+    state.optimizer.zero_grad(set_to_none=True)
+    pred = predict(state.net, batch, forces=want_f, stress=want_s, create_graph=True)
+    sums, counts = loss_sums(pred, batch, cfg.loss.kind, cfg.loss.huber_delta)
+    if not real:
+        sums = {k: v * 0.0 for k, v in sums.items()}
+        counts = {k: v * 0.0 for k, v in counts.items()}
+    keys = list(counts)
+    global_counts = ddp.all_reduce_sum(torch.stack([counts[k] for k in keys]), info)
+    # each rank divides by the global counts; DDP averages gradients, so scale by world size
+    local, _ = combine(sums, dict(zip(keys, global_counts)), weights)
+    loss_value = float(ddp.all_reduce_sum(local.detach().reshape(1), info))
+    if not math.isfinite(loss_value):
+        return _skip(state, f"non-finite loss ({loss_value})")
+    (local * info.world_size).backward()
+    params = [p for p in state.model.parameters() if p.requires_grad]
+    if cfg.optim.clip_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    if not torch.isfinite(norm):
+        return _skip(state, "non-finite gradient")
+    state.optimizer.step()
+    state.schedule.step()
+    if state.ema is not None:
+        state.ema.update()
+    state.nonfinite = 0
+    return loss_value
+
+
+def _skip(state: RunState, why: str) -> None:
+    state.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite += 1
+    msg = f"epoch {state.epoch} step {state.step}: {why}; step skipped ({state.nonfinite} in a row)"
+    log.warning(msg)
+    if state.nonfinite >= state.cfg.train.max_consecutive_nonfinite:
+        last = state.out / ckpt.LAST
+        raise TrainingDiverged(
+            f"training stopped: {state.nonfinite} consecutive steps had a {why.split(' (')[0]} "
+            f"(epoch {state.epoch}, step {state.step}). The last good checkpoint is "
+            f"{last if last.exists() else 'not written yet'}; lower optim.lr, check the data for "
+            f"bad labels, or raise train.max_consecutive_nonfinite."
+        )
+    return None
+
+
+def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
+    """Loss and metrics of the (EMA) model on ``split``, summed over ranks."""
+    cfg, info = state.cfg, state.dist
+    model = state.model
+    metrics = Metrics()
+    sums_t = torch.zeros(3, dtype=torch.float64)
+    counts_t = torch.zeros(3, dtype=torch.float64)
+    parts = _batches(split, cfg, 0, shuffle=False, max_atoms=cfg.batch.valid_max_atoms)
+    local, real = _local(state, parts)
+    want_s = cfg.loss.stress_weight > 0 or cfg.loss.stage_two.stress_weight > 0
+    for batch, ok in zip(_load(split, local, 0), real):
+        if not ok:
+            continue
+        batch = batch.to(info.device, state.dtype)
+        pred = predict(model, batch, forces=True, stress=want_s and bool(torch.isfinite(batch.stress).any()))
+        pred = {k: v.detach() for k, v in pred.items()}
+        sums, counts = loss_sums(pred, batch, cfg.loss.kind, cfg.loss.huber_delta)
+        sums_t += torch.stack([sums[k] for k in ("energy", "forces", "stress")]).double().cpu()
+        counts_t += torch.stack([counts[k] for k in ("energy", "forces", "stress")]).double().cpu()
+        metrics.update(pred, batch)
+    metrics.all_reduce()
+    sums_t, counts_t = ddp.all_reduce_sum(sums_t, info), ddp.all_reduce_sum(counts_t, info)
+    keys = ("energy", "forces", "stress")
+    loss, _ = combine(dict(zip(keys, sums_t)), dict(zip(keys, counts_t)), weights)
+    out = {"loss": float(loss), **metrics.summary()}
+    check = cfg.train.equivariance_check
+    if check is True or (check == "auto" and not is_exact_by_construction(model)):
+        n = min(cfg.train.equivariance_structures, len(split))
+        if n > 0:
+            batch = collate([split[i] for i in range(n)]).to(info.device, state.dtype)
+            eq = equivariance_error(model, batch, n_rotations=2, seed=cfg.seed)
+            out.update({f"equivariance_{k}": v for k, v in eq.items()})
+    return out
+
+
+def fit(state: RunState) -> None:
+    """Train until ``train.epochs`` (or the time budget); checkpoint, validate and log."""
+    from tqdm.auto import tqdm
+
+    cfg, info = state.cfg, state.dist
+    train_split, valid_split = state.data.train, state.data.valid
+    base_weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
+    logger = _MetricsLogger(state.out, enabled=info.is_main, log_steps=cfg.train.log_steps)
+    stop = False
+    while state.epoch < cfg.train.epochs and not stop:
+        epoch = state.epoch
+        weights = weights_at_epoch(cfg.loss, epoch)
+        st = cfg.loss.stage_two
+        if st.start_epoch is not None and epoch >= st.start_epoch and st.lr is not None:
+            state.schedule.set_override(st.lr)
+        parts = _batches(train_split, cfg, epoch, shuffle=True)
+        local, real = _local(state, parts)
+        start = state.step_in_epoch
+        bar = tqdm(total=len(parts), initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not (info.is_main and cfg.train.progress), leave=False, dynamic_ncols=True)
+        state.model.train()
+        for k, batch in enumerate(_load(train_split, local[start:], cfg.data.num_workers), start=start):
+            loss = train_step(state, batch, real[k], weights)
+            state.step += 1
+            state.step_in_epoch = k + 1
+            if loss is not None:
+                state.epoch_loss_sum += loss
+                state.epoch_loss_steps += 1
+            logger.step({"epoch": epoch, "step": state.step, "loss": loss, "lr": state.schedule.lr()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}" if loss is not None else "skipped", lr=f"{state.schedule.lr():.2e}")
+            every = cfg.train.checkpoint_every_steps
+            if every and state.step % every == 0 and state.step_in_epoch < len(parts):
+                _save(state, best=False)
+            if "step" in state.hooks:
+                state.hooks["step"](state)
+            if cfg.train.time_budget_s is not None:
+                over = time.time() - state.started > cfg.train.time_budget_s
+                if ddp.all_reduce_max_flag(over, info):
+                    stop = True
+                    break
+        bar.close()
+        row = {"epoch": epoch + 1, "step": state.step, "lr": state.schedule.lr(),
+               "train_loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
+               "skipped_steps": state.step_in_epoch - state.epoch_loss_steps}
+        last_epoch = state.epoch + 1 >= cfg.train.epochs or stop
+        if valid_split is not None and len(valid_split) and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
+            with (state.ema.swapped() if state.ema is not None else _nullctx()):
+                metrics = validate(state, valid_split, base_weights)
+            row.update({f"valid_{k}": v for k, v in metrics.items() if k != "forces_per_element"})
+            state.schedule.on_validation(metrics["loss"])
+            score = metrics["loss"]
+            if info.is_main:
+                tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}, valid loss "
+                           f"{metrics['loss']:.4g}, {format_summary(metrics)}"
+                           + (f", equivariance F rel {metrics['equivariance_forces_rel']:.2e}"
+                              if "equivariance_forces_rel" in metrics else ""))
+        else:
+            # without a validation set the training loss ranks checkpoints; between validations, nothing does
+            score = row["train_loss"] if valid_split is None or not len(valid_split) else math.nan
+            if math.isfinite(score):
+                state.schedule.on_validation(score)
+            if info.is_main and cfg.train.progress:
+                tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}")
+        row["time_s"] = time.time() - state.started
+        state.history.append(row)
+        logger.epoch(row)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+        improved = math.isfinite(score) and score < state.best
+        if improved:
+            state.best = score
+        _save(state, best=improved)
+        if "epoch" in state.hooks:
+            state.hooks["epoch"](state)
+    logger.close()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save(state: RunState, best: bool) -> None:
+    if not state.dist.is_main:
+        return
+    payload = state.to_checkpoint()
+    ckpt.save_checkpoint(state.out / ckpt.LAST, payload)
+    if best:
+        ckpt.save_checkpoint(state.out / ckpt.BEST, payload)
+
+
+class _MetricsLogger:
+    """metrics.csv / metrics.jsonl per epoch, steps.jsonl per step, TensorBoard if installed."""
+
+    def __init__(self, out: Path, enabled: bool, log_steps: bool = True) -> None:
+        self.out, self.enabled, self.tb, self.log_steps = out, enabled, None, log_steps
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:  # noqa: BLE001 - TensorBoard is optional
+                self.tb = None
+
+    def step(self, row: dict) -> None:
+        if not (self.enabled and self.log_steps):
+            return
+        with open(self.out / "steps.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None and row["loss"] is not None:
+            self.tb.add_scalar("train/loss_step", row["loss"], row["step"])
+
+    def epoch(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        _rewrite_csv(self.out / "metrics.jsonl", self.out / "metrics.csv")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("epoch",):
+                    self.tb.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _rewrite_csv(jsonl: Path, csv_path: Path) -> None:
+    import csv
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, csv_path)
+
+
+def _truncate_logs(out: Path, state: RunState) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be replayed)."""
+    for name, key, limit in (("metrics.jsonl", "epoch", state.epoch), ("steps.jsonl", "step", state.step)):
+        path = out / name
+        if path.exists():
+            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)[key] <= limit]
+            path.write_text("".join(l + "\n" for l in keep))
+    if (out / "metrics.jsonl").exists():
+        _rewrite_csv(out / "metrics.jsonl", out / "metrics.csv")
+
+
+# ----------------------------------------------------------------------------- export
+def export(state: RunState) -> Path:
+    """Write ``model.pt`` (EMA weights of ``best.pt`` or ``last.pt``) and the learning curve."""
+    out = state.out
+    source = out / (ckpt.BEST if state.cfg.train.export_from == "best" and (out / ckpt.BEST).exists() else ckpt.LAST)
+    saved = ckpt.load_checkpoint(source)
+    model = state.model
+    model.load_state_dict(saved["model"], strict=True)
+    if state.ema is not None and saved["ema"] is not None:
+        state.ema.load_state_dict(saved["ema"])
+        model.load_state_dict(state.ema.averaged_state_dict(), strict=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_model(model.eval(), out / "model.pt")
+    if state.history:
+        from mlip.train.plots import learning_curve
+
+        learning_curve(state.history, out / "learning_curve.png")
+    return out / "model.pt"
+
+
+# ----------------------------------------------------------------------------- driver
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(out: Path, is_main: bool) -> logging.Handler | None:
+    log.setLevel(logging.INFO)
+    if not is_main:
+        return None
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    hooks: dict[str, Callable] | None = None,
+) -> Path:
+    """Run :func:`build_data`, :func:`build_model`, :func:`fit` and :func:`export`.
+
+    Args:
+        cfg: validated config (:func:`mlip.train.config.load_config`).
+        resume: continue from ``<output_dir>/last.pt`` (model, optimiser, schedule, EMA,
+            RNG states, epoch and step) instead of starting fresh.
+        hooks: test/extension callbacks: ``batch(state, batch) -> batch`` before each
+            forward, ``step(state)`` after each step, ``epoch(state)`` after each epoch.
+
+    Returns:
+        Path of the exported ``<output_dir>/model.pt``.
+    """
+    info = ddp.setup(cfg.device)
+    out = Path(cfg.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / ckpt.LAST).exists():
+            raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume to continue it "
+                                  f"or choose another output_dir")
+    ddp.barrier(info)
+    handler = _setup_logging(out, info.is_main)
+    try:
+        if cfg.train.amp:
+            _enable_tf32(info)
+        _seed_everything(cfg.seed)
+        r_max = _r_max(cfg)
+        data = build_data(cfg, r_max, log=log if info.is_main else None)
+        model = build_model(cfg, data).to(info.device)
+        if info.is_main:
+            save_config(cfg, out / "config.yaml")
+            log.info("model %s with %d parameters (%d trainable); %d train / %d valid structures",
+                     model.family, sum(p.numel() for p in model.parameters()),
+                     sum(p.numel() for p in model.parameters() if p.requires_grad), len(data.train),
+                     len(data.valid) if data.valid is not None else 0)
+        optimizer = _optimizer(cfg, model)
+        steps_per_epoch = len(_batches(data.train, cfg, 0, shuffle=True))
+        schedule = LRSchedule(optimizer, cfg.optim, steps_per_epoch * cfg.train.epochs)
+        ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
+        multi_head = len(data.heads) > 1
+        net = ddp.wrap(model, info, find_unused=multi_head)
+        state = RunState(cfg, data, model, net, optimizer, schedule, ema, info, out, hooks=dict(hooks or {}))
+        if resume:
+            state.load_checkpoint(ckpt.load_checkpoint(out / ckpt.LAST, map_location=info.device))
+            if info.is_main:
+                _truncate_logs(out, state)
+                log.info("resumed from %s at epoch %d, step %d", out / ckpt.LAST, state.epoch, state.step)
+        fit(state)
+        ddp.barrier(info)
+        path = out / "model.pt"
+        if info.is_main:
+            path = export(state)
+            if data.test is not None and len(data.test):
+                _test_metrics(state, path)
+        ddp.barrier(info)
+        return path
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        ddp.cleanup(info)
+
+
+def _test_metrics(state: RunState, model_path: Path) -> None:
+    from mlip.train.evaluate import evaluate_split
+
+    model = load_model(model_path, map_location=state.dist.device)
+    result = evaluate_split(model, state.data.test, state.cfg.batch.valid_max_atoms or state.cfg.batch.max_atoms)
+    (state.out / "test_metrics.json").write_text(json.dumps(result, indent=2))
+    log.info("test: %s", format_summary(result))
+
+
+def _r_max(cfg: TrainConfig) -> float:
+    """The cutoff the data's neighbour lists need: the model section's, else the family default."""
+    if "r_max" in cfg.model:
+        return float(cfg.model["r_max"])
+    if cfg.train.init_from:
+        return load_model(cfg.train.init_from).r_max
+    family = cfg.model["family"]
+    if family not in MODELS:
+        _import_families()
+    if family not in MODELS:
+        raise KeyError(f"unknown model family {family!r} in config section 'model'; known: {sorted(MODELS)}")
+    return float(MODELS[family].Config().r_max)
+
+
+def _enable_tf32(info: ddp.DistInfo) -> None:
+    """The only reduced precision used: TF32 matmuls on CUDA (float32 storage and sums).
+    Energies summed over many atoms need float32 accumulation, so bf16/fp16 autocast is not offered."""
+    if info.device.type != "cuda":
+        log.warning("train.amp has no effect on %s (TF32 matmuls exist only on CUDA)", info.device)
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,301 @@
+"""Reusable conformance tests for potential families (subclass :class:`ModelConformance`).
+
+A family's test module subclasses the mixin, names it ``Test...`` and implements
+``make_model(**overrides)`` (a fresh model in torch's default dtype; the mixin moves it to
+float32 or float64). Exactly equivariant configurations assert rotation/reflection errors at
+float64 rounding (``~1e-10`` relative); approximately equivariant ones set ``exact = False`` and
+state their measured bound in ``approx_equivariance_tol``. Physics checks that need float64
+(finite differences, smooth cutoff) always run in float64; everything else runs in both dtypes.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import ase
+import ase.build
+import numpy as np
+import pytest
+import torch
+
+from mlip.data.graph import AtomGraph, GraphBatch, collate
+from mlip.models.base import PotentialModel, save_model
+from mlip.models.outputs import predict
+
+try:  # the shared converter; the fallback keeps this mixin usable on its own
+    from mlip.data.transforms import atoms_to_graph as _atoms_to_graph
+except ImportError:  # pragma: no cover - only before mlip.data.transforms existed
+    _atoms_to_graph = None
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def atoms_to_graph(atoms: ase.Atoms, r_max: float) -> AtomGraph:
+    """``mlip.data.transforms.atoms_to_graph`` or, without it, an ASE neighbour-list version."""
+    if _atoms_to_graph is not None:
+        return _atoms_to_graph(atoms, r_max)
+    from ase.neighborlist import neighbor_list
+
+    i, j, S = neighbor_list("ijS", atoms, r_max)
+    return AtomGraph(
+        positions=torch.tensor(atoms.positions, dtype=torch.float64),
+        numbers=torch.tensor(atoms.numbers, dtype=torch.long),
+        cell=torch.tensor(atoms.cell.array, dtype=torch.float64),
+        pbc=torch.tensor(atoms.pbc, dtype=torch.bool),
+        edge_index=torch.tensor(np.stack([j, i]), dtype=torch.long),
+        unit_shifts=torch.tensor(S, dtype=torch.long),
+    )
+
+
+def molecule() -> ase.Atoms:
+    """Methanol, slightly distorted (6 atoms, H C O)."""
+    atoms = ase.build.molecule("CH3OH")
+    atoms.positions += np.random.default_rng(1).normal(scale=0.05, size=atoms.positions.shape)
+    return atoms
+
+
+def small_molecule() -> ase.Atoms:
+    """Water, distorted (3 atoms)."""
+    atoms = ase.build.molecule("H2O")
+    atoms.positions += np.random.default_rng(2).normal(scale=0.05, size=atoms.positions.shape)
+    return atoms
+
+
+def crystal() -> ase.Atoms:
+    """A rattled, sheared periodic C/O/H cell (4 atoms) with a non-orthogonal cell."""
+    atoms = ase.Atoms(
+        "COCH",
+        scaled_positions=[[0.0, 0.0, 0.0], [0.25, 0.25, 0.25], [0.5, 0.5, 0.1], [0.7, 0.2, 0.6]],
+        cell=[[3.6, 0.2, 0.0], [0.3, 3.4, 0.1], [0.0, 0.4, 3.8]],
+        pbc=True,
+    )
+    atoms.positions += np.random.default_rng(3).normal(scale=0.05, size=atoms.positions.shape)
+    return atoms
+
+
+def random_rotation(seed: int) -> torch.Tensor:
+    """Uniform random proper rotation (float64, ``det = +1``)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def transform(batch: GraphBatch, R: torch.Tensor, shift: torch.Tensor | None = None) -> GraphBatch:
+    """Apply ``r -> R r + shift`` to positions and cell rows (graph and unit shifts unchanged)."""
+    out = copy.copy(batch)
+    R = R.to(batch.positions.dtype)
+    out.positions = batch.positions @ R.T + (0 if shift is None else shift.to(batch.positions.dtype))
+    out.cell = batch.cell @ R.T
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(float(b.abs().max()), 1e-30)
+    return float((a - b).abs().max()) / scale
+
+
+class ModelConformance:
+    """Mixin: physics and bookkeeping every potential family must satisfy."""
+
+    #: elements the test structures use (H, C, O)
+    elements = [1, 6, 8]
+    #: cutoff of the test models (Å); structures are built with it
+    r_max = 3.5
+    #: exact O(3) equivariance by construction: assert the float64 error at rounding level
+    exact = True
+    #: relative equivariance bound per dtype when exact; ``approx_equivariance_tol`` otherwise
+    exact_tol = {torch.float32: 1e-4, torch.float64: 1e-10}
+    approx_equivariance_tol = {torch.float32: 1e-2, torch.float64: 1e-2}
+    #: relative agreement of batched and single evaluations, extensivity and similar identities
+    same_tol = {torch.float32: 1e-5, torch.float64: 1e-11}
+
+    def make_model(self, **overrides) -> PotentialModel:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    @pytest.fixture(params=list(DTYPES), ids=list(DTYPES))
+    def dtype(self, request) -> torch.dtype:
+        return DTYPES[request.param]
+
+    def model(self, dtype: torch.dtype = torch.float64, **overrides) -> PotentialModel:
+        return self.make_model(elements=list(self.elements), r_max=self.r_max, **overrides).to(dtype).eval()
+
+    def batch(self, atoms_list: list[ase.Atoms], dtype: torch.dtype = torch.float64) -> GraphBatch:
+        return collate([atoms_to_graph(a, self.r_max) for a in atoms_list]).to(dtype=dtype)
+
+    def equivariance_tol(self, dtype: torch.dtype) -> float:
+        return self.exact_tol[dtype] if self.exact else self.approx_equivariance_tol[dtype]
+
+    def run(self, model: PotentialModel, batch: GraphBatch, stress: bool = False) -> dict[str, torch.Tensor]:
+        out = predict(model, batch, forces=True, stress=stress)
+        return {k: v.detach() for k, v in out.items()}
+
+    # ------------------------------------------------------------------ symmetry
+    def test_rotation(self, dtype):
+        model = self.model(dtype)
+        batch = self.batch([molecule(), crystal()], dtype)
+        ref = self.run(model, batch, stress=True)
+        tol = self.equivariance_tol(dtype)
+        for seed in range(3):
+            R = random_rotation(seed).to(dtype)
+            out = self.run(model, transform(batch, R), stress=True)
+            assert rel_err(out["energy"], ref["energy"]) < tol
+            assert rel_err(out["forces"], ref["forces"] @ R.T) < tol
+            s_rot = R @ ref["stress"][1] @ R.T  # the crystal's stress rotates with its cell
+            assert rel_err(out["stress"][1], s_rot) < tol
+
+    def test_reflection(self, dtype):
+        model = self.model(dtype)
+        batch = self.batch([molecule(), crystal()], dtype)
+        ref = self.run(model, batch)
+        tol = self.equivariance_tol(dtype)
+        mirror = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))
+        for R in (-torch.eye(3, dtype=torch.float64), mirror @ random_rotation(7)):
+            R = R.to(dtype)
+            out = self.run(model, transform(batch, R))
+            assert rel_err(out["energy"], ref["energy"]) < tol
+            assert rel_err(out["forces"], ref["forces"] @ R.T) < tol
+
+    def test_translation(self, dtype):
+        model = self.model(dtype)
+        batch = self.batch([molecule(), crystal()], dtype)
+        ref = self.run(model, batch)
+        out = self.run(model, transform(batch, torch.eye(3, dtype=dtype), torch.tensor([1.3, -2.1, 0.7])))
+        assert rel_err(out["energy"], ref["energy"]) < self.same_tol[dtype] * 10
+        assert rel_err(out["forces"], ref["forces"]) < self.same_tol[dtype] * 100
+
+    def test_permutation(self, dtype):
+        model = self.model(dtype)
+        for atoms in (molecule(), crystal()):
+            perm = np.random.default_rng(0).permutation(len(atoms))
+            ref = self.run(model, self.batch([atoms], dtype))
+            out = self.run(model, self.batch([atoms[perm]], dtype))
+            assert rel_err(out["energy"], ref["energy"]) < self.same_tol[dtype]
+            assert rel_err(out["forces"], ref["forces"][perm]) < self.same_tol[dtype] * 10
+
+    # ------------------------------------------------------------------ derivatives (float64)
+    def test_forces_finite_difference(self):
+        model = self.model(torch.float64)
+        h = 1e-5
+        for atoms in (molecule(), crystal()):
+            batch = self.batch([atoms])
+            forces = self.run(model, batch)["forces"]
+            for i, k in [(0, 0), (1, 2), (len(atoms) - 1, 1)]:
+                e = []
+                for sign in (1, -1):
+                    b = copy.copy(batch)
+                    b.positions = batch.positions.clone()
+                    b.positions[i, k] += sign * h
+                    with torch.no_grad():
+                        e.append(float(model(b, b.edge_vectors())["energy"].sum()))
+                fd = -(e[0] - e[1]) / (2 * h)
+                assert abs(fd - float(forces[i, k])) < 1e-6 * max(1.0, float(forces.abs().max()))
+
+    def test_stress_finite_difference(self):
+        model = self.model(torch.float64)
+        batch = self.batch([crystal()])
+        stress = self.run(model, batch, stress=True)["stress"][0]
+        volume = float(torch.det(batch.cell[0]).abs())
+        h = 1e-5
+        for i, j in [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]:
+            e = []
+            for sign in (1, -1):
+                eps = torch.zeros(3, 3, dtype=torch.float64)
+                eps[i, j] += sign * h
+                eps[j, i] += sign * h if i != j else 0.0
+                b = transform(batch, torch.eye(3, dtype=torch.float64) + eps)  # symmetric strain
+                with torch.no_grad():
+                    e.append(float(model(b, b.edge_vectors())["energy"].sum()))
+            dE = (e[0] - e[1]) / (2 * h)
+            fd = dE / volume / (1.0 if i == j else 2.0)
+            assert abs(fd - float(stress[i, j])) < 1e-6 * max(1.0, float(stress.abs().max()))
+        assert rel_err(stress, stress.T) < 1e-12
+
+    # ------------------------------------------------------------------ locality
+    def test_extensivity(self, dtype):
+        model = self.model(dtype)
+        one = molecule()
+        two = one.copy()
+        far = one.copy()
+        far.positions += [20.0, 0.0, 0.0]
+        two += far
+        e1 = self.run(model, self.batch([one], dtype))
+        e2 = self.run(model, self.batch([two], dtype))
+        assert rel_err(e2["energy"], 2 * e1["energy"]) < self.same_tol[dtype] * 10
+        assert rel_err(e2["forces"], torch.cat([e1["forces"], e1["forces"]])) < self.same_tol[dtype] * 10
+
+    def test_smooth_cutoff(self):
+        model = self.model(torch.float64)
+        energies = {}
+        for delta in (-1e-2, -1e-3, 1e-3):
+            d = self.r_max + delta
+            atoms = ase.Atoms("CO", positions=[[0.0, 0.0, 0.0], [d * 0.6, d * 0.8, 0.0]])
+            energies[delta] = float(self.run(model, self.batch([atoms]))["energy"][0])
+        beyond = energies[1e-3]
+        # continuous: the jump vanishes as the neighbour approaches r_max (u(r) ~ (r_max - r)^3)
+        assert abs(energies[-1e-3] - beyond) < 1e-6
+        assert abs(energies[-1e-3] - beyond) < abs(energies[-1e-2] - beyond) or energies[-1e-2] == beyond
+
+    def test_batch_equals_single(self, dtype):
+        model = self.model(dtype)
+        structures = [molecule(), crystal(), small_molecule()]
+        together = self.run(model, self.batch(structures, dtype), stress=True)
+        for g, atoms in enumerate(structures):
+            alone = self.run(model, self.batch([atoms], dtype), stress=True)
+            a, b = int(sum(len(s) for s in structures[:g])), int(sum(len(s) for s in structures[: g + 1]))
+            assert rel_err(together["energy"][g : g + 1], alone["energy"]) < self.same_tol[dtype]
+            assert rel_err(together["forces"][a:b], alone["forces"]) < self.same_tol[dtype] * 10
+            if atoms.pbc.any():
+                assert rel_err(together["stress"][g], alone["stress"][0]) < self.same_tol[dtype] * 10
+
+    # ------------------------------------------------------------------ bookkeeping
+    def test_save_load_roundtrip(self, dtype, tmp_path):
+        import mlip
+
+        model = self.model(dtype, e0s={1: -13.6, 6: -1029.5, 8: -2041.3})
+        batch = self.batch([molecule(), crystal()], dtype)
+        ref = self.run(model, batch, stress=True)
+        path = tmp_path / "model.pt"
+        save_model(model, path)
+        loaded = mlip.load(path)
+        assert loaded.family == model.family
+        assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+        assert next(loaded.parameters()).dtype == dtype
+        out = self.run(loaded, batch, stress=True)
+        for key in ("energy", "forces", "stress"):  # bit for bit (NaN stress of the molecule included)
+            torch.testing.assert_close(out[key], ref[key], rtol=0.0, atol=0.0, equal_nan=True)
+
+    def test_isolated_atom_is_e0(self, dtype):
+        e0s = {1: -13.6, 6: -1029.5, 8: -2041.3}
+        model = self.model(dtype, e0s=e0s)
+        atoms = [ase.Atoms(sym, positions=[[0.0, 0.0, 0.0]]) for sym in ("H", "C", "O")]
+        out = self.run(model, self.batch(atoms, dtype))
+        want = torch.tensor([e0s[1], e0s[6], e0s[8]], dtype=dtype)
+        assert rel_err(out["energy"], want) < self.same_tol[dtype]
+        assert torch.all(out["forces"] == 0)
+
+    def test_inputs_not_modified(self, dtype):
+        model = self.model(dtype)
+        batch = self.batch([molecule(), crystal()], dtype)
+        before = {f.name: copy.deepcopy(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+        self.run(model, batch, stress=True)
+        for name, value in before.items():
+            now = getattr(batch, name)
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(now, value) or (torch.isnan(now).all() and torch.isnan(value).all()), name
+                assert not now.requires_grad, name
+            else:
+                assert now == value, name
+
+    def test_output_dtype_and_shapes(self, dtype):
+        model = self.model(dtype)
+        batch = self.batch([molecule(), crystal()], dtype)
+        out = self.run(model, batch, stress=True)
+        assert out["energy"].shape == (2,) and out["energy"].dtype == dtype
+        assert out["node_energy"].shape == (batch.n_atoms,)
+        assert out["forces"].shape == (batch.n_atoms, 3) and out["forces"].dtype == dtype
+        assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+        assert torch.allclose(out["node_energy"].sum(), out["energy"].sum(), rtol=1e-5 if dtype == torch.float32 else 1e-12)
