@@ -4,13 +4,13 @@ Run ``python benchmarks/neighbors.py`` (10^3, 10^4, 10^5 atoms) or, for a quick 
 ``python benchmarks/neighbors.py --sizes 1000 10000``. Systems are fcc Cu supercells
 (a = 3.61 Å) with r_max = 5 Å; each time is the median of ``--repeats`` builds after one warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from ase.build import bulk
 
@@ -29,7 +29,9 @@ def fcc_supercell(n_atoms: int, a: float = 3.61) -> tuple[torch.Tensor, torch.Te
     )
 
 
-def time_backend(backend: str, pos, cell, pbc, r_max: float, repeats: int, budget_s: float) -> tuple[float, int]:
+def time_backend(
+    backend: str, pos, cell, pbc, r_max: float, repeats: int, budget_s: float
+) -> tuple[float, int]:
     """Median wall time (s) of ``repeats`` builds; fewer repeats if one build exceeds ``budget_s``."""
     sync = torch.cuda.synchronize if pos.is_cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -48,17 +50,29 @@ def time_backend(backend: str, pos, cell, pbc, r_max: float, repeats: int, budge
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000], help="approximate atom counts")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000], help="approximate atom counts"
+    )
     parser.add_argument("--r-max", type=float, default=5.0, help="cutoff (Å)")
     parser.add_argument("--repeats", type=int, default=5, help="timed builds per cell (median reported)")
     parser.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
     parser.add_argument("--device", default="cpu", help="device for the torch backend (cpu, cuda)")
-    parser.add_argument("--budget", type=float, default=20.0, help="skip repeats when one build takes longer (s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--budget", type=float, default=20.0, help="skip repeats when one build takes longer (s)"
+    )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backends = args.backends or available_backends()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, r_max {args.r_max} Å")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {args.device}, r_max {args.r_max} Å"
+    )
     header = f"{'atoms':>8} {'edges':>10} " + " ".join(f"{b + ' (ms)':>14} {'vs ase':>7}" for b in backends)
     print(header)
     print("-" * len(header))
@@ -67,7 +81,9 @@ def main() -> None:
         row, ref, n_edges = {}, None, None
         for b in backends:
             dev = args.device if b == "torch" else "cpu"
-            t, e = time_backend(b, pos.to(dev), cell.to(dev), pbc.to(dev), args.r_max, args.repeats, args.budget)
+            t, e = time_backend(
+                b, pos.to(dev), cell.to(dev), pbc.to(dev), args.r_max, args.repeats, args.budget
+            )
             if n_edges is None:
                 n_edges = e
             elif e != n_edges:

@@ -25,7 +25,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.data import atomic_numbers, reference_states
+from ase.data import reference_states
 from ase.io import write
 
 SEED = 20261123
@@ -43,10 +43,11 @@ ALLOYS_PER_PAIR = 11
 MAX_STRAIN = 0.03      # symmetric strain components, uniform in [-3%, 3%]
 MAX_SHEAR = 0.08       # extra shear (off-diagonal) of "sheared" frames
 SHEARED_FRACTION = 0.3
-RATTLE = (0.05, 0.10)  # Å, Gaussian width drawn uniformly in this range
+RATTLE = (0.05, 0.10)  # Å, Gaussian width drawn uniformly in this range (crystals)
+MOLECULE_RATTLE = (0.02, 0.06)  # Å, the same for molecules (stiffer bonds to H)
 
 MOLECULES = ("H2O", "CH4", "NH3", "C2H6", "CH3OH", "C2H4", "C2H2", "HCN", "CO2", "H2CO",
-             "HCOOH", "CH3NH2", "CH3CN", "CH3CHO")
+             "HCOOH", "H3CNH2", "CH3CN", "CH3CHO")
 NEUTRAL_PER_MOLECULE = 8
 IONS_PER_CHARGE = 3
 #: ground-state spin multiplicity of the neutral isolated atoms
@@ -80,16 +81,18 @@ def _strain(rng: np.random.Generator, sheared: bool) -> np.ndarray:
 
 def _crystal(rng: np.random.Generator, species: tuple[str, ...], sheared: bool) -> Atoms:
     cubic, repeat = CELLS[rng.integers(len(CELLS))]
-    fractions = rng.dirichlet(np.ones(len(species))) if len(species) > 1 else np.ones(1)
-    a0 = float(sum(f * reference_states[atomic_numbers[s]]["a"] for f, s in zip(fractions, species)))
-    atoms = bulk(species[0], "fcc", a=a0, cubic=cubic).repeat(repeat)
+    atoms = bulk(species[0], "fcc", a=1.0, cubic=cubic).repeat(repeat)
     if len(species) > 1:
-        # random site occupation with both elements present
+        # random site occupation at a random composition, both elements present
+        fractions = rng.dirichlet(np.ones(len(species)))
         while True:
             symbols = rng.choice(species, size=len(atoms), p=fractions)
             if len(set(symbols)) == len(species):
                 break
         atoms.set_chemical_symbols(list(symbols))
+    # lattice constant: Vegard's law over the actual composition (reference fcc lattice constants)
+    a0 = float(np.mean([reference_states[z]["a"] for z in atoms.numbers]))
+    atoms.set_cell(atoms.cell[:] * a0, scale_atoms=True)
     atoms.set_cell(atoms.cell[:] @ _strain(rng, sheared).T, scale_atoms=True)
     atoms.positions += rng.normal(scale=rng.uniform(*RATTLE), size=atoms.positions.shape)
     return atoms
@@ -132,7 +135,7 @@ def generate_xtb(path: str, seed: int = SEED) -> int:
         plan = [(0, 1)] * NEUTRAL_PER_MOLECULE + [(1, 2)] * IONS_PER_CHARGE + [(-1, 2)] * IONS_PER_CHARGE
         for charge, mult in plan:
             atoms = molecule(name)
-            atoms.positions += rng.normal(scale=rng.uniform(*RATTLE), size=atoms.positions.shape)
+            atoms.positions += rng.normal(scale=rng.uniform(*MOLECULE_RATTLE), size=atoms.positions.shape)
             kind = {0: "neutral", 1: "cation", -1: "anion"}[charge]
             try:
                 frames.append(_labelled(atoms, calc(charge, mult), config_type=kind, molecule=name,

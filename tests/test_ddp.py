@@ -36,7 +36,7 @@ def _config(tmp_path: Path, data: Path, name: str):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     data = tmp_path / "emt.xyz"
-    toy_models.write_emt_data(data, n=20, seed=3)
+    toy_models.write_emt_data(data, n=14, seed=3)
     single = _config(tmp_path, data, "single")
     train(single)
 
@@ -54,7 +54,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
     steps_1 = [json.loads(l) for l in (Path(single.output_dir) / "steps.jsonl").read_text().splitlines()]
     steps_2 = [json.loads(l) for l in (Path(multi.output_dir) / "steps.jsonl").read_text().splitlines()]
-    assert len(steps_1) == len(steps_2) >= 6
+    assert len(steps_1) == len(steps_2) >= 4
     for a, b in zip(steps_1, steps_2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-9, abs=1e-12)
     # validation metrics are reduced over both ranks

@@ -1,4 +1,5 @@
 """Neighbour lists: edge-for-edge equality with ASE, ordering, batching, errors."""
+
 from __future__ import annotations
 
 import sys
@@ -68,7 +69,9 @@ def test_random_triclinic_full_pbc(seed):
     assert len(edges) > 100  # non-trivial: many periodic images
 
 
-@pytest.mark.parametrize("pbc", [[True, True, False], [False, True, False], [True, False, True], [False, False, True]])
+@pytest.mark.parametrize(
+    "pbc", [[True, True, False], [False, True, False], [True, False, True], [False, False, True]]
+)
 def test_mixed_pbc(pbc):
     pos, cell = random_triclinic(7)
     edges = assert_same_as_ase(pos, cell, pbc, 4.5)
@@ -165,7 +168,7 @@ def test_chunked_candidates_match_unchunked():
     p, c, pbc = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), torch.tensor([True] * 3)
     ref = _torch_neighbor_list(p, c, pbc, 5.0)
     for bins_per_cutoff in (1, 3):
-        got = _torch_neighbor_list(p, c, pbc, 5.0, max_pairs_per_chunk=97, bins_per_cutoff=bins_per_cutoff)
+        got = _torch_neighbor_list(p, c, pbc, 5.0, max_pairs_per_chunk=1500, bins_per_cutoff=bins_per_cutoff)
         assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
     assert_same_as_ase(atoms.positions, atoms.cell.array, [True] * 3, 5.0)
 
@@ -206,7 +209,10 @@ def test_batch_matches_per_structure():
     perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))
     ei_p, sh_p = batch_neighbor_list(pos[perm], cell, pbc, batch[perm], 4.0)
     ref = {(s, r, tuple(x)) for s, r, x in zip(ei[0].tolist(), ei[1].tolist(), sh.tolist())}
-    got = {(int(perm[s]), int(perm[r]), tuple(x)) for s, r, x in zip(ei_p[0].tolist(), ei_p[1].tolist(), sh_p.tolist())}
+    got = {
+        (int(perm[s]), int(perm[r]), tuple(x))
+        for s, r, x in zip(ei_p[0].tolist(), ei_p[1].tolist(), sh_p.tolist())
+    }
     assert got == ref
 
 

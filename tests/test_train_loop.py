@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def emt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "emt.xyz"
-    toy_models.write_emt_data(path, n=14, seed=0)
+    toy_models.write_emt_data(path, n=12, seed=0)
     return path
 
 
@@ -130,15 +130,14 @@ def test_training_writes_outputs_and_learns(tmp_path, emt_file):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["valid_loss"] < 0.8 * rows[0]["valid_loss"]
     assert rows[-1]["valid_forces_mae"] < 0.6 * rows[0]["valid_forces_mae"]
+    assert rows[-1]["valid_energy_per_atom_mae"] < 0.3  # eV/atom; E0s + shift put it within reach
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert len((run / "metrics.csv").read_text().splitlines()) == 6
-    # E0s came from the isolated atoms in the file; the exported model reproduces them exactly
+    # E0s came from the isolated atoms in the file; shift is the mean per-atom energy left over
     model = load_model(path)
-    iso = [a for a in toy_models.write_emt_data(tmp_path / "again.xyz", n=0) if len(a) == 1]
-    for atoms in iso:
-        e = model(collate([toy_models.graph_from_atoms(atoms, 3.0)]).to(dtype=torch.float64),
-                  torch.zeros(0, 3, dtype=torch.float64))["energy"]
-        assert e.item() == pytest.approx(atoms.info["energy"], abs=1e-9)
+    iso = {int(a.numbers[0]): a.info["energy"] for a in toy_models.write_emt_data(tmp_path / "i.xyz", n=0)}
+    assert {int(z): v for z, v in model.config.e0s.items()} == pytest.approx(iso, abs=1e-12)
+    assert -5.0 < model.config.shift < -1.0  # EMT crystals lie ~3 eV/atom below the isolated atoms
     # model.pt holds the EMA weights of best.pt
     best = load_checkpoint(run / "best.pt")
     for k, v in best["ema"]["shadow"].items():
@@ -146,12 +145,33 @@ def test_training_writes_outputs_and_learns(tmp_path, emt_file):
     assert json.loads((run / "test_metrics.json").read_text())["forces_mae"] > 0
 
 
-@pytest.mark.parametrize("interrupt", ["epoch", "mid_epoch"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, emt_file, interrupt):
-    ref_cfg = _cfg(tmp_path / "ref", emt_file, **{"train.checkpoint_every_steps": 2})
-    train(ref_cfg)
+RESUME = {"train.checkpoint_every_steps": 2, "train.epochs": 3}
 
-    cfg = _cfg(tmp_path / "cut", emt_file, **{"train.checkpoint_every_steps": 2})
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, emt_file):
+    """An uninterrupted run that the interrupted-and-resumed runs must reproduce."""
+    cfg = _cfg(tmp_path_factory.mktemp("ref"), emt_file, **RESUME)
+    train(cfg)
+    return Path(cfg.output_dir)
+
+
+def _assert_same_run(ref: Path, run: Path) -> None:
+    a, b = _params(ref / "last.pt"), _params(run / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ea, eb = load_checkpoint(ref / "last.pt")["ema"]["shadow"], load_checkpoint(run / "last.pt")["ema"]["shadow"]
+    for k in ea:
+        assert torch.equal(ea[k], eb[k]), k
+    assert [s["loss"] for s in _steps(ref)] == [s["loss"] for s in _steps(run)]
+    strip = lambda p: [{k: v for k, v in json.loads(r).items() if k != "time_s"}  # noqa: E731
+                       for r in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(ref) == strip(run)
+
+
+@pytest.mark.parametrize("interrupt", ["epoch", "mid_epoch"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, emt_file, reference_run, interrupt):
+    cfg = _cfg(tmp_path / "cut", emt_file, **RESUME)
 
     def stop_epoch(state):
         if state.epoch == 2:
@@ -165,49 +185,38 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, emt_file, in
     with pytest.raises(KeyboardInterrupt):
         train(cfg, hooks=hooks)
     saved = load_checkpoint(Path(cfg.output_dir) / "last.pt")
-    assert (saved["epoch"], saved["step"]) == ((2, saved["step"]) if interrupt == "epoch" else (saved["epoch"], 6))
+    if interrupt == "epoch":
+        assert saved["epoch"] == 2 and saved["step_in_epoch"] == 0
+    else:
+        assert saved["step"] == 6 and saved["step_in_epoch"] > 0  # inside an epoch
     train(cfg, resume=True)
-
-    a, b = _params(Path(ref_cfg.output_dir) / "last.pt"), _params(Path(cfg.output_dir) / "last.pt")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [s["loss"] for s in _steps(ref_cfg.output_dir)] == [s["loss"] for s in _steps(cfg.output_dir)]
-    ra = (Path(ref_cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
-    rb = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
-    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "time_s"} for r in rows]  # noqa: E731
-    assert strip(ra) == strip(rb)
+    _assert_same_run(reference_run, Path(cfg.output_dir))
 
 
-def test_run_killed_by_signal_resumes_to_the_same_result(tmp_path, emt_file):
+def test_run_killed_by_signal_resumes_to_the_same_result(tmp_path, emt_file, reference_run):
     """A separate process is SIGKILLed mid-training; resuming gives the uninterrupted result."""
-    over = {"train.checkpoint_every_steps": 1, "train.epochs": 3}
-    ref = _cfg(tmp_path / "ref", emt_file, **over)
-    train(ref)
-    cfg = _cfg(tmp_path / "cut", emt_file, **over)
+    cfg = _cfg(tmp_path / "cut", emt_file, **RESUME)
     cfg_path = tmp_path / "cut.yaml"
     from mlip.train.config import save_config
 
     save_config(cfg, cfg_path)
-    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # slow every step down so the kill lands mid-run, deterministically after a checkpoint
-    proc = subprocess.Popen([sys.executable, str(HERE / "toy_models.py"), "train", str(cfg_path),
-                             "--set", "train.epochs=3"], env={**env, "MLIP_TOY_STEP_SLEEP": "0.3"},
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MLIP_TOY_STEP_SLEEP": "0.2"}  # slow steps down so the kill lands mid-run
+    proc = subprocess.Popen([sys.executable, str(HERE / "toy_models.py"), "train", str(cfg_path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = Path(cfg.output_dir) / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if last.exists() and load_checkpoint(last)["step"] >= 3:
+        if last.exists() and load_checkpoint(last)["step"] >= 2:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(last)["step"]
-    assert 3 <= killed_at < load_checkpoint(Path(ref.output_dir) / "last.pt")["step"]  # killed mid-run
+    assert 2 <= killed_at < load_checkpoint(reference_run / "last.pt")["step"]  # killed mid-run
     train(cfg, resume=True)
-    a, b = _params(Path(ref.output_dir) / "last.pt"), _params(last)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _assert_same_run(reference_run, Path(cfg.output_dir))
 
 
 def test_nonfinite_step_is_skipped_and_logged(tmp_path, emt_file):

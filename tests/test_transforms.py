@@ -1,4 +1,5 @@
 """atoms_to_graph: labels carried through, Voigt stress, sanity errors naming the source."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,12 @@ def labelled_crystal() -> Atoms:
     atoms.rattle(0.05, seed=0)
     rng = np.random.default_rng(0)
     atoms.info.update(
-        energy=-13.5, charge=1.0, spin=2.0, weight=0.25, head="pbe", source="train.xyz frame 7",
+        energy=-13.5,
+        charge=1.0,
+        spin=2.0,
+        weight=0.25,
+        head="pbe",
+        source="train.xyz frame 7",
         stress=rng.normal(size=(3, 3)),
     )
     atoms.arrays["forces"] = rng.normal(size=(len(atoms), 3))
@@ -35,7 +41,9 @@ def test_labels_and_structure_carried_through():
     assert torch.equal(g.forces, torch.tensor(atoms.arrays["forces"]))
     assert torch.equal(g.stress, torch.tensor(atoms.info["stress"]))
     assert (float(g.charge), float(g.spin), float(g.weight), g.head) == (1.0, 2.0, 0.25, "pbe")
-    ei, sh = neighbor_list(torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), torch.tensor(atoms.pbc), 4.0)
+    ei, sh = neighbor_list(
+        torch.tensor(atoms.positions), torch.tensor(atoms.cell.array), torch.tensor(atoms.pbc), 4.0
+    )
     assert torch.equal(g.edge_index, ei) and torch.equal(g.unit_shifts, sh)
     # the ASE backend builds the identical graph
     g_ase = atoms_to_graph(atoms, r_max=4.0, backend="ase")
@@ -49,7 +57,12 @@ def test_labels_and_structure_carried_through():
 def test_missing_labels_are_nan_with_defaults():
     atoms = molecule("CH4")
     g = atoms_to_graph(atoms, r_max=3.0)
-    assert torch.isnan(g.energy) and torch.isnan(g.stress).all() and torch.isnan(g.charge) and torch.isnan(g.spin)
+    assert (
+        torch.isnan(g.energy)
+        and torch.isnan(g.stress).all()
+        and torch.isnan(g.charge)
+        and torch.isnan(g.spin)
+    )
     assert g.forces.shape == (5, 3) and torch.isnan(g.forces).all()
     assert float(g.weight) == 1.0 and g.head == "default"
     assert g.cell.abs().sum() == 0 and g.pbc.tolist() == [False] * 3
@@ -105,13 +118,17 @@ def test_overlapping_atoms_raise_naming_atoms_and_distance():
 def test_overlap_with_own_periodic_image():
     atoms = Atoms("H", positions=[[0.0, 0.0, 0.0]], cell=np.diag([0.05, 4.0, 4.0]), pbc=True)
     atoms.info["source"] = "chain.xyz frame 0"
-    with pytest.raises(ValueError, match=r"chain\.xyz frame 0: atoms 0 and 0 \(periodic image.*0\.05 Å apart"):
+    with pytest.raises(
+        ValueError, match=r"chain\.xyz frame 0: atoms 0 and 0 \(periodic image.*0\.05 Å apart"
+    ):
         atoms_to_graph(atoms, r_max=3.0)
 
 
 def test_overlap_across_the_boundary():
     atoms = Atoms("H2", positions=[[0.02, 1.0, 1.0], [3.97, 1.0, 1.0]], cell=np.eye(3) * 4.0, pbc=True)
-    with pytest.raises(ValueError, match=r"structure: atoms (0 and 1|1 and 0) \(periodic image.*0\.05 Å apart"):
+    with pytest.raises(
+        ValueError, match=r"structure: atoms (0 and 1|1 and 0) \(periodic image.*0\.05 Å apart"
+    ):
         atoms_to_graph(atoms, r_max=3.0)
 
 
@@ -137,6 +154,10 @@ def test_slab_with_zero_vacuum_vector_is_fine():
     atoms.pbc = [True, True, False]
     g = atoms_to_graph(atoms, r_max=3.0)
     assert bool((g.unit_shifts[:, 2] == 0).all()) and g.n_edges > 0
+    # a NaN vacuum vector is replaced by zeros (never used, but must stay finite downstream)
+    atoms.cell[2] = np.nan
+    g_nan = atoms_to_graph(atoms, r_max=3.0)
+    assert torch.equal(g_nan.edge_index, g.edge_index) and bool(torch.isfinite(g_nan.cell).all())
 
 
 def test_nan_positions_raise_with_source():

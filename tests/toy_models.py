@@ -30,11 +30,13 @@ class ToyPairConfig:
     avg_num_neighbors: float | None = None
     num_basis: int = 4
     anisotropy: float = 0.0
+    shift: float = 0.0
+    scale: float = 1.0
     seed: int = 0
 
 
 class ToyPair(PotentialModel):
-    """``E = Σ_i E0[head, Z_i] + ½ Σ_edges Σ_k c_k(Z_s, Z_r) exp(-β_k r) f_cut(r)``.
+    """``E = Σ_i (E0[head, Z_i] + shift) + scale · ½ Σ_edges Σ_k c_k(Z_s, Z_r) exp(-β_k (r - r0)) f_cut(r)``.
 
     Shapes: edge_vec [n_edges, 3] Å -> node_energy [n_atoms], energy [n_graphs] eV.
     """
@@ -76,6 +78,7 @@ class ToyPair(PotentialModel):
         if self.config.anisotropy:
             pair = pair + (edge_vec @ self.direction.to(edge_vec.dtype)) ** 2 * fcut * 0.01
         node = torch.zeros_like(batch.positions[:, 0]).index_add(0, receiver, 0.5 * pair)
+        node = self.config.scale * node + self.config.shift
         heads = self.config.heads
         head_idx = torch.tensor([heads.index(h) if h in heads else 0 for h in batch.head], device=z.device)
         node = node + self.e0.to(node.dtype)[head_idx[batch.batch], z]

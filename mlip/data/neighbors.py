@@ -6,15 +6,17 @@ integer ``unit_shifts`` with ``edge_vec = pos[sender] - pos[receiver] + unit_shi
 ``i = receiver`` and ``j = sender``: an atom is never its own neighbour with a zero shift, but its
 periodic images are kept. Edges are sorted by receiver, then sender, then shift (lexicographic).
 """
+
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["BACKENDS", "available_backends", "neighbor_list", "batch_neighbor_list"]
+__all__ = ["BACKENDS", "available_backends", "batch_neighbor_list", "neighbor_list"]
 
 #: relative slack on the bin width, so that rounding in the wrapped fractional coordinates can
 #: never push a pair within ``r_max`` two bins apart (the exact distance test comes afterwards).
@@ -148,13 +150,16 @@ def _torch_neighbor_list(
     and ``m = ceil(r_max / height)`` images on each side. Candidate pairs are generated
     bin-against-neighbouring-bin in chunks of receivers (memory stays bounded), first screened on
     the wrapped positions, then kept if the exact distance, recomputed from the positions as
-    given, is below ``r_max``. Integer work only syncs with the device for chunk sizes.
+    given, is below ``r_max``. Host syncs are limited to a few scalars (bin counts, chunk sizes).
     """
     device = positions.device
     if max_pairs_per_chunk is None:  # ~100 bytes of temporaries per candidate pair
-        max_pairs_per_chunk = (1 << 24) if device.type == "cuda" else (1 << 22)
+        max_pairs_per_chunk = (1 << 24) if device.type == "cuda" else (1 << 21)
     n = int(positions.shape[0])
-    empty = (torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device))
+    empty = (
+        torch.zeros(2, 0, dtype=torch.long, device=device),
+        torch.zeros(0, 3, dtype=torch.long, device=device),
+    )
     if n == 0:
         return empty
     pos = positions.to(torch.float64)
@@ -167,7 +172,9 @@ def _torch_neighbor_list(
     h_list = heights.tolist()
     for k in range(3):
         if pbc_list[k] and not h_list[k] > _MIN_HEIGHT:
-            raise ValueError(f"cell is (nearly) singular: height {h_list[k]:.3g} Å along periodic direction {k}")
+            raise ValueError(
+                f"cell is (nearly) singular: height {h_list[k]:.3g} Å along periodic direction {k}"
+            )
     frac = torch.linalg.solve(w.T, pos.T).T  # [n, 3]; pos = frac @ w
     img_atom = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))  # [n, 3] image of each atom
     frac_w = frac - img_atom  # in [0, 1] along periodic directions
@@ -185,7 +192,7 @@ def _torch_neighbor_list(
             nb.append(nb_k)
             width.append(1.0 / nb_k)
             origin.append(0.0)
-            m.append(int(math.ceil(r_bin * nb_k / h_list[k])))
+            m.append(math.ceil(r_bin * nb_k / h_list[k]))
         else:
             span = (hi[k] - lo[k]) * h_list[k]  # Å
             nb.append(int(span * bins_per_cutoff / r_bin) + 1)
@@ -202,7 +209,7 @@ def _torch_neighbor_list(
             width[k] = 1.0 / nb[k]
         else:
             width[k] = max(width[k], (hi[k] - lo[k]) / nb[k] * (1.0 + _BIN_SLACK))
-        m[k] = int(math.ceil(r_bin / (width[k] * h_list[k])))
+        m[k] = math.ceil(r_bin / (width[k] * h_list[k]))
     n_offsets = (2 * m[0] + 1) * (2 * m[1] + 1) * (2 * m[2] + 1)
     if n_offsets > _MAX_OFFSETS:
         raise ValueError(
@@ -252,16 +259,19 @@ def _torch_neighbor_list(
         cuts = [0, r_end - r_start]
         if total > max_pairs_per_chunk:
             marks = torch.arange(max_pairs_per_chunk, total, max_pairs_per_chunk, device=device)
-            inner = sorted(set(int(x) + 1 for x in torch.searchsorted(cum, marks).tolist()))
+            inner = sorted({int(x) + 1 for x in torch.searchsorted(cum, marks).tolist()})
             cuts = [0] + [x for x in inner if x < r_end - r_start] + [r_end - r_start]
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in itertools.pairwise(cuts):
             g_cnt = cnt[a:b].reshape(-1)  # [groups]
             n_pairs = int(g_cnt.sum()) if b > a else 0
             if n_pairs == 0:
                 continue
-            group = torch.repeat_interleave(torch.arange(g_cnt.numel(), device=device), g_cnt, output_size=n_pairs)
-            g_first = torch.cumsum(g_cnt, 0) - g_cnt  # [groups] first pair of each group
-            slot = first_slot[a:b].reshape(-1)[group] + torch.arange(n_pairs, device=device) - g_first[group]
+            group = torch.repeat_interleave(
+                torch.arange(g_cnt.numel(), device=device), g_cnt, output_size=n_pairs
+            )
+            # slot in `order` of each candidate: its bin's first slot + its rank inside the group
+            slot_base = first_slot[a:b].reshape(-1) - (torch.cumsum(g_cnt, 0) - g_cnt)  # [groups]
+            slot = slot_base[group] + torch.arange(n_pairs, device=device)
             vec = pos_w_sorted[slot] + base[a:b].reshape(-1, 3)[group]  # [pairs, 3] approximate edge
             near = (vec * vec).sum(dim=1) < r_coarse2
             group, slot = group[near], slot[near]
@@ -284,7 +294,9 @@ def _torch_neighbor_list(
 # --------------------------------------------------------------------------------------------
 # external backends
 # --------------------------------------------------------------------------------------------
-def _to_numpy(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _to_numpy(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (
         positions.detach().to("cpu", torch.float64).numpy(),
         cell.detach().to("cpu", torch.float64).numpy(),
@@ -292,7 +304,9 @@ def _to_numpy(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) ->
     )
 
 
-def _boxed(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, r_max: float) -> tuple[np.ndarray, np.ndarray]:
+def _boxed(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, r_max: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions and a cell that external codes accept for any pbc: non-periodic rows of ``cell``
     are replaced by orthogonal vectors spanning the atoms (plus a margin) and atoms are translated
     into that box. The edge set ``(i, j, S)`` is invariant under both changes (no shifts are ever
@@ -325,7 +339,9 @@ def _vesin_neighbor_list(positions, cell, pbc, r_max):
     try:
         import vesin
     except ImportError as err:
-        raise ImportError("neighbor_list(backend='vesin') needs the optional package vesin: pip install vesin") from err
+        raise ImportError(
+            "neighbor_list(backend='vesin') needs the optional package vesin: pip install vesin"
+        ) from err
     pos, box = _boxed(positions, cell, pbc, r_max)
     pb = pbc.detach().cpu().numpy().astype(bool)
     nl = vesin.NeighborList(cutoff=float(r_max), full_list=True)
@@ -334,7 +350,13 @@ def _vesin_neighbor_list(positions, cell, pbc, r_max):
     # vesin uses cutoff <= r_max; keep the strict ASE convention
     d = pos[j] - pos[i] + S @ box
     keep = torch.from_numpy(np.sqrt((d * d).sum(1)) < r_max)
-    return _finish(t(i.astype(np.int64))[keep], t(j.astype(np.int64))[keep], t(S.astype(np.int64))[keep], len(pos), positions.device)
+    return _finish(
+        t(i.astype(np.int64))[keep],
+        t(j.astype(np.int64))[keep],
+        t(S.astype(np.int64))[keep],
+        len(pos),
+        positions.device,
+    )
 
 
 def _matscipy_neighbor_list(positions, cell, pbc, r_max):
@@ -350,7 +372,13 @@ def _matscipy_neighbor_list(positions, cell, pbc, r_max):
     t = torch.from_numpy
     d = pos[j] - pos[i] + S @ box
     keep = torch.from_numpy(np.sqrt((d * d).sum(1)) < r_max)
-    return _finish(t(i.astype(np.int64))[keep], t(j.astype(np.int64))[keep], t(S.astype(np.int64))[keep], len(pos), positions.device)
+    return _finish(
+        t(i.astype(np.int64))[keep],
+        t(j.astype(np.int64))[keep],
+        t(S.astype(np.int64))[keep],
+        len(pos),
+        positions.device,
+    )
 
 
 #: backend name -> implementation ``(positions, cell, pbc, r_max) -> (edge_index, unit_shifts)``
@@ -479,5 +507,7 @@ def batch_neighbor_list(
         edges.append(idx[ei])
         shifts.append(sh)
     if not edges:
-        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(
+            0, 3, dtype=torch.long, device=device
+        )
     return torch.cat(edges, dim=1), torch.cat(shifts)

@@ -5,6 +5,7 @@ Labels are read from the canonical names of :mod:`mlip.keys` (``atoms.info["ener
 ``head``); a missing label becomes NaN. Attached calculators are not consulted: readers in
 :mod:`mlip.data.formats` put labels under these names.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,7 +107,8 @@ def _check_cell(atoms: Atoms, cell: np.ndarray, pbc: np.ndarray) -> None:
     if not height > _MIN_CELL_HEIGHT:
         raise ValueError(
             f"{src}: zero or near-zero cell {what} along periodic directions {per.tolist()} "
-            f"({what} {measure:.3g}, smallest height {height:.3g} Å); cell = {cell.tolist()}, pbc = {pbc.tolist()}"
+            f"({what} {measure:.3g}, smallest height {height:.3g} Å); "
+            f"cell = {cell.tolist()}, pbc = {pbc.tolist()}"
         )
 
 
@@ -152,8 +154,11 @@ def atoms_to_graph(
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     pbc = np.asarray(atoms.pbc, dtype=bool)
     _check_cell(atoms, cell, pbc)
-    if not pbc.any() and not np.isfinite(cell).all():
-        cell = np.zeros((3, 3))  # a molecule's cell is never used; keep it finite
+    # rows along non-periodic directions are never used; keep them finite so that
+    # unit_shifts @ cell (0 * inf = NaN) stays finite downstream
+    bad_rows = ~pbc & ~np.isfinite(cell).all(axis=1)
+    if bad_rows.any():
+        cell = np.where(bad_rows[:, None], 0.0, cell)
 
     pos_t = torch.tensor(positions, dtype=torch.float64)
     cell_t = torch.tensor(cell, dtype=torch.float64)

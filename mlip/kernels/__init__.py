@@ -43,3 +43,42 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ModuleType:
 
         return reference
     return importlib.import_module("mlip.kernels.triton.ops")
+
+
+#: dtypes and largest degree the Triton kernels are generated and tested for
+TRITON_DTYPES = (torch.float32, torch.float64)
+TRITON_MAX_LMAX = 3
+
+
+def validate_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    lmax: int | None = None,
+) -> str:
+    """Resolve ``name`` for ``device`` and raise if that backend cannot run ``dtype``/``lmax`` there.
+
+    ``auto`` falls back to ``torch`` for what Triton does not support (a CPU device, another
+    dtype, ``lmax > 3``); an explicit ``triton`` raises instead of silently falling back.
+
+    Returns:
+        The concrete backend name, ``"torch"`` or ``"triton"``.
+    """
+    import os
+
+    device = torch.device(device)
+    resolved = resolve_backend(name, device)
+    if resolved != "triton":
+        return resolved
+    problems = []
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        problems.append(f"device {device} is not CUDA (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for tests)")
+    if dtype not in TRITON_DTYPES:
+        problems.append(f"dtype {dtype} is not one of {TRITON_DTYPES}")
+    if lmax is not None and not 0 <= int(lmax) <= TRITON_MAX_LMAX:
+        problems.append(f"lmax {lmax} is outside 0..{TRITON_MAX_LMAX}")
+    if not problems:
+        return "triton"
+    if name == "auto":
+        return "torch"
+    raise ValueError("kernel 'triton' cannot run here: " + "; ".join(problems) + ". Use kernel='torch' or 'auto'.")

@@ -82,6 +82,60 @@ def conv_tp(
     paths = tp_paths(lmax_in, lmax_sh, lmax_out)
     if edge_weights.shape[1] != len(paths):
         raise ValueError(f"edge_weights has {edge_weights.shape[1]} paths, expected {len(paths)}")
+    # All paths at once: fold the harmonics into one per-edge coupling matrix
+    # M_e[i, k] = sum_j Y[e, j] U[j, i, k] (U: every path's CG block), then one batched matmul
+    # with the gathered sender features. No per-path slicing, so the backward is one bmm too.
+    u, path_of = _dense_coupling(lmax_in, lmax_sh, lmax_out, node_feats.dtype, node_feats.device)
+    d_in = (lmax_in + 1) ** 2
+    n_edges, k_out = edge_attrs.shape[0], path_of.shape[0]
+    coupling = (edge_attrs @ u).view(n_edges, d_in, k_out)  # [n_edges, (lmax_in+1)^2, D_out]
+    x = node_feats.index_select(0, sender)  # [n_edges, C, (lmax_in+1)^2]
+    msg = torch.bmm(x, coupling)  # [n_edges, C, D_out]
+    msg = msg * edge_weights.index_select(1, path_of).transpose(1, 2)  # radial weight of each path
+    out = torch.zeros((n_nodes,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
+    return out.index_add_(0, receiver, msg)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_coupling_cpu(lmax_in: int, lmax_sh: int, lmax_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U [(lmax_sh+1)^2, (lmax_in+1)^2 * D_out]`` (float64) and the path of each output column."""
+    paths = tp_paths(lmax_in, lmax_sh, lmax_out)
+    d_in, d_sh, k_out = (lmax_in + 1) ** 2, (lmax_sh + 1) ** 2, tp_out_dim(lmax_in, lmax_sh, lmax_out)
+    u = torch.zeros(d_sh, d_in, k_out, dtype=torch.float64)
+    path_of = torch.zeros(k_out, dtype=torch.long)
+    k = 0
+    for p, (l1, l2, l3) in enumerate(paths):
+        cg = _cg_cpu(l1, l2, l3)  # [2l1+1, 2l2+1, 2l3+1]
+        u[l2 * l2 : (l2 + 1) ** 2, l1 * l1 : (l1 + 1) ** 2, k : k + 2 * l3 + 1] = cg.permute(1, 0, 2)
+        path_of[k : k + 2 * l3 + 1] = p
+        k += 2 * l3 + 1
+    return u.reshape(d_sh, d_in * k_out), path_of
+
+
+_COUPLING_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dense_coupling(lmax_in: int, lmax_sh: int, lmax_out: int, dtype: torch.dtype, device: torch.device):
+    key = (lmax_in, lmax_sh, lmax_out, dtype, str(device))
+    if key not in _COUPLING_CACHE:
+        u, path_of = _dense_coupling_cpu(lmax_in, lmax_sh, lmax_out)
+        _COUPLING_CACHE[key] = (u.to(dtype=dtype, device=device), path_of.to(device=device))
+    return _COUPLING_CACHE[key]
+
+
+def conv_tp_per_path(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    edge_weights: torch.Tensor,
+    sender: torch.Tensor,
+    receiver: torch.Tensor,
+    n_nodes: int,
+    lmax_in: int,
+    lmax_sh: int,
+    lmax_out: int,
+) -> torch.Tensor:
+    """:func:`conv_tp` written path by path, literally as its formula (a readable oracle for tests)."""
+    paths = tp_paths(lmax_in, lmax_sh, lmax_out)
     x = node_feats.index_select(0, sender)  # [n_edges, C, (lmax_in+1)^2]
     msgs = []
     for p, (l1, l2, l3) in enumerate(paths):

@@ -79,7 +79,7 @@ def gaunt_grid(lmax_in: int, lmax_out: int, dtype: torch.dtype = torch.float64,
 
     >>> to_grid, from_grid = gaunt_grid(1, 1)
     >>> tuple(to_grid.shape), tuple(from_grid.shape)
-    ((12, 4), (4, 12))
+    ((8, 4), (4, 8))
     """
     to_grid, from_grid = _gaunt_grid64(lmax_in, lmax_out)
     return to_grid.to(dtype=dtype, device=device), from_grid.to(dtype=dtype, device=device)

@@ -42,6 +42,7 @@ error on methane and a cubic crystal is in ``docs/frame_averaged.md``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -131,8 +132,11 @@ def sign_matrices(dtype: torch.dtype = torch.float64, device: torch.device | str
     return torch.tensor(list(itertools.product([1.0, -1.0], repeat=3)), dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=None)
 def cubic_group(proper_only: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The 48 signed permutation matrices (``O_h``), or its 24 rotations, ``[48 or 24, 3, 3]``.
+
+    Cached: treat the result as read-only.
 
     >>> cubic_group().shape[0], cubic_group(proper_only=True).shape[0]
     (48, 24)
@@ -148,11 +152,12 @@ def cubic_group(proper_only: bool = False, dtype: torch.dtype = torch.float64) -
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def inplane_frames(n_inplane: int, proper_only: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``Rz(2πk/n) diag(1, σ, τ)`` for ``k < n``, ``σ, τ = ±1`` (``4n`` matrices; ``2n`` proper).
 
     Right-multiplied onto a basis ``[p1, p2, u]`` whose third column is the unique axis, they
-    rotate the degenerate plane and flip the axes' signs.
+    rotate the degenerate plane and flip the axes' signs. Cached: treat the result as read-only.
 
     >>> inplane_frames(6, False).shape[0], inplane_frames(6, True).shape[0]
     (24, 12)

@@ -284,7 +284,20 @@ def _cache_dir() -> Path:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton's CPU interpreter is on; raise if it was switched on too late to work."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    # triton.language's own helpers (tl.sum, ...) are jitted at import: they only run in the
+    # interpreter if TRITON_INTERPRET was already set when triton was first imported
+    if isinstance(tl.standard.sum, JITFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported; set it before the first `import triton` "
+            "(e.g. at the top of the test module or in the environment)"
+        )
+    return True
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,11 +16,12 @@ so the backward (and every higher derivative) runs on the same kernel. Gradients
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 import triton.language as tl
+
+from mlip.kernels.triton.conv import _interpreting
 
 
 def _trip_kernel(u_ptr, v_ptr, a_ptr, b_ptr, m_ptr, out_ptr, R, G,
@@ -52,8 +53,6 @@ def _trip_kernel(u_ptr, v_ptr, a_ptr, b_ptr, m_ptr, out_ptr, R, G,
     tl.store(out_ptr + rows[:, None] * DO + cols[None, :], acc, mask=mask_r[:, None] & (cols[None, :] < DO))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,15 +11,13 @@ import os
 
 import torch
 
+from mlip.kernels import TRITON_DTYPES as DTYPES
+from mlip.kernels import TRITON_MAX_LMAX as MAX_LMAX
 from mlip.kernels.reference import clebsch_gordan, tp_out_dim, tp_paths  # noqa: F401 - same names as reference
 from mlip.kernels.reference_grid import _check_shapes, gaunt_grid  # noqa: F401
 from mlip.kernels.triton.autograd import conv_tp_autograd
 from mlip.kernels.triton.conv import csr_graph
 from mlip.kernels.triton.grid import grid_product_autograd
-
-#: largest degree the generated kernels are validated for (code size grows as lmax^5)
-MAX_LMAX = 3
-DTYPES = (torch.float32, torch.float64)
 
 
 def check_inputs(dtype: torch.dtype, device: torch.device, lmaxes: tuple[int, ...] = ()) -> None:

@@ -1,0 +1,316 @@
+"""``mlip data``: inspect, convert and split data files (any format mlip reads)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Callable, Iterable
+
+import click
+import numpy as np
+
+#: info keys recomputed on reading, never written back
+_DERIVED_INFO = ("source", "original_source", "isolated_atom", "energy", "stress")
+#: (option, LabelKeys field) of the label-key options shared by the commands
+_KEY_OPTIONS = (
+    ("--energy-key", "energy"), ("--forces-key", "forces"), ("--stress-key", "stress"),
+    ("--charge-key", "charge"), ("--spin-key", "spin"), ("--weight-key", "weight"), ("--head-key", "head"),
+)
+
+
+def _key_options(fn: Callable) -> Callable:
+    """Add ``--energy-key`` ... ``--head-key``: where each label sits in the input file."""
+    for option, label in reversed(_KEY_OPTIONS):
+        fn = click.option(option, f"{label}_key", default=None, metavar="NAME",
+                          help=f"Name of the {label} label in the input (default: {label}).")(fn)
+    return fn
+
+
+def _label_keys(options: dict[str, Any]) -> Any:
+    from mlip.data.formats import LabelKeys
+
+    given = {label: options[f"{label}_key"] for _, label in _KEY_OPTIONS if options.get(f"{label}_key")}
+    return LabelKeys(**given)
+
+
+def _required(value: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in value.split(",") if s.strip()) if value else ()
+
+
+_REQUIRE_OPTION = click.option(
+    "--require", "require", default=None, metavar="LABELS",
+    help="Comma-separated labels every structure must carry, e.g. energy,forces.")
+
+
+class _DataErrors:
+    """Turn bad-input errors into a one-line ``Error: ...`` (click.ClickException), no traceback."""
+
+    def __enter__(self) -> "_DataErrors":
+        return self
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if err is not None and isinstance(err, (ValueError, KeyError, OSError)):
+            message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
+            raise click.ClickException(" ".join(message.split())) from err
+        return False
+
+
+@click.group("data")
+def data() -> None:
+    """Inspect, convert and split data files.
+
+    Formats (by extension): extended XYZ (.xyz, .extxyz), ASE database (.db, .aselmdb),
+    MPTrj JSON (.json, .json.gz) and mlip HDF5 (.h5, .hdf5). Units: eV, Å, eV/Å, eV/Å³.
+    """
+
+
+# ----------------------------------------------------------------------------- inspect
+@data.command("inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_key_options
+@click.option("--e0s", "show_e0s", is_flag=True,
+              help="Also print per-element E0s: from isolated atoms and from a least-squares fit "
+                   "(holds the compositions of all structures in memory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
+def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> None:
+    """Summarize FILE: sizes, elements, label coverage, energy/force/stress ranges.
+
+    Streams through the file once, checking every structure (a bad frame stops with an
+    error naming the file, the frame and the key).
+
+    Example:
+
+    \b
+        mlip data inspect data/emt_crystals.xyz
+        mlip data inspect train.xyz --energy-key REF_energy --forces-key REF_forces --e0s
+    """
+    from mlip.data.formats import iter_read
+    from mlip.data.stats import format_summary, summarize
+
+    with _DataErrors():
+        keys = _label_keys(key_options)
+        frames: Iterable = iter_read(file, keys=keys)
+        kept: list = []
+        if show_e0s:
+            frames = _keep_light(frames, kept)
+        summary = summarize(frames)
+        e0s = _e0_tables(kept) if show_e0s else {}
+    if as_json:
+        out = dict(summary, file=file)
+        out["charges"] = {f"{k:g}": v for k, v in summary["charges"].items()}
+        out["spins"] = {f"{k:g}": v for k, v in summary["spins"].items()}
+        out.update({f"e0s_{k}": v for k, v in e0s.items()})
+        click.echo(json.dumps(out, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+        return
+    click.echo(format_summary(summary, title=file))
+    for how, table in e0s.items():
+        click.echo(f"  E0s from {how.replace('_', ' ')} [eV]:")
+        if isinstance(table, str):
+            click.echo(f"    {table}")
+            continue
+        from ase.data import chemical_symbols
+
+        for z, value in table.items():
+            click.echo(f"    {chemical_symbols[int(z)]:<4s} {value:16.8f}")
+
+
+def _keep_light(frames: Iterable, kept: list) -> Iterable:
+    """Pass frames through, keeping only what the E0 estimates need (numbers, energy, flags)."""
+    from ase import Atoms
+
+    for atoms in frames:
+        light = Atoms(numbers=atoms.numbers, pbc=atoms.pbc)
+        light.info = {k: atoms.info[k] for k in ("energy", "isolated_atom", "config_type", "source") if k in atoms.info}
+        kept.append(light)
+        yield atoms
+
+
+def _e0_tables(frames: list) -> dict[str, Any]:
+    """E0s from isolated atoms and from a fit; a string explains why one is not available."""
+    import warnings
+
+    from mlip.data.stats import e0s_from_isolated_atoms, fit_e0s
+
+    out: dict[str, Any] = {}
+    try:
+        out["isolated_atoms"] = e0s_from_isolated_atoms(frames)
+    except ValueError as err:
+        out["isolated_atoms"] = f"not available: {err}"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["least_squares_fit"] = fit_e0s(frames)
+        for w in caught:
+            click.echo(f"Warning: {w.message}", err=True)
+    except ValueError as err:
+        out["least_squares_fit"] = f"not available: {err}"
+    return out
+
+
+# ----------------------------------------------------------------------------- convert
+@data.command("convert")
+@click.argument("input_file", metavar="IN", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output_file", metavar="OUT.h5", type=click.Path(dir_okay=False))
+@_key_options
+@_REQUIRE_OPTION
+@click.option("--chunk-size", type=int, default=1024, show_default=True, help="Structures per HDF5 write.")
+def convert(input_file: str, output_file: str, require: str | None, chunk_size: int, **key_options: Any) -> None:
+    """Convert IN (any format) to mlip's HDF5 (OUT.h5), streaming.
+
+    At most --chunk-size structures are held in memory, so files larger than memory convert.
+    Labels are stored under mlip's canonical names; every structure is checked on the way.
+    OUT.h5 is written to a temporary file and renamed at the end (never half-written).
+
+    Example:
+
+    \b
+        mlip data convert data/emt_crystals.xyz emt.h5
+        mlip data convert mace_train.xyz train.h5 --energy-key REF_energy --forces-key REF_forces
+    """
+    from tqdm import tqdm
+
+    from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
+
+    with _DataErrors():
+        if detect_format(output_file) != "hdf5":
+            raise click.ClickException(f"{output_file}: the output must be an HDF5 file (.h5 or .hdf5)")
+        if os.path.abspath(input_file) == os.path.abspath(output_file):
+            raise click.ClickException(f"{output_file}: input and output are the same file")
+        total = None
+        if detect_format(input_file) == "hdf5":
+            reader = HDF5Reader(input_file)
+            total = len(reader)
+            reader.close()
+        frames = iter_read(input_file, keys=_label_keys(key_options), required=_required(require))
+        with tqdm(frames, total=total, unit=" structures", desc="convert", disable=None) as bar:
+            n = write_hdf5(bar, output_file, chunk_size=chunk_size)
+    click.echo(f"wrote {n} structures to {output_file}")
+
+
+# ----------------------------------------------------------------------------- split
+@data.command("split")
+@click.argument("input_file", metavar="IN", type=click.Path(exists=True, dir_okay=False))
+@click.option("--fractions", default="0.8,0.1,0.1", show_default=True,
+              help="Comma-separated train,valid[,test] fractions summing to 1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random assignment.")
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True, help="Folder for the split files.")
+@click.option("--format", "out_format", type=click.Choice(["auto", "extxyz", "hdf5"]), default="auto",
+              show_default=True,
+              help="Output format; auto = extxyz for .xyz/.extxyz input, HDF5 for .h5 (and other formats).")
+@_key_options
+@_REQUIRE_OPTION
+def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: str,
+          require: str | None, **key_options: Any) -> None:
+    """Split IN randomly into train/valid/test files, reproducibly for a given --seed.
+
+    Structures are assigned by a random permutation drawn from --seed; each part keeps the
+    input order. Part sizes are the fractions of the total, rounded so they add up exactly.
+    Outputs carry mlip's canonical label names (energy, forces, stress, charge, spin, ...).
+
+    Example:
+
+    \b
+        mlip data split data/emt_crystals.xyz --fractions 0.8,0.1,0.1 --seed 0 --out-dir splits
+        # -> splits/train.xyz, splits/valid.xyz, splits/test.xyz
+    """
+    from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
+
+    with _DataErrors():
+        fracs = _parse_fractions(fractions)
+        names = ("train", "valid", "test")[: len(fracs)]
+        in_format = detect_format(input_file)
+        fmt = out_format if out_format != "auto" else ("extxyz" if in_format == "extxyz" else "hdf5")
+        ext = ".xyz" if fmt == "extxyz" else ".h5"
+        keys, required = _label_keys(key_options), _required(require)
+
+        if in_format == "hdf5":
+            reader = HDF5Reader(input_file)
+            n = len(reader)
+        else:
+            reader = None
+            n = sum(1 for _ in iter_read(input_file, keys=keys, required=required))
+        parts = split_indices(n, fracs, seed)
+        os.makedirs(out_dir, exist_ok=True)
+        for name, idx in zip(names, parts):
+            path = os.path.join(out_dir, name + ext)
+            if len(idx) == 0:
+                click.echo(f"{name}: 0 structures, {path} not written")
+                continue
+            chosen = set(idx.tolist())
+            if reader is not None:
+                frames: Iterable = (reader[int(i)] for i in idx)
+            else:
+                frames = (a for i, a in enumerate(iter_read(input_file, keys=keys, required=required)) if i in chosen)
+            count = write_hdf5(frames, path) if fmt == "hdf5" else write_extxyz(frames, path)
+            click.echo(f"{name}: {count} structures -> {path}")
+
+
+def _parse_fractions(text: str) -> list[float]:
+    try:
+        fracs = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--fractions")
+    if not 2 <= len(fracs) <= 3:
+        raise click.BadParameter(f"give 2 or 3 fractions (train,valid[,test]), got {len(fracs)}", param_hint="--fractions")
+    if any(not math.isfinite(f) or f < 0 for f in fracs) or abs(sum(fracs) - 1.0) > 1e-6:
+        raise click.BadParameter(f"fractions must be >= 0 and sum to 1, got {text!r} (sum {sum(fracs):g})",
+                                 param_hint="--fractions")
+    return fracs
+
+
+def split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Disjoint, complete, sorted index sets of sizes ``fractions * n`` (largest remainders).
+
+    >>> [p.tolist() for p in split_indices(5, [0.6, 0.4], seed=0)]
+    [[0, 2, 3], [1, 4]]
+    """
+    exact = np.asarray(fractions, dtype=np.float64) * n
+    sizes = np.floor(exact).astype(np.int64)
+    # hand the structures lost to rounding to the largest remainders (ties: earlier part first)
+    for k in np.argsort(-(exact - sizes), kind="stable")[: n - int(sizes.sum())]:
+        sizes[k] += 1
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
+
+
+def write_extxyz(frames: Iterable, path: str) -> int:
+    """Write canonical ``ase.Atoms`` to extended XYZ under mlip's canonical names; returns the count.
+
+    ``energy``/``forces``/``stress`` (3x3, eV/Å³, ASE sign) go through a ``SinglePointCalculator``
+    so that ASE and mlip read them back; ``charge``, ``spin``, ``weight``, ``head``,
+    ``config_type`` and other scalar info stay in the comment line. Written to a temporary file
+    and renamed at the end.
+    """
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    n = 0
+    try:
+        with os.fdopen(fd, "w") as handle:
+            for atoms in frames:
+                out = atoms.copy()
+                out.calc = None
+                results = {}
+                if "energy" in atoms.info:
+                    results["energy"] = float(atoms.info["energy"])
+                if "forces" in atoms.arrays:
+                    results["forces"] = np.asarray(atoms.arrays["forces"], dtype=np.float64)
+                    del out.arrays["forces"]
+                if "stress" in atoms.info:
+                    results["stress"] = np.asarray(atoms.info["stress"], dtype=np.float64)
+                out.info = {k: v for k, v in atoms.info.items()
+                            if k not in _DERIVED_INFO and isinstance(v, (str, bool, int, float, np.number))}
+                if results:
+                    out.calc = SinglePointCalculator(out, **results)
+                write(handle, out, format="extxyz")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n

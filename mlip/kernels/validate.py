@@ -1,0 +1,144 @@
+"""Load-time check of an accelerated kernel backend against the pure-PyTorch reference.
+
+Accelerated tensor-product paths in other libraries have shipped silently different energies.
+:func:`check_backend` evaluates energy and forces of a small built-in periodic structure twice,
+once with the model's backend and once with ``kernel="torch"`` (same weights), and raises
+:class:`BackendMismatchError` beyond the dtype's tolerance.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: (energy rtol, energy atol per atom eV, forces rtol, forces atol eV/Å) per dtype. float32: a few
+#: hundred ulps of sums over ~20 neighbours and several layers; float64: well above round-off.
+TOLERANCES: dict[torch.dtype, tuple[float, float, float, float]] = {
+    torch.float64: (1e-10, 1e-9, 1e-8, 1e-8),
+    torch.float32: (1e-5, 1e-4, 1e-4, 1e-4),
+}
+
+
+class BackendMismatchError(RuntimeError):
+    """An accelerated backend disagrees with the torch reference beyond the dtype's tolerance."""
+
+
+@dataclass
+class BackendCheck:
+    """Outcome of :func:`check_backend` (errors are absolute: eV and eV/Å)."""
+
+    backend: str
+    dtype: torch.dtype
+    device: str
+    n_atoms: int
+    n_edges: int
+    energy_error: float
+    energy_tolerance: float
+    forces_error: float
+    forces_tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.energy_error <= self.energy_tolerance and self.forces_error <= self.forces_tolerance
+
+
+def builtin_structure(elements: list[int], r_max: float, seed: int = 0):
+    """A small rattled periodic structure using up to four of ``elements``, ~20 neighbours per atom.
+
+    Four atoms on an fcc basis in a cube of side ``0.9 r_max``, rattled by 5% of the side.
+
+    Returns:
+        ``ase.Atoms`` (periodic, with charge 0 and spin multiplicity 1 in ``info``).
+    """
+    from ase import Atoms
+
+    if not elements:
+        raise ValueError("check_backend: the model lists no elements")
+    a = 0.9 * float(r_max)
+    basis = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.5]]) * a
+    rng = np.random.default_rng(seed)
+    pos = basis + rng.uniform(-0.05, 0.05, size=basis.shape) * a
+    numbers = [int(elements[i % len(elements)]) for i in range(4)]
+    atoms = Atoms(numbers=numbers, positions=pos, cell=np.eye(3) * a, pbc=True)
+    atoms.info["charge"] = 0.0
+    atoms.info["spin"] = 1.0
+    atoms.info["source"] = "mlip.kernels.validate built-in structure"
+    return atoms
+
+
+def _rebuild(model: torch.nn.Module, kernel: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The same model (weights, train/eval mode) rebuilt with ``kernel`` on ``device`` in ``dtype``."""
+    from mlip.models.base import build_model
+
+    twin = build_model(model.family, dataclasses.replace(model.config, kernel=kernel))
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin.to(device=device, dtype=dtype).train(model.training)
+
+
+def check_backend(
+    model: torch.nn.Module,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    raise_on_mismatch: bool = True,
+) -> BackendCheck | None:
+    """Compare energy and forces of ``model``'s kernel backend with the torch reference.
+
+    Args:
+        model: a :class:`~mlip.models.base.PotentialModel` whose config has a ``kernel`` field.
+        dtype: floating dtype of the comparison (default: the model's parameter dtype).
+        device: where to run (default: the model's parameter device).
+        raise_on_mismatch: raise :class:`BackendMismatchError` instead of returning a failed check.
+
+    Returns:
+        ``None`` when the model has no ``kernel`` field or its backend resolves to ``torch``
+        (nothing to check); else a :class:`BackendCheck`.
+
+    Raises:
+        BackendMismatchError: energy or forces differ beyond :data:`TOLERANCES` of ``dtype``.
+        TypeError: ``dtype`` has no tolerance (the Triton kernels support float32 and float64).
+    """
+    from mlip.data.graph import collate
+    from mlip.data.transforms import atoms_to_graph
+    from mlip.kernels import resolve_backend
+    from mlip.models.outputs import predict
+
+    kernel = getattr(getattr(model, "config", None), "kernel", None)
+    p = next(iter(model.parameters()), None)
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
+    if kernel is None:
+        return None
+    resolved = resolve_backend(kernel, device)
+    if resolved == "torch":
+        return None
+    if dtype not in TOLERANCES:
+        raise TypeError(f"check_backend: no tolerance for {dtype}; kernels support {sorted(map(str, TOLERANCES))}")
+    heads = getattr(model.config, "heads", None)
+    atoms = builtin_structure(list(model.elements), model.r_max)
+    if heads:
+        atoms.info["head"] = heads[0]
+    batch = collate([atoms_to_graph(atoms, model.r_max)]).to(device=device, dtype=dtype)
+
+    same = p is None or (p.device == device and p.dtype == dtype)
+    model_dev = model if same else _rebuild(model, kernel, device, dtype)  # never cast the caller's model
+    twin = _rebuild(model, "torch", device, dtype)
+    fast = predict(model_dev, batch, forces=True)
+    ref = predict(twin, batch, forces=True)
+    e_rtol, e_atol, f_rtol, f_atol = TOLERANCES[dtype]
+    e_ref = ref["energy"].detach()
+    f_ref = ref["forces"].detach()
+    e_err = float((fast["energy"].detach() - e_ref).abs().max())
+    f_err = float((fast["forces"].detach() - f_ref).abs().max())
+    e_tol = e_rtol * float(e_ref.abs().max()) + e_atol * batch.n_atoms
+    f_tol = f_rtol * float(f_ref.abs().max()) + f_atol
+    check = BackendCheck(resolved, dtype, str(device), batch.n_atoms, batch.n_edges, e_err, e_tol, f_err, f_tol)
+    if not check.ok and raise_on_mismatch:
+        raise BackendMismatchError(
+            f"kernel backend {resolved!r} ({dtype}, {device}) disagrees with the torch reference on the built-in "
+            f"{batch.n_atoms}-atom structure: |dE| = {e_err:.3e} eV (tolerance {e_tol:.1e}), "
+            f"max |dF| = {f_err:.3e} eV/Å (tolerance {f_tol:.1e}). Refusing to run; use kernel='torch' "
+            "and report this (GPU, driver, triton version)."
+        )
+    return check

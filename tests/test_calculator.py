@@ -1,0 +1,354 @@
+"""MLIPCalculator: forces and stress against finite differences, skin reuse against rebuilds,
+resets on changed atoms/cell/pbc/charge, unknown elements, out-of-memory, TorchSim interface.
+
+Also defines ``test-morse``, a smooth Morse pair potential used by the MD and relaxation tests
+(any smooth conservative model is valid for those physics checks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces
+from ase.md.verlet import VelocityVerlet
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase import units
+
+from mlip.calculator import MLIPCalculator, NeighborCache
+from mlip.data.graph import GraphBatch
+from mlip.data.neighbors import neighbor_list
+from mlip.models.base import MODELS, PotentialModel, register, save_model
+
+
+# --------------------------------------------------------------------------------------------
+# test model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MorseConfig:
+    r_max: float = 4.0
+    elements: list = field(default_factory=lambda: [29])
+    depth: float = 0.34  # eV (Girifalco-Weizer copper)
+    alpha: float = 1.36  # 1/Å
+    r0: float = 2.87  # Å
+    use_charge_spin: bool = False
+    heads: list = field(default_factory=lambda: ["default"])
+
+
+class MorsePair(PotentialModel):
+    """``E = Σ_i E0(Z_i) + ½ Σ_edges D_ij [(1 - e^{-α_ij (r - r0_ij)})² - 1] (1 - (r/r_max)²)³``.
+
+    The cutoff factor has zero value, slope and curvature at ``r_max``: a smooth, conservative
+    potential. With ``use_charge_spin`` the energy gains ``0.3 Q² + 0.1 (S - 1)`` per structure.
+    Shapes: edge_vec [n_edges, 3] Å -> node_energy [n_atoms], energy [n_graphs] eV.
+    """
+
+    Config = MorseConfig
+
+    def __init__(self, config: MorseConfig) -> None:
+        super().__init__(config)
+        n = len(config.elements)
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(config.elements)] = torch.arange(n)
+        self.register_buffer("z_index", table)
+        self.log_depth = torch.nn.Parameter(torch.full((n, n), math.log(config.depth), dtype=torch.float64))
+        self.log_alpha = torch.nn.Parameter(torch.full((n, n), math.log(config.alpha), dtype=torch.float64))
+        self.r0 = torch.nn.Parameter(torch.full((n, n), config.r0, dtype=torch.float64))
+        self.e0 = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
+
+    def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        sender, receiver = batch.edge_index
+        r = edge_vec.norm(dim=-1)  # [n_edges]
+        x = (r / self.r_max).clamp(max=1.0)
+        fcut = (1.0 - x * x) ** 3
+        z = self.z_index[batch.numbers]
+        zs, zr = z[sender], z[receiver]
+        sym = lambda p: 0.5 * (p + p.T)  # noqa: E731
+        depth, alpha, r0 = sym(self.log_depth).exp(), sym(self.log_alpha).exp(), sym(self.r0)
+        morse = depth[zs, zr] * ((1.0 - torch.exp(-alpha[zs, zr] * (r - r0[zs, zr]))) ** 2 - 1.0)
+        pair = morse * fcut  # [n_edges]
+        node = torch.zeros_like(batch.positions[:, 0]).index_add(0, receiver, 0.5 * pair) + self.e0[z]
+        energy = torch.zeros(batch.n_graphs, dtype=node.dtype, device=node.device).index_add(0, batch.batch, node)
+        if self.config.use_charge_spin:
+            if not bool(torch.isfinite(batch.charge).all() & torch.isfinite(batch.spin).all()):
+                raise ValueError("test-morse with use_charge_spin needs charge and spin")
+            energy = energy + 0.3 * batch.charge**2 + 0.1 * (batch.spin - 1.0)
+        return {"node_energy": node, "energy": energy}
+
+
+if "test-morse" not in MODELS:
+    MorsePair = register("test-morse")(MorsePair)
+else:  # re-imported under another module name: use the registered class
+    MorsePair = MODELS["test-morse"]
+
+
+def morse_model(**kw) -> PotentialModel:
+    return MorsePair(MorseConfig(**kw))
+
+
+def rattled_cu(repeat=(2, 2, 2), a=3.61, rattle=0.05, seed=0, triclinic=False) -> Atoms:
+    atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat(repeat)
+    if triclinic:
+        cell = np.asarray(atoms.cell) @ np.array([[1.0, 0.05, 0.02], [0.0, 0.97, -0.04], [0.03, 0.0, 1.02]])
+        atoms.set_cell(cell, scale_atoms=True)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+def calc64(model=None, **kw) -> MLIPCalculator:
+    return MLIPCalculator(model if model is not None else morse_model(), device="cpu", dtype="float64", **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# forces, stress, energies
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("triclinic", [False, True])
+def test_forces_equal_finite_differences_periodic(triclinic):
+    atoms = rattled_cu(triclinic=triclinic, rattle=0.1)
+    atoms.calc = calc64()
+    f = atoms.get_forces()
+    some = [0, 7, 13, 30]
+    f_num = calculate_numerical_forces(atoms, eps=1e-4, iatoms=some)
+    assert np.abs(f).max() > 0.05  # a rattled crystal feels real forces
+    np.testing.assert_allclose(f[some], f_num, atol=2e-7)
+
+
+def test_forces_equal_finite_differences_molecule():
+    atoms = molecule("CH4")
+    atoms.positions *= 1.5  # Morse-sized bonds
+    atoms.rattle(0.05, seed=3)
+    atoms.calc = calc64(morse_model(elements=[1, 6], r0=1.6))
+    assert not atoms.pbc.any()
+    np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, eps=1e-4), atol=2e-7)
+    with pytest.raises(PropertyNotImplementedError, match="periodic in all three"):
+        atoms.get_stress()
+    # molecule in a box far larger than r_max, non-periodic: same energy as without a cell
+    boxed = atoms.copy()
+    boxed.cell = [30.0, 30.0, 30.0]
+    boxed.calc = calc64(morse_model(elements=[1, 6], r0=1.6))
+    assert boxed.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
+
+
+@pytest.mark.parametrize("triclinic", [False, True])
+def test_stress_equals_finite_difference_strain_derivative(triclinic):
+    """stress_ij = (1/V) dE/dε_ij with positions and cell strained together (ASE sign)."""
+    atoms = rattled_cu(triclinic=triclinic, rattle=0.1, a=3.5)
+    atoms.calc = calc64()
+    stress = atoms.get_stress(voigt=False)
+    cell0, vol = np.asarray(atoms.cell).copy(), atoms.get_volume()
+    h = 1e-5
+    fd = np.zeros((3, 3))
+    for i in range(3):
+        for j in range(3):
+            e = np.zeros((3, 3))
+            e[i, j] += 0.5 * h
+            e[j, i] += 0.5 * h
+            energies = []
+            for sign in (1.0, -1.0):
+                strained = atoms.copy()
+                strained.calc = atoms.calc
+                strained.set_cell(cell0 @ (np.eye(3) + sign * e), scale_atoms=True)
+                energies.append(strained.get_potential_energy())
+            fd[i, j] = (energies[0] - energies[1]) / (2 * h) / vol
+    assert np.abs(stress).max() > 1e-3  # compressed: a clearly nonzero stress
+    np.testing.assert_allclose(stress, fd, atol=1e-8)
+    voigt = atoms.get_stress()  # xx yy zz yz xz xy
+    np.testing.assert_allclose(voigt, [stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])
+
+
+def test_energies_free_energy_and_dtype():
+    atoms = rattled_cu()
+    model = morse_model()
+    atoms.calc = calc64(model)
+    e = atoms.get_potential_energy()
+    assert atoms.get_potential_energies().sum() == pytest.approx(e, abs=1e-10)
+    assert atoms.calc.get_property("free_energy", atoms) == e
+    assert atoms.get_potential_energy(force_consistent=True) == e
+    # float32 agrees with float64 to float32 precision; the caller's model is not converted
+    a32 = atoms.copy()
+    a32.calc = MLIPCalculator(model, device="cpu", dtype="float32")
+    assert a32.calc.model.log_depth.dtype == torch.float32
+    assert model.log_depth.dtype == torch.float64
+    assert a32.get_potential_energy() == pytest.approx(e, rel=1e-5)
+    np.testing.assert_allclose(a32.get_forces(), atoms.get_forces(), atol=1e-4)
+
+
+def test_loads_model_from_path(tmp_path):
+    model = morse_model(depth=0.4)
+    path = tmp_path / "morse.pt"
+    save_model(model, path)
+    atoms = rattled_cu()
+    atoms.calc = MLIPCalculator(str(path), device="cpu", dtype="float64")
+    ref = rattled_cu()
+    ref.calc = calc64(model)
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# neighbour list reuse
+# --------------------------------------------------------------------------------------------
+def test_skin_reuse_equals_full_rebuild_during_md():
+    atoms = rattled_cu(repeat=(2, 2, 2))
+    MaxwellBoltzmannDistribution(atoms, temperature_K=2000, rng=np.random.default_rng(1))
+    skin_calc = calc64(skin=0.6)
+    fresh_calc = calc64(skin=0.0)
+    atoms.calc = skin_calc
+    dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+    max_diff = 0.0
+    for _ in range(40):
+        dyn.run(1)
+        probe = atoms.copy()
+        probe.calc = fresh_calc
+        max_diff = max(max_diff, np.abs(atoms.get_forces() - probe.get_forces()).max())
+        assert atoms.get_potential_energy() == pytest.approx(probe.get_potential_energy(), abs=1e-10)
+    assert max_diff < 1e-12
+    nb = skin_calc.neighbors
+    assert 1 < nb.n_builds < nb.n_calls  # the list was reused and also rebuilt when needed
+    assert fresh_calc.neighbors.n_builds == fresh_calc.neighbors.n_calls
+
+
+def test_neighbor_cache_edges_equal_rebuild_under_cell_change():
+    """Same edges, same order as neighbor_list(), also while the cell deforms (NPT, cell relaxation)."""
+    atoms = rattled_cu(triclinic=True)
+    cache = NeighborCache(r_max=4.0, skin=1.0)
+    rng = np.random.default_rng(0)
+    pos0 = torch.tensor(atoms.positions)
+    cell0 = torch.tensor(np.asarray(atoms.cell))
+    pbc = torch.tensor([True, True, True])
+    numbers = torch.tensor(atoms.numbers)
+    for k in range(30):
+        strain = torch.tensor(np.eye(3) + 0.004 * k * rng.normal(size=(3, 3)))
+        pos = pos0 @ strain + 0.02 * k * torch.tensor(rng.normal(size=pos0.shape))
+        cell = cell0 @ strain
+        ei, sh = cache(pos, cell, pbc, numbers)
+        ei_ref, sh_ref = neighbor_list(pos, cell, pbc, 4.0)
+        assert torch.equal(ei, ei_ref) and torch.equal(sh, sh_ref)
+    assert 1 < cache.n_builds < cache.n_calls
+
+
+# --------------------------------------------------------------------------------------------
+# resets and errors
+# --------------------------------------------------------------------------------------------
+def _fresh_results(atoms: Atoms, model) -> tuple[float, np.ndarray]:
+    probe = atoms.copy()
+    probe.calc = calc64(model)
+    return probe.get_potential_energy(), probe.get_forces()
+
+
+def test_calculator_resets_when_atoms_cell_pbc_or_numbers_change():
+    model = morse_model(elements=[28, 29])
+    calc = calc64(model, skin=1.0)
+    atoms = rattled_cu()
+    atoms.calc = calc
+    variants = []
+    a = atoms.copy(); a.positions[0] += [0.05, 0.0, 0.0]; variants.append(("positions", a))  # noqa: E702
+    a = atoms.copy(); a.set_cell(np.asarray(atoms.cell) * 1.01, scale_atoms=False); variants.append(("cell", a))  # noqa: E702
+    a = atoms.copy(); a.pbc = [True, True, False]; variants.append(("pbc", a))  # noqa: E702
+    a = atoms.copy(); a.numbers[3] = 28; variants.append(("numbers", a))  # noqa: E702
+    a = rattled_cu(repeat=(3, 2, 2), seed=5); variants.append(("n_atoms", a))  # noqa: E702
+    variants.append(("back to the start", atoms.copy()))
+    e_prev = atoms.get_potential_energy()
+    for what, new in variants:
+        new.calc = calc  # one calculator, shared: it must notice every change
+        e, f = new.get_potential_energy(), new.get_forces()
+        e_ref, f_ref = _fresh_results(new, model)
+        assert e == pytest.approx(e_ref, abs=1e-10), what
+        np.testing.assert_allclose(f, f_ref, atol=1e-10, err_msg=what)
+        assert e != pytest.approx(e_prev, abs=1e-9) or what == "back to the start", what
+        e_prev = e
+
+
+def test_charge_and_spin_from_atoms_info():
+    model = morse_model(use_charge_spin=True)
+    atoms = rattled_cu()
+    atoms.calc = calc64(model)
+    with pytest.raises(ValueError, match=r"atoms.info\['charge'\]"):
+        atoms.get_potential_energy()
+    atoms.info.update(charge=0, spin=1)
+    e_neutral = atoms.get_potential_energy()
+    atoms.info["charge"] = 1  # only info changes: the calculator must recompute
+    assert atoms.get_potential_energy() == pytest.approx(e_neutral + 0.3, abs=1e-10)
+    atoms.info["spin"] = 3
+    assert atoms.get_potential_energy() == pytest.approx(e_neutral + 0.3 + 0.2, abs=1e-10)
+    # defaults given to the calculator are used when info lacks them
+    plain = rattled_cu()
+    plain.calc = calc64(model, charge=0, spin=1)
+    assert plain.get_potential_energy() == pytest.approx(e_neutral, abs=1e-10)
+
+
+def test_unknown_element_error_names_it():
+    atoms = rattled_cu()
+    atoms.numbers[0] = 79  # Au
+    atoms.numbers[1] = 47  # Ag
+    atoms.calc = calc64()
+    with pytest.raises(ValueError, match=r"\['Ag', 'Au'\]"):
+        atoms.get_forces()
+
+
+def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch):
+    import mlip.calculator.ase as calc_module
+
+    atoms = rattled_cu()
+    calc = calc64()
+    atoms.calc = calc
+    f_old = atoms.get_forces().copy()
+    real_predict = calc_module.predict
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    def failing_predict(*args, **kwargs):
+        raise oom("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(calc_module, "predict", failing_predict)
+    atoms.positions[0] += [0.1, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="out of memory on cpu evaluating 32 atoms"):
+        atoms.get_forces()
+    with pytest.raises(RuntimeError, match="out of memory"):  # asked again: still no stale result
+        atoms.get_forces()
+    monkeypatch.setattr(calc_module, "predict", real_predict)
+    f_new = atoms.get_forces()
+    _, f_ref = _fresh_results(atoms, calc.model)
+    np.testing.assert_allclose(f_new, f_ref, atol=1e-12)
+    assert np.abs(f_new - f_old).max() > 1e-3
+
+
+def test_frechet_cell_filter_relaxation_reaches_zero_stress():
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+
+    atoms = rattled_cu(repeat=(1, 1, 1), a=3.5, rattle=0.02)
+    atoms.calc = calc64()
+    opt = FIRE(FrechetCellFilter(atoms), logfile=None)
+    assert opt.run(fmax=1e-3, steps=500)
+    assert np.abs(atoms.get_forces()).max() < 1e-3
+    assert np.abs(atoms.get_stress()).max() * atoms.get_volume() < 1e-3 * len(atoms)
+
+
+# --------------------------------------------------------------------------------------------
+# TorchSim (optional package)
+# --------------------------------------------------------------------------------------------
+def test_torchsim_model_interface():
+    ts = pytest.importorskip("torch_sim")
+    from torch_sim.models.interface import validate_model_outputs
+
+    from mlip.calculator import MLIPTorchSimModel
+
+    model = morse_model(elements=[14, 26], r0=2.4)
+    ts_model = MLIPTorchSimModel(model, device="cpu", dtype=torch.float64)
+    validate_model_outputs(ts_model, torch.device("cpu"), torch.float64)
+    # same numbers as the ASE calculator, for a batch of two different structures
+    structures = [rattled_cu(repeat=(1, 1, 2)), bulk("Si", "diamond", a=5.43, cubic=True)]
+    structures[0].numbers[:] = 26
+    state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float64)
+    out = ts_model(state)
+    start = 0
+    for k, at in enumerate(structures):
+        at.calc = calc64(model)
+        assert float(out["energy"][k]) == pytest.approx(at.get_potential_energy(), abs=1e-10)
+        np.testing.assert_allclose(out["forces"][start:start + len(at)].numpy(), at.get_forces(), atol=1e-10)
+        np.testing.assert_allclose(out["stress"][k].numpy(), at.get_stress(voigt=False), atol=1e-10)
+        start += len(at)
