@@ -27,7 +27,7 @@ import numpy as np
 ELEMENTS = [1, 6, 8, 14]
 
 
-def structures(sizes: list[int]):
+def structures(sizes: list[int], molecule: bool = True):
     """``(name, ase.Atoms)`` pairs: the 27-atom molecule and Si supercells of the given atom counts."""
     import ase
     import ase.build
@@ -41,7 +41,8 @@ def structures(sizes: list[int]):
         p = rng.uniform(-4.5, 4.5, size=3)
         if np.linalg.norm(p) < 4.5 and all(np.linalg.norm(p - q) > 1.1 for q in pos):
             pos.append(p)
-    out.append(("molecule-27", ase.Atoms(symbols, positions=np.array(pos))))
+    if molecule:
+        out.append(("molecule-27", ase.Atoms(symbols, positions=np.array(pos))))
     for n in sizes:
         rep = round((n / 8) ** (1 / 3))
         if 8 * rep**3 != n:
@@ -84,10 +85,10 @@ def run_mlip(args) -> dict:
                hidden_lmax=args.hidden_lmax, num_layers=args.layers, correlation=args.correlation,
                mixing=args.mixing, radial=args.radial, avg_num_neighbors=30.0, kernel="torch")
     model = build_model("equivariant", cfg).to(dtype).eval()
+    results = {"params": num_parameters(model), "rows": []}
     for p in model.parameters():
         p.requires_grad_(False)
-    results = {"params": num_parameters(model), "rows": []}
-    for name, atoms in structures(args.sizes):
+    for name, atoms in structures(args.sizes, args.molecule):
         i, j, S = neighbors(atoms, args.r_max)
         graph = AtomGraph(
             positions=torch.tensor(atoms.positions), numbers=torch.tensor(atoms.numbers),
@@ -126,7 +127,7 @@ def run_mace(args) -> dict:
         p.requires_grad_(False)
     results = {"params": sum(p.numel() for p in model.parameters()), "rows": []}
     index = {z: k for k, z in enumerate(ELEMENTS)}
-    for name, atoms in structures(args.sizes):
+    for name, atoms in structures(args.sizes, args.molecule):
         i, j, S = neighbors(atoms, args.r_max)
         cell = torch.tensor(atoms.cell.array, dtype=dtype)
         one_hot = torch.zeros(len(atoms), len(ELEMENTS), dtype=dtype)
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-stress", action="store_true", help="forces only, also for crystals")
     ap.add_argument("--worker", choices=["mlip", "mace"], help=argparse.SUPPRESS)
+    ap.add_argument("--molecule", dest="molecule", action="store_true", default=True, help=argparse.SUPPRESS)
+    ap.add_argument("--no-molecule", dest="molecule", action="store_false", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.worker == "mace":
@@ -180,23 +183,30 @@ def main() -> None:
         print(json.dumps(run_mlip(args)))
         return
 
-    ours = run_mlip(args)
-    argv = [a for a in sys.argv[1:]]
-    proc = subprocess.run([args.mace_python, os.path.abspath(__file__), *argv, "--worker", "mace"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"MACE worker failed ({args.mace_python}):\n{proc.stderr[-4000:]}")
-    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
 
-    print(f"# {args.dtype}, {args.threads} CPU threads, torch {torch.__version__}; channels={args.channels} "
-          f"lmax={args.lmax} hidden_lmax={args.hidden_lmax} layers={args.layers} correlation={args.correlation} "
-          f"r_max={args.r_max} mixing={args.mixing} radial={args.radial}")
-    print(f"# parameters: mlip {ours['params']:,}  MACE {theirs['params']:,}")
-    print(f"{'structure':<12} {'atoms':>6} {'edges':>8} {'stress':>6} {'mlip ms':>10} {'MACE ms':>10} {'mlip/MACE':>10}")
-    for a, b in zip(ours["rows"], theirs["rows"]):
-        assert a["n_edges"] == b["n_edges"], (a, b)
-        print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {str(a['stress']):>6} {a['ms']:>10.1f} {b['ms']:>10.1f} {a['ms'] / b['ms']:>10.2f}")
+    print(f"# {args.dtype}, {args.threads} CPU threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} layers={args.layers} "
+          f"correlation={args.correlation} r_max={args.r_max} mixing={args.mixing} radial={args.radial}", flush=True)
+    print(f"{'structure':<12} {'atoms':>6} {'edges':>8} {'stress':>6} {'mlip ms':>10} {'MACE ms':>10} {'mlip/MACE':>10}", flush=True)
+    # one structure at a time, alternating the two codes, so a change in machine load hits both alike
+    base = [a for a in sys.argv[1:] if not a.startswith("--sizes")]
+    base = [a for k, a in enumerate(base) if not (k > 0 and base[k - 1] == "--sizes")]
+    for k, n in enumerate([0] + args.sizes):
+        sizes = [] if n == 0 else [n]
+        argv = [*base, "--sizes", ",".join(str(s) for s in sizes), "--molecule" if n == 0 else "--no-molecule"]
+        rows = {}
+        for worker, python in (("mlip", sys.executable), ("mace", args.mace_python)):
+            proc = subprocess.run([python, os.path.abspath(__file__), *argv, "--worker", worker], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{worker} worker failed ({python}):\n{proc.stderr[-4000:]}")
+            rows[worker] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if k == 0:
+            print(f"# parameters: mlip {rows['mlip']['params']:,}  MACE {rows['mace']['params']:,}", flush=True)
+        for a, b in zip(rows["mlip"]["rows"], rows["mace"]["rows"]):
+            assert a["n_edges"] == b["n_edges"], (a, b)
+            print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {str(a['stress']):>6} {a['ms']:>10.1f} "
+                  f"{b['ms']:>10.1f} {a['ms'] / b['ms']:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

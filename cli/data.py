@@ -1,11 +1,13 @@
 """``mlip data``: inspect, convert and split data files (any format mlip reads)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import click
 import numpy as np
@@ -43,17 +45,14 @@ _REQUIRE_OPTION = click.option(
     help="Comma-separated labels every structure must carry, e.g. energy,forces.")
 
 
-class _DataErrors:
+@contextlib.contextmanager
+def _data_errors() -> Iterator[None]:
     """Turn bad-input errors into a one-line ``Error: ...`` (click.ClickException), no traceback."""
-
-    def __enter__(self) -> "_DataErrors":
-        return self
-
-    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
-        if err is not None and isinstance(err, (ValueError, KeyError, OSError)):
-            message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
-            raise click.ClickException(" ".join(message.split())) from err
-        return False
+    try:
+        yield
+    except (ValueError, KeyError, OSError) as err:
+        message = str(err) if not isinstance(err, KeyError) else f"missing key {err}"
+        raise click.ClickException(" ".join(message.split())) from err
 
 
 @click.group("data")
@@ -62,6 +61,13 @@ def data() -> None:
 
     Formats (by extension): extended XYZ (.xyz, .extxyz), ASE database (.db, .aselmdb),
     MPTrj JSON (.json, .json.gz) and mlip HDF5 (.h5, .hdf5). Units: eV, Å, eV/Å, eV/Å³.
+
+    Example:
+
+    \b
+        mlip data inspect data/emt_crystals.xyz
+        mlip data convert data/emt_crystals.xyz emt.h5
+        mlip data split emt.h5 --fractions 0.8,0.1,0.1 --seed 0 --out-dir splits
     """
 
 
@@ -88,7 +94,7 @@ def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> Non
     from mlip.data.formats import iter_read
     from mlip.data.stats import format_summary, summarize
 
-    with _DataErrors():
+    with _data_errors():
         keys = _label_keys(key_options)
         frames: Iterable = iter_read(file, keys=keys)
         kept: list = []
@@ -172,7 +178,7 @@ def convert(input_file: str, output_file: str, require: str | None, chunk_size: 
 
     from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
 
-    with _DataErrors():
+    with _data_errors():
         if detect_format(output_file) != "hdf5":
             raise click.ClickException(f"{output_file}: the output must be an HDF5 file (.h5 or .hdf5)")
         if os.path.abspath(input_file) == os.path.abspath(output_file):
@@ -216,7 +222,7 @@ def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: 
     """
     from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
 
-    with _DataErrors():
+    with _data_errors():
         fracs = _parse_fractions(fractions)
         names = ("train", "valid", "test")[: len(fracs)]
         in_format = detect_format(input_file)
@@ -263,7 +269,7 @@ def split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]
     """Disjoint, complete, sorted index sets of sizes ``fractions * n`` (largest remainders).
 
     >>> [p.tolist() for p in split_indices(5, [0.6, 0.4], seed=0)]
-    [[0, 2, 3], [1, 4]]
+    [[2, 3, 4], [0, 1]]
     """
     exact = np.asarray(fractions, dtype=np.float64) * n
     sizes = np.floor(exact).astype(np.int64)

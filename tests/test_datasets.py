@@ -17,6 +17,15 @@ from mlip.data.transforms import atoms_to_graph
 R_MAX = 3.2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Graph building is many tiny torch ops: one intra-op thread is faster, on a busy CI box by far."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_frames(n: int = 12, seed: int = 0) -> list[Atoms]:
     """Labelled canonical frames of varied size: EMT crystals (stress) and molecules (charge/spin)."""
     rng = np.random.default_rng(seed)
@@ -80,8 +89,8 @@ def dataset15() -> tuple[GraphDataset, list[AtomGraph]]:
     return ds, [atoms_to_graph(a, R_MAX) for a in frames]
 
 
-@pytest.mark.parametrize("bounds", [dict(max_atoms=10), dict(max_edges=150), dict(max_graphs=3),
-                                    dict(max_atoms=9, max_edges=120, max_graphs=2)])
+@pytest.mark.parametrize("bounds", [{"max_atoms": 10}, {"max_edges": 150}, {"max_graphs": 3},
+                                    {"max_atoms": 9, "max_edges": 120, "max_graphs": 2}])
 def test_loader_respects_bounds_and_covers_every_index_once(bounds, dataset15):
     ds, graphs = dataset15
     np.testing.assert_array_equal(ds.n_edges, [g.n_edges for g in graphs])

@@ -2,21 +2,38 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from mlip.data.datasets import GraphDataset
 from mlip.data.formats import read
-from mlip.data.stats import average_num_neighbors, e0s_from_isolated_atoms, fit_e0s, summarize
+from mlip.data.stats import (
+    average_num_neighbors,
+    e0s_from_isolated_atoms,
+    fit_e0s,
+    fit_e0s_compositions,
+    summarize,
+)
 from mlip.data.transforms import atoms_to_graph
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "emt_crystals.xyz"
 E0 = {1: -13.587, 6: -1029.41, 8: -2041.7, 29: -1.3e4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Graph building is many tiny torch ops: one intra-op thread is faster, on a busy CI box by far."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def random_structures(n: int, seed: int = 0) -> list[Atoms]:
@@ -41,8 +58,10 @@ def test_fit_e0s_recovers_known_energies():
     assert list(got) == sorted(E0)
     for z, value in E0.items():
         assert got[z] == pytest.approx(value, rel=1e-12, abs=1e-9)
-    # an explicit element list gives the same numbers
+    # an explicit element list gives the same numbers, and so do bare compositions
     assert fit_e0s(frames, elements=[29, 8, 6, 1]) == pytest.approx(got, rel=1e-12)
+    comps = [(dict(Counter(a.numbers.tolist())), a.info["energy"]) for a in frames] + [({29: 2}, float("nan"))]
+    assert fit_e0s_compositions(comps, sorted(E0)) == pytest.approx(got, rel=1e-12)
 
 
 def test_fit_e0s_rank_deficient_warns_and_still_fits():

@@ -64,9 +64,25 @@ def prepare_model(
         return load_model(model, map_location=dev).to(device=dev, dtype=dt).eval()
     params = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
     same = all(p.device == dev and p.dtype == dt for p in params)
-    if not same or model.training:
-        model = copy.deepcopy(model).to(device=dev, dtype=dt)
-    return model.eval()
+    if same and not model.training:
+        return model
+    return _copy_model(model).to(device=dev, dtype=dt).eval()
+
+
+def _copy_model(model: PotentialModel) -> PotentialModel:
+    """An independent copy: rebuilt from its family and config with the same weights (models may
+    hold unpicklable references, e.g. a kernel backend module, so ``deepcopy`` is not enough)."""
+    from mlip.models.base import MODELS, build_model, config_to_dict
+
+    if getattr(model, "family", "") in MODELS:
+        try:
+            clone = build_model(model.family, config_to_dict(model.config))
+        except Exception:  # noqa: BLE001 - e.g. a config that is not a dataclass: fall back to deepcopy
+            clone = None
+        if clone is not None:
+            clone.load_state_dict(model.state_dict(), strict=True)  # copies (and casts) every tensor
+            return clone
+    return copy.deepcopy(model)
 
 
 class NeighborCache:

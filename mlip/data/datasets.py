@@ -8,7 +8,8 @@ neighbour graph is built on the fly, so a file larger than memory can be trained
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from ase import Atoms
 from mlip.data.graph import AtomGraph, BoundedBatchSampler, collate
 from mlip.data.transforms import atoms_to_graph
 
-__all__ = ["GraphDataset", "ConcatSource", "make_loader", "open_dataset"]
+__all__ = ["ConcatSource", "GraphDataset", "make_loader", "open_dataset"]
 
 
 class ConcatSource:

@@ -231,6 +231,7 @@ def _torch_neighbor_list(
     img_atom_l = img_atom.long()
     pos_w = pos - img_atom @ w  # [n, 3] wrapped positions (Å)
     pos_w_sorted = pos_w[order]  # [n, 3] in bin order: candidate gathers stay local
+    pos_w_t = pos_w_sorted.T.contiguous()  # [3, n]
     bin3_sorted = bin3[order]
     grids = [torch.arange(-m[k], m[k] + 1, device=device) for k in range(3)]
     offsets = torch.cartesian_prod(*grids).reshape(-1, 3)  # [n_offsets, 3] bin offsets
@@ -271,21 +272,31 @@ def _torch_neighbor_list(
             )
             # slot in `order` of each candidate: its bin's first slot + its rank inside the group
             slot_base = first_slot[a:b].reshape(-1) - (torch.cumsum(g_cnt, 0) - g_cnt)  # [groups]
-            slot = slot_base[group] + torch.arange(n_pairs, device=device)
-            vec = pos_w_sorted[slot] + base[a:b].reshape(-1, 3)[group]  # [pairs, 3] approximate edge
-            near = (vec * vec).sum(dim=1) < r_coarse2
-            group, slot = group[near], slot[near]
+            slot = slot_base.index_select(0, group) + torch.arange(n_pairs, device=device)
+            # coarse test on wrapped positions; [3, pairs] layout and index_select are much
+            # faster on CPU than row gathers of [pairs, 3] and boolean-mask indexing
+            base_t = base[a:b].reshape(-1, 3).T.contiguous()  # [3, groups]
+            vec_t = pos_w_t.index_select(1, slot) + base_t.index_select(1, group)  # [3, pairs]
+            near = torch.nonzero((vec_t * vec_t).sum(dim=0) < r_coarse2).squeeze(1)
+            group, slot = group.index_select(0, near), slot.index_select(0, near)
             # exact test, from the positions as given, exactly as ASE computes it
-            receiver = order[r_start + a + torch.div(group, n_offsets, rounding_mode="floor")]
-            sender = order[slot]
-            shift = img[a:b].reshape(-1, 3)[group] - img_atom_l[sender] + img_atom_l[receiver]  # [pairs, 3]
-            vec = pos[sender] - pos[receiver] + shift.to(torch.float64) @ cell64
-            dist = torch.sqrt((vec * vec).sum(dim=1))
+            receiver = order.index_select(0, r_start + a + torch.div(group, n_offsets, rounding_mode="floor"))
+            sender = order.index_select(0, slot)
+            shift = (
+                img[a:b].reshape(-1, 3).index_select(0, group)
+                - img_atom_l.index_select(0, sender)
+                + img_atom_l.index_select(0, receiver)
+            )  # [pairs, 3]
+            vec = (
+                pos.index_select(0, sender) - pos.index_select(0, receiver) + shift.to(torch.float64) @ cell64
+            )
+            dist = torch.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1] + vec[:, 2] * vec[:, 2])
             # strict cutoff after the sqrt like ASE; drop each atom's zero-shift self pair
             keep = (dist < r_max) & ~((sender == receiver) & (shift == 0).all(dim=1))
-            out_r.append(receiver[keep])
-            out_s.append(sender[keep])
-            out_S.append(shift[keep])
+            keep = torch.nonzero(keep).squeeze(1)
+            out_r.append(receiver.index_select(0, keep))
+            out_s.append(sender.index_select(0, keep))
+            out_S.append(shift.index_select(0, keep))
     if not out_r:
         return empty
     return _finish(torch.cat(out_r), torch.cat(out_s), torch.cat(out_S), n, device)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -19,8 +20,13 @@ from ase.data import chemical_symbols
 from mlip import keys as K
 
 __all__ = [
-    "e0s_from_isolated_atoms", "fit_e0s", "average_num_neighbors", "summarize", "format_summary",
+    "average_num_neighbors",
+    "e0s_from_isolated_atoms",
+    "fit_e0s",
+    "fit_e0s_compositions",
+    "format_summary",
     "is_isolated",
+    "summarize",
 ]
 
 #: two isolated-atom energies of one element farther apart than this (eV) are a conflict
@@ -127,39 +133,67 @@ def fit_e0s(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) 
     >>> {z: round(e, 9) for z, e in fit_e0s(frames).items()}
     {1: -1.0, 8: -4.0}
     """
-    counts: list[Counter] = []
+    wanted = None if elements is None else {int(z) for z in elements}
+
+    def compositions() -> Iterable[tuple[dict[int, int], float]]:
+        for i, atoms in enumerate(atoms_list):
+            energy = _energy(atoms)
+            if not math.isfinite(energy):
+                continue
+            c = Counter(int(z) for z in atoms.numbers)
+            if wanted is not None and set(c) - wanted:
+                extra = [chemical_symbols[z] for z in sorted(set(c) - wanted)]
+                raise ValueError(f"{_where(atoms, i)}: contains {extra}, not among the elements to fit "
+                                 f"{[chemical_symbols[z] for z in sorted(wanted)]}")
+            yield dict(c), energy
+
+    return fit_e0s_compositions(compositions(), elements)
+
+
+def fit_e0s_compositions(compositions: Iterable[tuple[dict[int, int], float]],
+                         elements: Sequence[int] | None = None) -> dict[int, float]:
+    """:func:`fit_e0s` on ``({Z: count}, energy in eV)`` pairs, for callers that keep only compositions.
+
+    Pairs with a non-finite energy are skipped; see :func:`fit_e0s` for the method and the
+    rank-deficient case.
+
+    >>> e0s = fit_e0s_compositions([({1: 2}, -2.0), ({1: 1, 8: 1}, -5.0)], [1, 8])
+    >>> {z: round(e, 9) for z, e in e0s.items()}
+    {1: -1.0, 8: -4.0}
+    """
+    counts: list[dict[int, int]] = []
     energies: list[float] = []
     seen: set[int] = set()
-    for i, atoms in enumerate(atoms_list):
-        energy = _energy(atoms)
+    wanted = None if elements is None else {int(z) for z in elements}
+    for k, (comp, energy) in enumerate(compositions):
+        energy = float(energy)
         if not math.isfinite(energy):
             continue
-        c = Counter(int(z) for z in atoms.numbers)
-        if elements is not None:
-            extra = sorted(set(c) - {int(z) for z in elements})
-            if extra:
-                raise ValueError(f"{_where(atoms, i)}: contains {[chemical_symbols[z] for z in extra]}, "
-                                 f"not among the elements to fit {[chemical_symbols[int(z)] for z in elements]}")
-        seen.update(c)
-        counts.append(c)
+        comp = {int(z): int(n) for z, n in comp.items() if n}
+        if wanted is not None and set(comp) - wanted:
+            extra = [chemical_symbols[z] for z in sorted(set(comp) - wanted)]
+            raise ValueError(f"structure {k}: contains {extra}, not among the elements to fit "
+                             f"{[chemical_symbols[z] for z in sorted(wanted)]}")
+        seen.update(comp)
+        counts.append(comp)
         energies.append(energy)
     if not energies:
         raise ValueError("fit_e0s: no structure carries an energy label")
-    zs = sorted(seen if elements is None else {int(z) for z in elements})
+    zs = sorted(seen if wanted is None else wanted)
     col = {z: k for k, z in enumerate(zs)}
-    a = np.zeros((len(counts), len(zs)))
-    for row, c in enumerate(counts):
-        for z, n in c.items():
+    a = np.zeros((len(counts), len(zs)))  # [n_labelled, n_elements] element counts
+    for row, comp in enumerate(counts):
+        for z, n in comp.items():
             a[row, col[z]] = n
-    y = np.asarray(energies, dtype=np.float64)
+    y = np.asarray(energies, dtype=np.float64)  # [n_labelled] eV
     mu = float(y.sum() / a.sum())
     prior = np.full(len(zs), mu)
-    delta, _, rank, sing = np.linalg.lstsq(a, y - a @ prior, rcond=None)
+    delta, _, rank, _ = np.linalg.lstsq(a, y - a @ prior, rcond=None)
     solution = prior + delta
     if rank < len(zs):
         # null space of A: right singular vectors beyond the rank; an element is undetermined
         # when its unit vector is not in the row space, i.e. it has weight in the null space
-        _, s, vt = np.linalg.svd(a, full_matrices=True)
+        _, _, vt = np.linalg.svd(a, full_matrices=True)
         null = vt[rank:]  # [n_elements - rank, n_elements]
         loose = [z for z, k in col.items() if np.linalg.norm(null[:, k]) > 1e-8]
         names = ", ".join(chemical_symbols[z] for z in loose)
@@ -169,7 +203,7 @@ def fit_e0s(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) 
             f"only in fixed ratios, or never). Using the solution closest to the mean per-atom energy "
             f"{mu:.6g} eV in the undetermined directions. Add isolated-atom frames or structures of "
             "other compositions for physical E0s.",
-            UserWarning, stacklevel=2,
+            UserWarning, stacklevel=3,
         )
     return {z: float(solution[col[z]]) for z in zs}
 

@@ -87,11 +87,13 @@ def conv_tp(
     # with the gathered sender features. No per-path slicing, so the backward is one bmm too.
     u, path_of = _dense_coupling(lmax_in, lmax_sh, lmax_out, node_feats.dtype, node_feats.device)
     d_in = (lmax_in + 1) ** 2
-    n_edges, k_out = edge_attrs.shape[0], path_of.shape[0]
+    n_edges, k_out = edge_attrs.shape[0], path_of.shape[1]
     coupling = (edge_attrs @ u).view(n_edges, d_in, k_out)  # [n_edges, (lmax_in+1)^2, D_out]
     x = node_feats.index_select(0, sender)  # [n_edges, C, (lmax_in+1)^2]
     msg = torch.bmm(x, coupling)  # [n_edges, C, D_out]
-    msg = msg * edge_weights.index_select(1, path_of).transpose(1, 2)  # radial weight of each path
+    # radial weight of each output column's path: [n_edges, C, P] @ one-hot [P, D_out] (a matmul,
+    # whose backward is a matmul too, unlike index_select's scatter along the path axis)
+    msg = msg * torch.matmul(edge_weights.transpose(1, 2), path_of)
     out = torch.zeros((n_nodes,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
     return out.index_add_(0, receiver, msg)
 
@@ -119,7 +121,8 @@ def _dense_coupling(lmax_in: int, lmax_sh: int, lmax_out: int, dtype: torch.dtyp
     key = (lmax_in, lmax_sh, lmax_out, dtype, str(device))
     if key not in _COUPLING_CACHE:
         u, path_of = _dense_coupling_cpu(lmax_in, lmax_sh, lmax_out)
-        _COUPLING_CACHE[key] = (u.to(dtype=dtype, device=device), path_of.to(device=device))
+        one_hot = torch.nn.functional.one_hot(path_of, len(tp_paths(lmax_in, lmax_sh, lmax_out))).T
+        _COUPLING_CACHE[key] = (u.to(dtype=dtype, device=device), one_hot.to(dtype=dtype, device=device))
     return _COUPLING_CACHE[key]
 
 

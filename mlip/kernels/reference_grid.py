@@ -50,7 +50,7 @@ def _check_shapes(a: torch.Tensor, b: torch.Tensor, to_grid: torch.Tensor, from_
         raise ValueError(f"grid_product: from_grid must be [D_out, {to_grid.shape[0]}], got {tuple(from_grid.shape)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gaunt_grid64(lmax_in: int, lmax_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     from e3nn import o3
 

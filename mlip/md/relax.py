@@ -59,7 +59,9 @@ def from_atoms(atoms: Atoms, kind: str) -> Any:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     structure = AseAtomsAdaptor.get_structure(atoms)
-    props = {k: atoms.info[k] for k in ("energy", "relax_steps", "relax_converged", "relax_fmax") if k in atoms.info}
+    props = {k: atoms.info[k] for k in ("relax_steps", "relax_converged", "relax_fmax") if k in atoms.info}
+    if atoms.calc is not None and "energy" in atoms.calc.results:
+        props["energy"] = float(atoms.calc.results["energy"])
     structure.properties.update(props)
     return structure
 
@@ -105,8 +107,9 @@ def relax(
         trajectory, logfile: passed to the ASE optimiser (``None``: no file, no log).
 
     Returns:
-        The relaxed structure. ``info`` (``Atoms``) or ``properties`` (``Structure``) hold
-        ``energy`` (eV), ``relax_steps``, ``relax_converged`` and ``relax_fmax`` (eV/Å).
+        The relaxed structure. An ``Atoms`` carries its energy, forces and stress in a
+        ``SinglePointCalculator`` and ``relax_steps``, ``relax_converged``, ``relax_fmax`` (eV/Å) in
+        ``info``; a ``Structure`` has all of these (``energy`` in eV) in ``properties``.
     """
     import ase.optimize
     from ase.filters import FrechetCellFilter
@@ -129,8 +132,7 @@ def relax(
     converged = bool(opt.run(fmax=fmax, steps=max_steps))
     energy = float(atoms.get_potential_energy())
     atoms.info.update(
-        energy=energy, relax_steps=int(opt.nsteps), relax_converged=converged,
-        relax_fmax=_max_force(atoms, relax_cell, p),
+        relax_steps=int(opt.nsteps), relax_converged=converged, relax_fmax=_max_force(atoms, relax_cell, p),
     )
     results = {"energy": energy, "forces": atoms.get_forces()}
     if bool(np.all(atoms.pbc)):
@@ -362,9 +364,7 @@ def relax_batch(
         if "stress" in rec:
             sp["stress"] = full_3x3_to_voigt_6_stress(rec["stress"])
         out_atoms.calc = SinglePointCalculator(out_atoms, **sp)
-        out_atoms.info.update(
-            energy=rec["energy"], relax_steps=steps[g], relax_converged=converged[g], relax_fmax=rec["fmax"]
-        )
+        out_atoms.info.update(relax_steps=steps[g], relax_converged=converged[g], relax_fmax=rec["fmax"])
         volume = float(abs(np.linalg.det(rec["cell"])))
         results.append(
             RelaxResult(

@@ -36,7 +36,7 @@ class EquivariantLinear(torch.nn.Module):
         for l in range(self.lmax_out + 1):
             if l <= self.lmax_in:
                 xl = x[:, :, l_slice(l)]  # [n, C_in, 2l+1]
-                outs.append(torch.matmul(w[l].t(), xl) if xl.shape[-1] > 0 else xl)
+                outs.append(torch.einsum("ncm,cd->ndm", xl, w[l]))
             else:
                 outs.append(x.new_zeros(x.shape[0], self.c_out, 2 * l + 1))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -71,7 +71,7 @@ class PathLinear(torch.nn.Module):
         for (l3, start, n_p), w in zip(self.groups, self.weights):
             d = 2 * l3 + 1
             xl = x[:, :, start : start + n_p * d].reshape(n, c * n_p, d)  # [n, C*P, 2l3+1]
-            outs.append(torch.matmul(w.t(), xl) / math.sqrt(c * n_p))
+            outs.append(torch.einsum("nqm,qd->ndm", xl, w) / math.sqrt(c * n_p))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 

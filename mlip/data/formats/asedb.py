@@ -5,13 +5,14 @@ which ``ase.db.connect`` imports for that extension; fairchem is not needed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ase import Atoms
 
-from mlip.data.formats.validate import PARSE_ERRORS, LabelKeys, error, process
+from mlip.data.formats.validate import LabelKeys, error, process
 
 EXTENSIONS = (".db", ".aselmdb")
 
@@ -27,6 +28,11 @@ def _connect(path: str | os.PathLike) -> Any:
             raise ImportError(
                 f"reading {path} needs the optional package 'ase-db-backends' "
                 "(pip install ase-db-backends)") from exc
+        import lmdb
+
+        # open once ourselves: a corrupt file then fails here, not inside LMDBDatabase (whose
+        # __del__ would raise the same error again while being garbage-collected)
+        lmdb.open(path, subdir=False, readonly=True, lock=False).close()
         # readonly: no lock file and no write transaction, safe with many reader processes
         return ase.db.connect(path, type="aselmdb", readonly=True, use_lock_file=False)
     return ase.db.connect(path, type="db", use_lock_file=False)
@@ -44,15 +50,34 @@ def _row_to_raw(row: Any) -> Atoms:
     return raw
 
 
+def _backend_errors(path: str | os.PathLike) -> tuple[type[BaseException], ...]:
+    """Exception types of the database backend that mean a corrupt/unreadable file."""
+    if str(path).endswith(".aselmdb"):
+        import lmdb
+
+        return (lmdb.Error,)
+    return ()
+
+
 def _raw_frames(path: str | os.PathLike) -> Iterator[tuple[Atoms, dict[str, Any]]]:
-    db = _connect(path)
+    backend_errors = _backend_errors(path)
+    db = None
     try:
-        for row in db.select():
+        db = _connect(path)
+        rows = db.select()
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
             yield _row_to_raw(row), {"extra_info": {"db_id": int(row.id)}}
+    except backend_errors as exc:
+        # re-raised as a parser error, which process() reports with the file and frame
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        close = getattr(db, "close", None)
-        if close is not None:
-            close()
+        if db is not None and hasattr(db, "close"):
+            with contextlib.suppress(*backend_errors):
+                db.close()
 
 
 def iter_asedb(path: str | os.PathLike, keys: LabelKeys | None = None,
@@ -73,8 +98,5 @@ def iter_asedb(path: str | os.PathLike, keys: LabelKeys | None = None,
         raise FileNotFoundError(path)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise error(path, 0, None, "file is empty (no frames found)")
-    try:
-        frames = _raw_frames(path)
-    except PARSE_ERRORS as exc:  # pragma: no cover - generator creation does not raise
-        raise error(path, 0, None, f"cannot open database ({exc})") from exc
-    yield from process(path, frames, keys or LabelKeys(), required, validate)
+    # opening and row errors (sqlite3.DatabaseError on a corrupt file) surface as DataError in process()
+    yield from process(path, _raw_frames(path), keys or LabelKeys(), required, validate)

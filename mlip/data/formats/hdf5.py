@@ -132,9 +132,10 @@ def write_hdf5(frames: Iterable[Atoms], path: str | os.PathLike, chunk_size: int
             _create(f, chunk_size)
             buffer: list[Atoms] = []
             for atoms in frames:
-                source = atoms.info.get("source", f"<input> frame {n_written + len(buffer)}")
                 if validate:
-                    validate_atoms(atoms, path=source, frame=n_written + len(buffer))
+                    source = atoms.info.get("source", "input")
+                    validate_atoms(atoms, path=f"{path} (writing structure from {source})",
+                                   frame=n_written + len(buffer))
                 buffer.append(atoms)
                 if len(buffer) == chunk_size:
                     _append(f, buffer)

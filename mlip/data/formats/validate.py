@@ -421,6 +421,8 @@ def select(frames: Iterator[Atoms], index: int | slice | None) -> Iterator[Atoms
     if index is None:
         yield from frames
         return
+    if isinstance(index, np.integer):
+        index = int(index)
     if isinstance(index, int) and index >= 0:
         for i, atoms in enumerate(frames):
             if i == index:

@@ -33,9 +33,9 @@ def _register_ops():
     try:
         from torch.library import triton_op, wrap_triton
     except ImportError:  # torch < 2.6: launch directly
-        fwd = lambda x, y, w, s, p, r, a, b, c: conv.launch_fwd(x, y, w, s, p, r, (a, b, c))  # noqa: E731
-        bx = lambda g, y, w, r, p, rp, a, b, c: conv.launch_bwd_x(g, y, w, r, p, rp, (a, b, c))  # noqa: E731
-        be = lambda x, y, w, g, s, r, a, b, c, cy, cw: conv.launch_bwd_edge(  # noqa: E731
+        fwd = lambda x, y, w, s, p, r, a, b, c: conv.launch_fwd(x, y, w, s, p, r, (a, b, c))
+        bx = lambda g, y, w, r, p, rp, a, b, c: conv.launch_bwd_x(g, y, w, r, p, rp, (a, b, c))
+        be = lambda x, y, w, g, s, r, a, b, c, cy, cw: conv.launch_bwd_edge(
             x, y, w, g, s, r, (a, b, c), cy, cw)
         return fwd, bx, be
 

@@ -293,14 +293,14 @@ def _interpreting() -> bool:
     # triton.language's own helpers (tl.sum, ...) are jitted at import: they only run in the
     # interpreter if TRITON_INTERPRET was already set when triton was first imported
     if isinstance(tl.standard.sum, JITFunction):
-        raise RuntimeError(
+        raise RuntimeError(  # noqa: TRY004 - a wrong setup, not a wrong argument
             "TRITON_INTERPRET=1 was set after triton was imported; set it before the first `import triton` "
             "(e.g. at the top of the test module or in the environment)"
         )
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int) -> ModuleType:
     """Write (once) and import the generated source; its functions are still undecorated."""
     src = generate_source(lmax_in, lmax_sh, lmax_out)
@@ -318,14 +318,14 @@ def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int) -> ModuleType:
     return module
 
 
-_GPU_CONFIGS = [  # (BLOCK_E, BLOCK_C, num_warps): autotuned per channel count on the GPU
-    (8, 32, 4), (16, 32, 4), (16, 64, 4), (32, 32, 4), (8, 64, 8), (32, 64, 8),
-]
+#: (BLOCK_E, BLOCK_C, num_warps) tried by the autotuner on the GPU, per channel count. Untuned guesses
+#: (no GPU was available when this was written); few, because each is a compile of a long kernel.
+GPU_CONFIGS = [(8, 32, 4), (16, 32, 4), (16, 64, 4), (32, 64, 8)]
 #: block sizes under ``TRITON_INTERPRET=1``: small, so that the tests walk several edge and channel blocks
 INTERPRET_BLOCKS = {"BLOCK_E": 4, "BLOCK_C": 2}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[str, object]:
     """The jitted kernels ``{"fwd", "bwd_x", "bwd_edge"}`` (autotuned on the GPU)."""
     import triton
@@ -335,7 +335,7 @@ def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[
     for key, fn in (("fwd", mod.conv_fwd), ("bwd_x", mod.conv_bwd_x), ("bwd_edge", mod.conv_bwd_edge)):
         jitted = triton.jit(fn)
         if not interpret:
-            configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in _GPU_CONFIGS]
+            configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in GPU_CONFIGS]
             key_args = ["C", "COMPUTE_Y", "COMPUTE_W"] if key == "bwd_edge" else ["C"]
             jitted = triton.autotune(configs=configs, key=key_args)(jitted)
         out[key] = jitted
@@ -439,7 +439,7 @@ def launch_fwd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sender: torch.
     out = torch.empty((n, c, tp_out_dim(*lmax)), dtype=x.dtype, device=x.device)
     if n == 0 or c == 0:
         return out.zero_()
-    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))
     k[grid](x, y, w, out, sender, perm_rcv, rowptr_rcv, c, **_launch_meta(interpret))
     return out
 
@@ -456,7 +456,7 @@ def launch_bwd_x(g: torch.Tensor, y: torch.Tensor, w: torch.Tensor, receiver: to
     gx = torch.empty((n, c, (lmax[0] + 1) ** 2), dtype=g.dtype, device=g.device)
     if n == 0 or c == 0:
         return gx.zero_()
-    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))
     k[grid](g, y, w, gx, receiver, perm_snd, rowptr_snd, c, **_launch_meta(interpret))
     return gx
 
@@ -478,7 +478,7 @@ def launch_bwd_edge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, g: torch.
         return gy, gw
     if c == 0:
         return gy.zero_(), gw
-    grid = lambda meta: (triton.cdiv(e, meta["BLOCK_E"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(e, meta["BLOCK_E"]),)
     k[grid](x, y, w, g, gy, gw, sender, receiver, e, c, COMPUTE_Y=compute_y, COMPUTE_W=compute_w,
             **_launch_meta(interpret))
     return gy, gw

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
 import triton.language as tl
 
 from mlip.kernels.triton.conv import _interpreting
@@ -55,7 +54,7 @@ def _trip_kernel(u_ptr, v_ptr, a_ptr, b_ptr, m_ptr, out_ptr, R, G,
 
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(interpret: bool):
     import triton
 
@@ -80,7 +79,7 @@ def launch_trip(u: torch.Tensor, v: torch.Tensor, A: torch.Tensor, B: torch.Tens
         return out
     block_g = min(triton.next_power_of_2(max(G, 1)), 64)
     meta = {"BLOCK_R": 4} if interpret else {}
-    grid = lambda m: (triton.cdiv(R, m["BLOCK_R"]),)  # noqa: E731
+    grid = lambda m: (triton.cdiv(R, m["BLOCK_R"]),)
     k[grid](u, v, A, B, M, out, R, G, DU=u.shape[1], DV=v.shape[1], DO=DO, DO_P=triton.next_power_of_2(DO),
             BLOCK_G=block_g, **meta)
     return out

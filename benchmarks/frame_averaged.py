@@ -1,0 +1,260 @@
+"""The ``frame-averaged`` family against the ``equivariant`` family: speed, accuracy, NVE drift.
+
+Three parts, each writing JSON next to ``--out`` and printing a Markdown table::
+
+    python benchmarks/frame_averaged.py speed              # energy + forces time, molecule and Cu crystals
+    python benchmarks/frame_averaged.py train --budget 300 # equal wall-clock training on data/emt_crystals.xyz
+    python benchmarks/frame_averaged.py md                 # NVE drift: full vs stochastic frame averaging
+    python benchmarks/frame_averaged.py all
+
+*speed*: models built from the size presets (``configs/<family>-<size>.yaml``), float32, eval
+mode; energy + forces through :func:`mlip.models.outputs.predict` (+ stress for crystals), median of
+``--repeats`` calls after one warm-up, neighbour list built once outside the timing. Structures: a
+27-atom molecule (H, C, O) and rattled fcc Cu supercells of 64, 256 and 512 atoms. The
+frame-averaged model is timed with full averaging (inference default, 8 frames) and with one
+stochastic frame (its training cost per structure).
+
+*train*: each family's ``small`` preset trained by :func:`mlip.train.loop.train` with identical
+data split, loss, optimiser and batch settings (``configs/quickstart.yaml``) for the same wall-clock
+budget; test-split metrics of the exported (EMA, best-validation) model.
+
+*md*: NVE (velocity Verlet, ``--dt`` fs) of a rattled 32-atom Cu cell at 300 K with the trained
+frame-averaged model through :class:`mlip.calculator.MLIPCalculator` in float64, once with full
+averaging and once with one random frame per call; drift = slope of a linear fit of the total
+energy (meV/atom/ps) and the largest deviation from the initial total energy. The equivariant
+model is run the same way for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ELEMENTS = [1, 6, 8, 29]
+
+
+def _preset(family: str, size: str) -> dict:
+    with open(ROOT / "configs" / f"{family}-{size}.yaml") as fh:
+        section = dict(yaml.safe_load(fh)["model"])
+    section.pop("family")
+    return section
+
+
+def _build(family: str, size: str, **overrides):
+    from mlip.models.base import build_model
+
+    cfg = {**_preset(family, size), "elements": ELEMENTS, "avg_num_neighbors": 30.0, **overrides}
+    return build_model(family, cfg).float().eval()
+
+
+def _structures() -> dict:
+    from ase.build import bulk, molecule
+
+    mol = molecule("CH3CH2OCH3")  # 12 atoms; grow to 27 with a second molecule nearby
+    mol2 = molecule("CH3COOH")
+    mol2.positions += [4.0, 0.5, 0.3]
+    mol += mol2
+    mol += molecule("H2O")
+    mol.positions[-3:] += [-3.0, 2.0, 0.5]
+    mol.rattle(0.02, seed=1)
+    mol.cell = [20.0, 20.0, 20.0]
+    out = {f"molecule ({len(mol)})": mol}
+    for reps in ((2, 2, 4), (4, 4, 4), (4, 4, 8)):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+        atoms.rattle(0.03, seed=0)
+        out[f"Cu fcc ({len(atoms)})"] = atoms
+    return out
+
+
+def _graph(atoms, r_max: float):
+    from mlip.data.graph import AtomGraph
+    from mlip.data.neighbors import neighbor_list
+
+    pos = torch.tensor(atoms.positions, dtype=torch.float64)
+    cell = torch.tensor(np.asarray(atoms.cell), dtype=torch.float64)
+    pbc = torch.tensor(np.asarray(atoms.pbc))
+    edge_index, shifts = neighbor_list(pos, cell, pbc, r_max)
+    return AtomGraph(positions=pos, numbers=torch.tensor(atoms.numbers), cell=cell, pbc=pbc,
+                     edge_index=edge_index, unit_shifts=shifts)
+
+
+def _time(model, batch, stress: bool, repeats: int) -> float:
+    from mlip.models.outputs import predict
+
+    predict(model, batch, forces=True, stress=stress)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(model, batch, forces=True, stress=stress)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _environment() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+                   f"load average {os.getloadavg()[0]:.1f}",
+        "torch": torch.__version__,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+
+
+# ----------------------------------------------------------------------------------------- speed
+def speed(args: argparse.Namespace) -> dict:
+    from mlip.data.graph import collate
+
+    models = {}
+    for size in args.sizes:
+        models[f"equivariant-{size}"] = _build("equivariant", size)
+        models[f"frame-averaged-{size} (full, 8 frames)"] = _build("frame-averaged", size)
+        models[f"frame-averaged-{size} (1 stochastic frame)"] = _build("frame-averaged", size, eval_averaging="stochastic")
+    rows = {}
+    for sname, atoms in _structures().items():
+        stress = bool(atoms.pbc.all())
+        for mname, model in models.items():
+            batch = collate([_graph(atoms, model.r_max)]).to(dtype=torch.float32)
+            t = _time(model, batch, stress, args.repeats)
+            rows.setdefault(mname, {})[sname] = t * 1e3
+            print(f"{mname:45s} {sname:18s} {t * 1e3:9.1f} ms", flush=True)
+    result = {"env": _environment(), "unit": "ms per energy+forces(+stress) call, float32, CPU", "rows": rows}
+    _write(args, "speed", result)
+    cols = list(next(iter(rows.values())))
+    print("\n| model | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for m, r in rows.items():
+        print(f"| {m} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
+    return result
+
+
+# ----------------------------------------------------------------------------------------- train
+def train(args: argparse.Namespace) -> dict:
+    from mlip.train.config import load_config
+    from mlip.train.loop import train as run_train
+
+    results = {}
+    for family in args.families:
+        out = Path(args.out) / f"train-{family}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        model_section = {"family": family, **_preset(family, "small")}
+        overrides = [
+            f"data.train={ROOT / 'data' / 'emt_crystals.xyz'}", f"output_dir={out}", "device=cpu",
+            "train.epochs=100000", f"train.time_budget_s={args.budget}", "train.progress=false",
+            "data.test_fraction=0.1", "data.valid_fraction=0.1", "train.equivariance_structures=4",
+            f"model={json.dumps(model_section)}",
+        ]
+        cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+        t0 = time.perf_counter()
+        run_train(cfg)
+        wall = time.perf_counter() - t0
+        test = json.loads((out / "test_metrics.json").read_text())
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        results[family] = {"wall_s": wall, "epochs": len(lines), "test": test, "model": str(out / "model.pt")}
+        print(family, json.dumps(results[family], indent=1)[:2000], flush=True)
+    result = {"env": _environment(), "budget_s": args.budget, "results": results}
+    _write(args, "train", result)
+    return result
+
+
+# -------------------------------------------------------------------------------------------- md
+def md(args: argparse.Namespace) -> dict:
+    from ase import units
+    from ase.build import bulk
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    from mlip.calculator import MLIPCalculator
+    from mlip.models.base import load_model
+    from mlip.nn.frames import edge_second_moment
+
+    runs = {
+        "frame-averaged, full averaging": ("frame-averaged", "full"),
+        "frame-averaged, 1 stochastic frame per call": ("frame-averaged", "stochastic"),
+        "equivariant (reference)": ("equivariant", None),
+    }
+    rows = {}
+    for name, (family, mode) in runs.items():
+        path = Path(args.out) / f"train-{family}" / "model.pt"
+        if not path.is_file():
+            print(f"skip {name}: no trained model at {path} (run the train part first)")
+            continue
+        model = load_model(path)
+        if mode is not None:
+            model.config.eval_averaging = mode
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+        atoms.rattle(0.05, seed=0)
+        atoms.calc = MLIPCalculator(model, device="cpu", dtype="float64", skin=0.5)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+        Stationary(atoms)
+        torch.manual_seed(0)
+        dyn = VelocityVerlet(atoms, timestep=args.dt * units.fs)
+        etot, gaps = [], []
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            dyn.run(1)
+            etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
+            if family == "frame-averaged":
+                from ase.neighborlist import neighbor_list
+
+                d = torch.tensor(neighbor_list("D", atoms, model.r_max))
+                w = model.envelope(d.norm(dim=-1))
+                lam = torch.linalg.eigvalsh(edge_second_moment(d, torch.zeros(len(d), dtype=torch.long), 1, w))[0]
+                gaps.append(float(min(lam[1] - lam[0], lam[2] - lam[1]) / lam[2]))
+        wall = time.perf_counter() - t0
+        e = np.array(etot) / len(atoms)
+        t_ps = np.arange(1, len(e) + 1) * args.dt / 1000.0
+        slope = np.polyfit(t_ps, e, 1)[0]
+        row = {"drift_meV_per_atom_per_ps": slope * 1e3, "max_dev_meV_per_atom": float(np.abs(e - e[0]).max() * 1e3),
+               "step_rms_meV_per_atom": float(np.sqrt(np.mean(np.diff(e) ** 2)) * 1e3), "wall_s": wall}
+        if gaps:
+            row["min_rel_eigengap"] = min(gaps)
+            row["median_rel_eigengap"] = float(np.median(gaps))
+        rows[name] = row
+        print(name, row, flush=True)
+    result = {"env": _environment(), "steps": args.steps, "dt_fs": args.dt, "system": "Cu fcc 32 atoms, 300 K, NVE",
+              "rows": rows}
+    _write(args, "md", result)
+    return result
+
+
+def _write(args: argparse.Namespace, part: str, result: dict) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{part}.json").write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["speed", "train", "md", "all"])
+    p.add_argument("--out", default="runs/bench-frame-averaged", help="folder for JSON results and trained models")
+    p.add_argument("--sizes", nargs="+", default=["small", "medium"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--families", nargs="+", default=["frame-averaged", "equivariant"])
+    p.add_argument("--budget", type=float, default=300.0, help="training wall-clock budget per family (s)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--dt", type=float, default=2.0, help="MD time step (fs)")
+    args = p.parse_args(argv)
+    if args.part in ("speed", "all"):
+        speed(args)
+    if args.part in ("train", "all"):
+        train(args)
+    if args.part in ("md", "all"):
+        md(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Neighbour-restricted pre-norm transformer blocks for the ``learned-equivariance`` family.
+
+Atoms are tokens; each atom (the *receiver*) attends only to its graph neighbours (the
+*senders*, edges within ``r_max``), so cost is linear in the number of atoms and periodic
+images are handled by the edge list like in any message-passing model. Attention is computed
+edge-wise: one score per edge and head, a softmax over each receiver's incoming edges built on
+``scatter_reduce``/``index_add_``, values summed at the receiver.
+
+Smoothness at the cutoff. A plain softmax renormalises when a neighbour enters or leaves the
+cutoff sphere, so energies would jump. Here each edge's unnormalised weight is multiplied by the
+smooth envelope ``u(r)`` (``u = u' = u'' = 0`` at ``r_max``), and the denominator holds an extra
+*sink* term ``exp(s_sink)`` with a zero value (a learned logit per head, the "attention sink" /
+softmax-plus-one idea):
+
+    a_ij = u_ij exp(s_ij) / (exp(s_sink) + sum_k u_ik exp(s_ik)),      o_i = sum_j a_ij v_ij
+
+so ``a_ij -> 0`` continuously as ``r_ij -> r_max`` even for the last neighbour, and an atom
+without neighbours gets ``o_i = 0`` exactly (its energy is then the isolated-atom reference).
+
+Fused attention. With ``edge_values=False`` the values depend on the sender only and the weights
+above are a masked softmax with an additive bias ``b_ij + log u_ij`` and one extra key (the sink,
+zero key and value, bias ``s_sink``); :func:`dense_attention` evaluates exactly that with
+``torch.nn.functional.scaled_dot_product_attention`` on one padded structure (useful for small
+molecules, where all atoms are neighbours). Edge-conditioned values (the default, which let
+directions reach the features directly) cannot be expressed as SDPA and use the edge path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mlip.nn.scatter import scatter_sum
+
+
+def segment_max(src: torch.Tensor, index: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """Row-wise maximum of ``src`` per segment, starting from ``init`` (no gradient).
+
+    Shapes:
+        src [n_edges, H]; index [n_edges] (receiver); init [n_nodes, H] -> [n_nodes, H].
+    """
+    out = init.detach().clone()
+    idx = index[:, None].expand_as(src)
+    return out.scatter_reduce_(0, idx, src.detach(), reduce="amax", include_self=True)
+
+
+class NeighborAttention(torch.nn.Module):
+    """Multi-head attention of each atom over its neighbours, with geometric biases.
+
+    Scores ``s_ij = q_i . k_j / sqrt(d) + b(e_ij)`` per head (``e_ij`` an edge embedding, not
+    rotation-invariant on purpose); values ``v_j`` (+ ``w(e_ij)`` with ``edge_values``);
+    weights as in the module docstring. Bias-free projections: zero input gives zero output.
+
+    Shapes:
+        x [n_atoms, C]; edge_feats [n_edges, edge_dim]; envelope [n_edges];
+        sender/receiver [n_edges] -> [n_atoms, C].
+    """
+
+    def __init__(self, num_channels: int, num_heads: int, edge_dim: int, edge_values: bool = True) -> None:
+        super().__init__()
+        if num_channels % num_heads:
+            raise ValueError(f"num_channels={num_channels} must be divisible by num_heads={num_heads}")
+        self.C, self.H, self.D = int(num_channels), int(num_heads), int(num_channels) // int(num_heads)
+        self.qkv = torch.nn.Linear(self.C, 3 * self.C, bias=False)
+        self.edge_bias = torch.nn.Linear(edge_dim, self.H)
+        self.edge_value = torch.nn.Linear(edge_dim, self.C, bias=False) if edge_values else None
+        self.sink = torch.nn.Parameter(torch.zeros(self.H))
+        self.out = torch.nn.Linear(self.C, self.C, bias=False)
+
+    def scores(self, x: torch.Tensor, edge_feats: torch.Tensor, sender: torch.Tensor,
+               receiver: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge scores ``[n_edges, H]`` and sender values ``[n_atoms, H, D]``."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.H, self.D).unbind(1)
+        s = (q[receiver] * k[sender]).sum(-1) / math.sqrt(self.D) + self.edge_bias(edge_feats)
+        return s, v
+
+    def forward(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
+                sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        s, v = self.scores(x, edge_feats, sender, receiver)  # [n_edges, H], [n, H, D]
+        sink = self.sink.to(x.dtype)
+        m = segment_max(s, receiver, sink.expand(n, self.H))  # [n, H] stabiliser, cancels exactly
+        w = torch.exp(s - m[receiver]) * envelope[:, None]  # [n_edges, H]
+        denom = torch.exp(sink[None, :] - m) + scatter_sum(w, receiver, n)  # [n, H], >= exp(sink - m) > 0
+        val = v[sender]  # [n_edges, H, D]
+        if self.edge_value is not None:
+            val = val + self.edge_value(edge_feats).view(-1, self.H, self.D)
+        o = scatter_sum(w[:, :, None] * val, receiver, n) / denom[:, :, None]
+        return self.out(o.reshape(n, self.C))
+
+    def dense(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
+              sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`forward` for one structure without repeated (sender, receiver)
+        pairs, through fused ``scaled_dot_product_attention`` on a dense ``[H, n, n + 1]`` mask
+        (last key = the sink). Needs ``edge_values=False``.
+
+        Shapes: as :meth:`forward`; memory is O(n^2), so use it for small molecules only.
+        """
+        if self.edge_value is not None:
+            raise ValueError("dense (SDPA) attention needs edge_values=False: edge-conditioned values are not SDPA")
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.H, self.D).unbind(1)
+        bias = torch.full((self.H, n, n + 1), float("-inf"), dtype=x.dtype, device=x.device)
+        edge_term = self.edge_bias(edge_feats) + torch.log(envelope)[:, None]  # [n_edges, H]
+        bias[:, receiver, sender] = edge_term.T
+        bias[:, :, n] = self.sink.to(x.dtype)[:, None]
+        zero = x.new_zeros(1, self.H, self.D)
+        k = torch.cat([k, zero]).transpose(0, 1)  # [H, n + 1, D]
+        v = torch.cat([v, zero]).transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=bias[None])
+        return self.out(o[0].transpose(0, 1).reshape(n, self.C))
+
+
+class TransformerBlock(torch.nn.Module):
+    """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))`` (SiLU MLP).
+
+    Shapes:
+        x [n_atoms, C]; edge_feats [n_edges, edge_dim]; envelope [n_edges]; sender/receiver
+        [n_edges] -> [n_atoms, C].
+    """
+
+    def __init__(self, num_channels: int, num_heads: int, edge_dim: int, mlp_ratio: float = 2.0,
+                 edge_values: bool = True) -> None:
+        super().__init__()
+        C = int(num_channels)
+        hidden = max(1, int(round(mlp_ratio * C)))
+        self.norm_attn = torch.nn.LayerNorm(C)
+        self.attn = NeighborAttention(C, num_heads, edge_dim, edge_values)
+        self.norm_mlp = torch.nn.LayerNorm(C)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(C, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, C))
+
+    def forward(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
+                sender: torch.Tensor, receiver: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        attn = self.attn.dense if dense else self.attn
+        x = x + attn(self.norm_attn(x), edge_feats, envelope, sender, receiver)
+        return self.feed_forward(x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP half alone: the block's action on an atom without neighbours."""
+        return x + self.mlp(self.norm_mlp(x))
+
+
+__all__ = ["NeighborAttention", "TransformerBlock", "segment_max"]

@@ -1,0 +1,164 @@
+"""MD: NVE energy conservation with a model trained on the bundled EMT data, NVT/NPT runs,
+blow-up detection that keeps the trajectory, and the ``mlip md`` command."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.io import read, write
+from click.testing import CliRunner
+
+from mlip.data.formats import read as read_data
+from mlip.data.graph import collate
+from mlip.data.transforms import atoms_to_graph
+from mlip.md.dynamics import LOG_COLUMNS, MDBlowUpError, run_md
+from mlip.models.base import build_model, save_model
+from mlip.models.outputs import predict
+from test_calculator import morse_model, rattled_cu, single_thread  # noqa: F401
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "emt_crystals.xyz"
+
+#: NVE bound: |E_tot(t) - E_tot(0)| per atom over 1000 velocity-Verlet steps of 1 fs at 300 K
+#: (float64). The model's potential energy moves by ~100x more than this over the run.
+NVE_DRIFT_BOUND = 2e-4  # eV/atom
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    """A small equivariant model fitted for a few seconds to the Cu frames of data/emt_crystals.xyz.
+
+    40 full-batch Adam steps on energy-per-atom and force errors: far from converged, but a
+    smooth potential with EMT-like forces, which is what an energy-conservation test needs.
+    """
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest (see test_calculator.single_thread)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        frames = [a for a in read_data(DATA) if set(a.get_chemical_symbols()) == {"Cu"} and a.pbc.all()
+                  and len(a) <= 8]
+        assert len(frames) >= 8, f"{DATA} should hold small Cu crystals"
+        r_max = 4.0
+        batch = collate([atoms_to_graph(a, r_max) for a in frames])
+        n_per = torch.bincount(batch.batch).to(torch.float64)
+        config = dict(
+            elements=[29], r_max=r_max, num_channels=8, lmax=1, num_layers=1, correlation=2,
+            avg_num_neighbors=batch.n_edges / batch.n_atoms, scale=float(batch.forces.pow(2).mean().sqrt()),
+            e0s={29: float((batch.energy / n_per).mean())},
+        )
+        model = build_model("equivariant", config).double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        force_rmse = []
+        for _ in range(40):
+            out = predict(model, batch, create_graph=True)
+            loss_e = (((out["energy"] - batch.energy) / n_per) ** 2).mean()
+            loss_f = ((out["forces"] - batch.forces) ** 2).mean()
+            opt.zero_grad()
+            (10.0 * loss_e + loss_f).backward()
+            opt.step()
+            force_rmse.append(float(loss_f.detach().sqrt()))
+    torch.set_num_threads(n_threads)
+    assert force_rmse[-1] < 0.6 * force_rmse[0]  # it learned something from the data
+    return model.eval()
+
+
+def test_nve_conserves_energy_with_trained_model(trained_model, tmp_path):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))  # 8 atoms
+    result = run_md(atoms, trained_model, ensemble="nve", temperature=300.0, steps=1000, timestep=1.0,
+                    out=str(tmp_path / "nve.extxyz"), log_every=1, traj_every=100, progress=False,
+                    device="cpu", dtype="float64", seed=1)
+    assert result.steps == 1000
+    rows = result.rows
+    assert len(rows) == 1001 and rows[-1]["step"] == 1000
+    etot = np.array([r["etot_eV"] for r in rows])
+    epot = np.array([r["epot_eV"] for r in rows])
+    drift = np.abs(etot - etot[0]).max() / len(atoms)
+    assert drift < NVE_DRIFT_BOUND, f"NVE drift {drift:.2e} eV/atom over 1000 steps"
+    assert result.max_abs_drift == pytest.approx(drift, rel=1e-9)
+    # the test has teeth: the atoms really moved and exchanged energy
+    assert (epot.max() - epot.min()) / len(atoms) > 20 * NVE_DRIFT_BOUND
+    assert np.mean([r["temperature_K"] for r in rows[500:]]) > 50.0
+    frames = read(tmp_path / "nve.extxyz", index=":")
+    assert len(frames) == 11  # steps 0, 100, ..., 1000
+    with open(tmp_path / "nve.log.csv") as fh:
+        logged = list(csv.DictReader(fh))
+    assert tuple(logged[0].keys()) == LOG_COLUMNS and len(logged) == 1001
+
+
+def test_nvt_nose_hoover_and_langevin_reach_target_temperature(tmp_path):
+    model = morse_model()
+    for thermostat in ("nose-hoover", "langevin"):
+        atoms = rattled_cu(repeat=(2, 2, 2), rattle=0.0)
+        result = run_md(atoms, model, ensemble="nvt", thermostat=thermostat, temperature=600.0, steps=600,
+                        timestep=2.0, tdamp=40.0, friction=0.05, out=str(tmp_path / f"{thermostat}.traj"),
+                        log_every=5, progress=False, device="cpu", dtype="float64", seed=3)
+        temps = [r["temperature_K"] for r in result.rows if r["step"] >= 200]
+        assert 400.0 < np.mean(temps) < 800.0, (thermostat, np.mean(temps))
+        frames = read(tmp_path / f"{thermostat}.traj", index=":")
+        assert len(frames) == 61
+    # Nose-Hoover chain: the conserved quantity (including thermostat energy) is conserved
+    nh_rows = [r for r in run_md(rattled_cu(), model, ensemble="nvt", temperature=600.0, steps=200,
+                                 timestep=1.0, tdamp=40.0, out=None, log_every=1, progress=False,
+                                 device="cpu", dtype="float64").rows]
+    assert max(abs(r["drift_eV_per_atom"]) for r in nh_rows) < 1e-4
+
+
+def test_npt_expands_a_compressed_crystal(tmp_path):
+    atoms = rattled_cu(repeat=(2, 2, 2), a=3.45, rattle=0.0)
+    v0 = atoms.get_volume()
+    result = run_md(atoms, morse_model(), ensemble="npt", temperature=300.0, pressure=0.0, steps=150,
+                    timestep=2.0, tdamp=50.0, pdamp=200.0, out=str(tmp_path / "npt.extxyz"), progress=False,
+                    device="cpu", dtype="float64")
+    assert result.rows[-1]["volume_A3"] > 1.03 * v0
+    assert atoms.get_volume() == pytest.approx(result.rows[-1]["volume_A3"])
+    # the calculator kept its neighbour list across the changing cell, and results stayed exact
+    calc = atoms.calc
+    assert calc.neighbors.n_builds < calc.neighbors.n_calls
+
+
+def test_blow_up_stops_with_clear_message_and_keeps_trajectory(tmp_path):
+    atoms = rattled_cu(repeat=(2, 2, 2), rattle=0.0)
+    out = tmp_path / "hot.extxyz"
+    with pytest.raises(MDBlowUpError, match=r"MD stopped at step \d+ .*blew up.*hot.extxyz") as info:
+        run_md(atoms, morse_model(), ensemble="nve", temperature=4000.0, steps=500, timestep=12.0,
+               out=str(out), traj_every=1, log_every=1, max_force=20.0, progress=False,
+               device="cpu", dtype="float64")
+    done = info.value.result.steps
+    assert 0 < done < 500
+    frames = read(out, index=":")
+    assert len(frames) == done + 1  # every step up to the failure, including the bad frame
+    assert np.abs(frames[-1].get_forces()).max() > 20.0 / np.sqrt(3)
+    with open(str(out).replace(".extxyz", ".log.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == done + 1
+
+
+def test_md_cli(tmp_path):
+    from mlip.cli.main import main
+
+    model_path = tmp_path / "morse.pt"
+    save_model(morse_model(), model_path)
+    start = tmp_path / "cu.extxyz"
+    write(start, rattled_cu(repeat=(2, 2, 2), rattle=0.02))
+    traj = tmp_path / "run" / "cu.traj"
+    result = CliRunner().invoke(main, [
+        "md", str(model_path), str(start), "--ensemble", "nvt", "--temperature", "500", "--steps", "30",
+        "--timestep", "2", "--out", str(traj), "--log-every", "5", "--traj-every", "10", "--device", "cpu",
+        "--dtype", "float64", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "done: 30 steps" in result.output
+    assert len(read(traj, index=":")) == 4
+    with open(tmp_path / "run" / "cu.log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20, 25, 30]
+
+    hot = CliRunner().invoke(main, [
+        "md", str(model_path), str(start), "--temperature", "4000", "--steps", "400", "--timestep", "12",
+        "--out", str(tmp_path / "hot.extxyz"), "--max-force", "20", "--device", "cpu", "--no-progress",
+    ])
+    assert hot.exit_code != 0
+    assert "blew up" in hot.output and "trajectory so far kept" in hot.output
+    assert len(read(tmp_path / "hot.extxyz", index=":")) >= 1
