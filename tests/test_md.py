@@ -123,7 +123,7 @@ def test_blow_up_stops_with_clear_message_and_keeps_trajectory(tmp_path):
     atoms = rattled_cu(repeat=(2, 2, 2), rattle=0.0)
     out = tmp_path / "hot.extxyz"
     with pytest.raises(MDBlowUpError, match=r"MD stopped at step \d+ .*blew up.*hot.extxyz") as info:
-        run_md(atoms, morse_model(), ensemble="nve", temperature=4000.0, steps=500, timestep=12.0,
+        run_md(atoms, morse_model(), ensemble="nve", temperature=3000.0, steps=500, timestep=30.0,
                out=str(out), traj_every=1, log_every=1, max_force=20.0, progress=False,
                device="cpu", dtype="float64")
     done = info.value.result.steps
@@ -156,7 +156,7 @@ def test_md_cli(tmp_path):
     assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20, 25, 30]
 
     hot = CliRunner().invoke(main, [
-        "md", str(model_path), str(start), "--temperature", "4000", "--steps", "400", "--timestep", "12",
+        "md", str(model_path), str(start), "--temperature", "3000", "--steps", "400", "--timestep", "30",
         "--out", str(tmp_path / "hot.extxyz"), "--max-force", "20", "--device", "cpu", "--no-progress",
     ])
     assert hot.exit_code != 0

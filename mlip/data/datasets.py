@@ -76,7 +76,7 @@ class GraphDataset(torch.utils.data.Dataset):
         n_atoms [len(self)] atoms per structure; n_edges [len(self)] edges per structure.
     """
 
-    def __init__(self, source: Any, r_max: float, backend: str = "torch", head: str | None = None) -> None:
+    def __init__(self, source: Any, r_max: float, backend: str = "auto", head: str | None = None) -> None:
         if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
             raise TypeError(f"GraphDataset needs a sequence of ase.Atoms or an HDF5Reader, got {type(source).__name__}")
         self.source = source
@@ -173,7 +173,7 @@ def open_dataset(
     keys: Any = None,
     required: Sequence[str] = (),
     head: str | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> GraphDataset:
     """Open one or several data files of any supported format as one :class:`GraphDataset`.
 

@@ -115,7 +115,7 @@ def _check_cell(atoms: Atoms, cell: np.ndarray, pbc: np.ndarray) -> None:
 def atoms_to_graph(
     atoms: Atoms,
     r_max: float,
-    backend: str = "torch",
+    backend: str = "auto",
     min_distance: float = 0.1,
 ) -> AtomGraph:
     """Build the neighbour graph and collect labels of one structure.

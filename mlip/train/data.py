@@ -121,6 +121,12 @@ def entries(value: Any, default_head: str, what: str) -> list[Entry]:
 
 
 def _open(entry_list: list[Entry], cfg, r_max: float) -> tuple[Any, np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Open the entries as one :class:`_Tagged` dataset with per-structure atom and edge counts.
+
+    Edge counts need a neighbour list per structure: they are computed here when graphs are
+    cached (the pass fills the cache) or edge-bounded batches need them; otherwise (streamed
+    HDF5 with atom-bounded batches) they stay zero and no extra pass over the file is made.
+    """
     from mlip.data.datasets import open_dataset
     from mlip.data.formats import detect_format
 
@@ -136,36 +142,42 @@ def _open(entry_list: list[Entry], cfg, r_max: float) -> tuple[Any, np.ndarray, 
         cache = cfg.data.cache_graphs is True or (cfg.data.cache_graphs == "auto" and not streamed)
         parts.append((ds, e.weight, cache))
     ds = _Tagged(parts)
-    sizes = [_sizes(d) for d, _, _ in parts]
-    n_atoms = np.concatenate([a for a, _ in sizes])
-    n_edges = np.concatenate([e for _, e in sizes])
+    n_atoms = np.concatenate([_n_atoms(d) for d, _, _ in parts]).astype(np.int64)
+    if cfg.batch.max_edges is not None or all(c for _, _, c in parts):
+        n_edges = np.array([ds[i].n_edges for i in range(len(ds))], dtype=np.int64)
+    else:
+        n_edges = np.zeros(len(ds), dtype=np.int64)
     return ds, n_atoms, n_edges
 
 
-def _sizes(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Per-structure atom and edge counts (cached on the dataset when it offers them)."""
-    if hasattr(ds, "n_atoms") and hasattr(ds, "n_edges"):
-        return np.asarray(ds.n_atoms), np.asarray(ds.n_edges)
-    graphs = [ds[i] for i in range(len(ds))]
-    return np.array([g.n_atoms for g in graphs]), np.array([g.n_edges for g in graphs])
+def _n_atoms(ds: Any) -> np.ndarray:
+    if hasattr(ds, "n_atoms"):
+        return np.asarray(ds.n_atoms)
+    return np.array([ds[i].n_atoms for i in range(len(ds))])
 
 
 def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  # noqa: ANN001
     """Open the configured files, split by fraction or by file, collect heads, elements,
-    E0s (isolated atoms, else a least-squares fit) and the average neighbour count."""
+    E0s (isolated atoms, else a least-squares fit) and the average neighbour count.
+
+    Single-atom structures (isolated-atom reference energies) always stay in the training
+    split: they set the E0s and would say nothing as validation data.
+    """
     d = cfg.data
     train_e = entries(d.train, d.head, "train")
     ds, n_atoms, n_edges = _open(train_e, cfg, r_max)
     if len(ds) == 0:
         raise ValueError(f"data.train ({[e.path for e in train_e]}) holds no structures")
-    order = np.random.default_rng(d.split_seed).permutation(len(ds))
-    n_valid = int(round(d.valid_fraction * len(ds))) if d.valid is None else 0
-    n_test = int(round(d.test_fraction * len(ds))) if d.test is None else 0
-    if n_valid + n_test >= len(ds):
-        raise ValueError(f"data.train has {len(ds)} structures: too few to split off {n_valid} valid + {n_test} test")
+    isolated = np.flatnonzero(n_atoms == 1)
+    rest = np.flatnonzero(n_atoms != 1)
+    order = rest[np.random.default_rng(d.split_seed).permutation(len(rest))]
+    n_valid = int(round(d.valid_fraction * len(rest))) if d.valid is None else 0
+    n_test = int(round(d.test_fraction * len(rest))) if d.test is None else 0
+    if n_valid + n_test >= len(rest):
+        raise ValueError(f"data.train has {len(rest)} structures: too few to split off {n_valid} valid + {n_test} test")
     valid = Split(ds, np.sort(order[:n_valid]), n_atoms, n_edges) if n_valid else None
     test = Split(ds, np.sort(order[n_valid:n_valid + n_test]), n_atoms, n_edges) if n_test else None
-    train = Split(ds, np.sort(order[n_valid + n_test:]), n_atoms, n_edges)
+    train = Split(ds, np.sort(np.concatenate([order[n_valid + n_test:], isolated])), n_atoms, n_edges)
     for name in ("valid", "test"):
         value = getattr(d, name)
         if value is not None:

@@ -16,11 +16,10 @@ from mlip.train.equivariance import equivariance_error
 from mlip.train.metrics import Metrics
 
 
-def _split_sizes(split: Any) -> tuple[np.ndarray, np.ndarray]:
-    if hasattr(split, "n_atoms") and hasattr(split, "n_edges"):
-        return np.asarray(split.n_atoms), np.asarray(split.n_edges)
-    graphs = [split[i] for i in range(len(split))]
-    return np.array([g.n_atoms for g in graphs]), np.array([g.n_edges for g in graphs])
+def _n_atoms(split: Any) -> np.ndarray:
+    if hasattr(split, "n_atoms"):
+        return np.asarray(split.n_atoms)
+    return np.array([split[i].n_atoms for i in range(len(split))])
 
 
 def evaluate_split(
@@ -48,8 +47,7 @@ def evaluate_split(
     dtype = param.dtype if param is not None else torch.float64
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
-    n_atoms, n_edges = _split_sizes(split)
-    sampler = BoundedBatchSampler(n_atoms, n_edges, max_atoms=max_atoms)
+    sampler = BoundedBatchSampler(_n_atoms(split), max_atoms=max_atoms)
     metrics = Metrics()
     for idx in sampler:
         batch = collate([split[i] for i in idx]).to(device, dtype)

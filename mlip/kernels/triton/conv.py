@@ -482,3 +482,52 @@ def launch_bwd_edge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, g: torch.
     k[grid](x, y, w, g, gy, gw, sender, receiver, e, c, COMPUTE_Y=compute_y, COMPUTE_W=compute_w,
             **_launch_meta(interpret))
     return gy, gw
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation (no GPU needed): CI checks and register/spill inspection
+# --------------------------------------------------------------------------------------------
+def _signature(kind: str, ptr: str) -> dict[str, str]:
+    p = f"*{ptr}"
+    if kind == "fwd":
+        names = [("x_ptr", p), ("y_ptr", p), ("w_ptr", p), ("out_ptr", p), ("snd_ptr", "*i64"), ("perm_ptr", "*i64"),
+                 ("rowptr_ptr", "*i64"), ("C", "i32")]
+    elif kind == "bwd_x":
+        names = [("g_ptr", p), ("y_ptr", p), ("w_ptr", p), ("gx_ptr", p), ("rcv_ptr", "*i64"), ("perm_ptr", "*i64"),
+                 ("rowptr_ptr", "*i64"), ("C", "i32")]
+    else:
+        names = [("x_ptr", p), ("y_ptr", p), ("w_ptr", p), ("g_ptr", p), ("gy_ptr", p), ("gw_ptr", p),
+                 ("snd_ptr", "*i64"), ("rcv_ptr", "*i64"), ("E", "i32"), ("C", "i32"),
+                 ("COMPUTE_Y", "constexpr"), ("COMPUTE_W", "constexpr")]
+    return dict(names + [("BLOCK_E", "constexpr"), ("BLOCK_C", "constexpr")])
+
+
+def compile_for_target(lmax: tuple[int, int, int], dtype: torch.dtype = torch.float32, arch: int = 90,
+                       block_e: int = 8, block_c: int = 32, num_warps: int = 4) -> dict[str, object]:
+    """Compile the three kernels to CUDA binaries for ``sm_<arch>`` without a GPU.
+
+    Uses Triton's bundled ``ptxas``; run with ``TRITON_INTERPRET`` unset (the interpreter replaces
+    Triton's own jitted helpers). Useful in CI (the generated source compiles in real mode, not
+    only in the interpreter) and to read register use and spills of a block configuration.
+
+    Returns:
+        ``{"fwd" | "bwd_x" | "bwd_edge": triton CompiledKernel}`` (``.asm`` holds ttir/ptx/cubin).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    ptr = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    mod = _generated_module(*lmax)
+    out = {}
+    for kind, fn in (("fwd", mod.conv_fwd), ("bwd_x", mod.conv_bwd_x), ("bwd_edge", mod.conv_bwd_edge)):
+        sig = _signature(kind, ptr)
+        names = list(sig)
+        consts = {(names.index("BLOCK_E"),): block_e, (names.index("BLOCK_C"),): block_c}
+        if kind == "bwd_edge":
+            consts[(names.index("COMPUTE_Y"),)] = True
+            consts[(names.index("COMPUTE_W"),)] = True
+        src = ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts)
+        out[kind] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return out

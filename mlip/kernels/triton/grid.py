@@ -140,3 +140,23 @@ def grid_product_autograd(a: torch.Tensor, b: torch.Tensor, to_grid: torch.Tenso
     n, c, d = a.shape
     out = Trip.apply(_c(a.reshape(n * c, d)), _c(b.reshape(n * c, d)), _c(to_grid), _c(to_grid), _c(from_grid))
     return out.reshape(n, c, from_grid.shape[0])
+
+
+def compile_for_target(d_in: int, d_out: int, n_grid: int, dtype: torch.dtype = torch.float32, arch: int = 90,
+                       block_r: int = 32, num_warps: int = 4):
+    """Compile the grid kernel for ``sm_<arch>`` without a GPU (see ``conv.compile_for_target``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    p = "*" + {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    sig = {"u_ptr": p, "v_ptr": p, "a_ptr": p, "b_ptr": p, "m_ptr": p, "out_ptr": p, "R": "i32", "G": "i32",
+           "DU": "constexpr", "DV": "constexpr", "DO": "constexpr", "DO_P": "constexpr", "BLOCK_R": "constexpr",
+           "BLOCK_G": "constexpr"}
+    values = {"DU": d_in, "DV": d_in, "DO": d_out, "DO_P": triton.next_power_of_2(d_out), "BLOCK_R": block_r,
+              "BLOCK_G": min(triton.next_power_of_2(n_grid), 64)}
+    names = list(sig)
+    consts = {(names.index(k),): v for k, v in values.items()}
+    src = ASTSource(fn=JITFunction(_trip_kernel), signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

@@ -1,0 +1,217 @@
+"""Building blocks in mlip.nn and the conv_tp reference: exact identities and equivariance."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlip.kernels.reference import conv_tp, conv_tp_per_path, tp_paths
+from mlip.nn.embedding import check_charge_spin
+from mlip.nn.irreps import irreps_dim, spherical_harmonics
+from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
+from mlip.nn.readout import AtomicEnergies, e0_table, head_index
+from mlip.nn.s2grid import GridMixing, grid_equivariance_error, grid_matrices, s2_grid, wigner_matrix
+from mlip.nn.scatter import scatter_sum
+from mlip.nn.tensor_product import ChannelwiseProduct, EquivariantLinear, SymmetricContraction
+
+
+def _rot(seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def test_scatter_sum_matches_loop():
+    src = torch.randn(10, 3, dtype=torch.float64)
+    idx = torch.tensor([0, 2, 2, 1, 0, 3, 3, 3, 1, 0])
+    want = torch.stack([src[idx == k].sum(0) for k in range(5)])
+    assert torch.allclose(scatter_sum(src, idx, 5), want, atol=1e-15)
+
+
+def test_wigner_matrix_represents_rotations_and_parity():
+    R = _rot(0)
+    v = torch.randn(7, 3, dtype=torch.float64)
+    D = wigner_matrix(3, R)
+    assert torch.allclose(spherical_harmonics(3, v @ R.T), spherical_harmonics(3, v) @ D.T, atol=1e-12)
+    Dp = wigner_matrix(3, -torch.eye(3, dtype=torch.float64))
+    parity = torch.cat([torch.full((2 * l + 1,), (-1.0) ** l, dtype=torch.float64) for l in range(4)])
+    assert torch.allclose(Dp, torch.diag(parity), atol=1e-12)
+
+
+@pytest.mark.parametrize("paths", [(0, 3, 3), (1, 3, 3), (2, 2, 2), (3, 3, 3)])
+def test_conv_tp_matches_per_path_formula_and_is_equivariant(paths):
+    li, ls, lo = paths
+    gen = torch.Generator().manual_seed(1)
+    n, E, C = 6, 15, 3
+    x = torch.randn(n, C, irreps_dim(li), dtype=torch.float64, generator=gen)
+    vec = torch.randn(E, 3, dtype=torch.float64, generator=gen)
+    w = torch.randn(E, len(tp_paths(li, ls, lo)), C, dtype=torch.float64, generator=gen)
+    s, r = torch.randint(0, n, (E,), generator=gen), torch.randint(0, n, (E,), generator=gen)
+    out = conv_tp(x, spherical_harmonics(ls, vec), w, s, r, n, li, ls, lo)
+    assert torch.allclose(out, conv_tp_per_path(x, spherical_harmonics(ls, vec), w, s, r, n, li, ls, lo), atol=1e-12)
+    # rotate inputs: each path's output block rotates with D_l3 (reflections with (-1)^l3)
+    for R in (_rot(2), -_rot(3)):
+        out_rot = conv_tp(x @ wigner_matrix(li, R).T, spherical_harmonics(ls, vec @ R.T), w, s, r, n, li, ls, lo)
+        k = 0
+        for (_, _, l3) in tp_paths(li, ls, lo):
+            D = wigner_matrix(l3, R)[l3 * l3 :, l3 * l3 :]
+            blk = out[:, :, k : k + 2 * l3 + 1]
+            assert torch.allclose(out_rot[:, :, k : k + 2 * l3 + 1], blk @ D.T, atol=1e-11)
+            k += 2 * l3 + 1
+
+
+def test_conv_tp_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    n, E, C, li, ls, lo = 3, 5, 2, 1, 2, 1
+    x = torch.randn(n, C, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = spherical_harmonics(ls, torch.randn(E, 3, dtype=torch.float64, generator=gen)).requires_grad_()
+    w = torch.randn(E, len(tp_paths(li, ls, lo)), C, dtype=torch.float64, generator=gen, requires_grad=True)
+    s, r = torch.randint(0, n, (E,), generator=gen), torch.randint(0, n, (E,), generator=gen)
+    assert torch.autograd.gradcheck(lambda a, b, c: conv_tp(a, b, c, s, r, n, li, ls, lo), (x, y, w))
+
+
+@pytest.mark.parametrize("correlation", [1, 2, 3])
+def test_symmetric_contraction_equivariant_and_zero_preserving(correlation):
+    torch.manual_seed(0)
+    sc = SymmetricContraction(4, 3, 2, correlation, num_elements=2).double()
+    A = torch.randn(5, 4, 16, dtype=torch.float64)
+    elem = torch.tensor([0, 1, 1, 0, 1])
+    out = sc(A, elem)
+    assert out.shape == (5, 4, 9)
+    for R in (_rot(5), -_rot(6)):
+        assert torch.allclose(sc(A @ wigner_matrix(3, R).T, elem), out @ wigner_matrix(2, R).T, atol=1e-11)
+    assert torch.equal(sc(torch.zeros_like(A), elem), torch.zeros_like(out))
+    # a polynomial of degree `correlation` in A: scaling A by t scales the top term by t^correlation
+    if correlation > 1:
+        t = 2.0
+        diff = [sc(A * t**k, elem) for k in range(correlation + 2)]
+        # finite difference of order correlation+1 in log-scale is zero for a polynomial of that degree
+        coeffs = [math.comb(correlation + 1, k) * (-1) ** k for k in range(correlation + 2)]
+        assert sum(c * d for c, d in zip(coeffs, diff)).abs().max() > 0  # nonlinear
+        # exact polynomial identity p(tA) for t -> a degree-`correlation` Lagrange interpolation
+        ts = [1.0, 2.0, 3.0, 4.0][: correlation + 1]
+        vals = [sc(A * tt, elem) for tt in ts]
+        t5 = 5.0
+        lag = sum(v * math.prod((t5 - tj) / (ti - tj) for tj in ts if tj != ti) for ti, v in zip(ts, vals))
+        assert torch.allclose(sc(A * t5, elem), lag, rtol=1e-9, atol=1e-9)
+
+
+def test_channelwise_product_matches_einsum():
+    from mlip.kernels.reference import clebsch_gordan
+
+    prod = ChannelwiseProduct(1, 2, 2)
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    y = torch.randn(3, 2, 9, dtype=torch.float64)
+    w = torch.randn(1, prod.n_paths, 2, dtype=torch.float64)
+    out = prod(x, y, w)
+    want = torch.zeros(3, 2, 9, dtype=torch.float64)
+    p = 0
+    for l1, l2, l3s in prod.blocks:
+        for l3 in l3s:
+            cg = clebsch_gordan(l1, l2, l3, torch.float64, torch.device("cpu"))
+            z = torch.einsum("nci,ncj,ijk->nck", x[:, :, l1 * l1 : (l1 + 1) ** 2], y[:, :, l2 * l2 : (l2 + 1) ** 2], cg)
+            want[:, :, l3 * l3 : (l3 + 1) ** 2] += z * w[:, p, :, None]
+            p += 1
+    assert torch.allclose(out, want, atol=1e-12)
+
+
+def test_equivariant_linear_mixes_channels_per_degree():
+    lin = EquivariantLinear(3, 2, 2, 3).double()
+    x = torch.randn(4, 3, 9, dtype=torch.float64)
+    y = lin(x)
+    assert y.shape == (4, 2, 16) and torch.equal(y[:, :, 9:], torch.zeros(4, 2, 7, dtype=torch.float64))
+    R = _rot(8)
+    assert torch.allclose(lin(x @ wigner_matrix(2, R).T), y @ wigner_matrix(3, R).T, atol=1e-12)
+
+
+def test_envelope_is_smooth_and_zero_at_cutoff():
+    env = PolynomialEnvelope(5.0, p=5)
+    r = torch.tensor([0.0, 4.999999, 5.0, 5.5], dtype=torch.float64, requires_grad=True)
+    u = env(r)
+    assert float(u[0]) == 1.0 and float(u[2]) == 0.0 and float(u[3]) == 0.0
+    assert abs(float(u[1])) < 1e-15
+    (g,) = torch.autograd.grad(u.sum(), r, create_graph=True)
+    assert abs(float(g[1])) < 1e-9 and float(g[2]) == 0.0
+
+
+def test_spline_basis_partition_of_unity_and_c2():
+    basis = SplineBasis(5.0, 12)
+    r = torch.linspace(0.0, 5.0, 101, dtype=torch.float64)[1:-1]
+    # the uniform cubic B-splines sum to one away from the first/last knot interval
+    inner = (r > 5.0 / 11) & (r < 5.0 - 5.0 / 11)
+    assert torch.allclose(basis(r).sum(1)[inner], torch.ones(int(inner.sum()), dtype=torch.float64), atol=1e-13)
+    # second derivative continuous at a knot
+    h = 5.0 / 11
+    x = torch.tensor([3 * h - 1e-7, 3 * h + 1e-7], dtype=torch.float64, requires_grad=True)
+    b = basis(x)
+    (d1,) = torch.autograd.grad(b.sum(0)[3], x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    assert abs(float(d2[0] - d2[1])) < 1e-4
+
+
+def test_radial_weights_vanish_at_cutoff():
+    r = torch.tensor([1.0, 4.0, 5.0], dtype=torch.float64)
+    env = PolynomialEnvelope(5.0)(r)
+    spl = SplineRadial(8, 6).double()(SplineBasis(5.0, 8)(r), env)
+    mlp = MLPRadial(8, [16], 6).double()(BesselBasis(5.0, 8)(r), env)
+    assert torch.equal(spl[2], torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(mlp[2], torch.zeros(6, dtype=torch.float64))
+
+
+def test_s2_grid_integrates_products_exactly():
+    pts, wts = s2_grid(6)
+    assert torch.allclose(wts.sum(), torch.tensor(4 * math.pi, dtype=torch.float64))
+    assert torch.allclose(pts.norm(dim=1), torch.ones(len(pts), dtype=torch.float64))
+    to_grid, from_grid = grid_matrices(3, 6)
+    assert torch.allclose(from_grid.T @ to_grid, torch.eye(16, dtype=torch.float64), atol=1e-13)
+
+
+def test_grid_mixing_parity_exact_and_rotation_error_bounded():
+    """Stated bounds (docs/equivariant.md): SiLU grid at the default degree 3*lmax has a relative
+    rotation error below 0.1 for lmax <= 3 at full strength; the quadratic grid is exact."""
+    torch.manual_seed(0)
+    mix = GridMixing(6, 2).double()
+    x = torch.randn(3, 6, 9, dtype=torch.float64)
+    P = wigner_matrix(2, -torch.eye(3, dtype=torch.float64))
+    assert torch.allclose(mix(x @ P.T), mix(x) @ P.T, atol=1e-13)
+    for lmax in (1, 2, 3):
+        assert grid_equivariance_error(lmax, 3 * lmax, n_samples=3) < 0.1
+        assert grid_equivariance_error(lmax, 3 * lmax, activation="quadratic", n_samples=3) < 1e-12
+    # error decreases with resolution
+    assert grid_equivariance_error(2, 12, n_samples=3) < grid_equivariance_error(2, 6, n_samples=3)
+    with pytest.raises(ValueError, match="grid degree"):
+        GridMixing(4, 3, degree=4)
+
+
+def test_check_charge_spin_rules():
+    numbers = torch.tensor([8, 1, 1, 8])  # water (10 e) and an O atom (8 e)
+    batch = torch.tensor([0, 0, 0, 1])
+    ok = dict(numbers=numbers, batch=batch, n_graphs=2)
+    check_charge_spin(charge=torch.tensor([0.0, 0.0]), spin=torch.tensor([1.0, 3.0]), **ok)
+    check_charge_spin(charge=torch.tensor([1.0, -1.0]), spin=torch.tensor([2.0, 2.0]), **ok)
+    with pytest.raises(ValueError, match=r"structure 1 .*charge=nan"):
+        check_charge_spin(charge=torch.tensor([0.0, float("nan")]), spin=torch.tensor([1.0, 1.0]), **ok)
+    with pytest.raises(ValueError, match=r"structure 0 .*impossible pair, 10 electrons cannot have multiplicity 2"):
+        check_charge_spin(charge=torch.tensor([0.0, 0.0]), spin=torch.tensor([2.0, 1.0]), **ok)
+    with pytest.raises(ValueError, match=r"structure 1 .*multiplicity 2S\+1 must be an integer >= 1"):
+        check_charge_spin(charge=torch.tensor([0.0, 0.0]), spin=torch.tensor([1.0, 0.0]), **ok)
+    with pytest.raises(ValueError, match=r"total charge must be an integer"):
+        check_charge_spin(charge=torch.tensor([0.5, 0.0]), spin=torch.tensor([1.0, 1.0]), **ok)
+
+
+def test_e0_table_forms_and_head_index():
+    elements = [1, 8]
+    assert e0_table(None, ["default"], elements).tolist() == [[0.0, 0.0]]
+    assert e0_table({1: -1.0, "8": -2.0}, ["default"], elements).tolist() == [[-1.0, -2.0]]
+    assert e0_table({"a": {1: -1.0}, "b": {8: -3.0}}, ["a", "b"], elements).tolist() == [[-1.0, 0.0], [0.0, -3.0]]
+    assert e0_table([[1.0, 2.0], [3.0, 4.0]], ["a", "b"], elements).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    with pytest.raises(ValueError, match="3 values for 2 elements"):
+        e0_table([1.0, 2.0, 3.0], ["default"], elements)
+    assert head_index(["default"], ["mptrj", "x"]).tolist() == [0, 0]
+    assert head_index(["a", "b"], ["b", "a"]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"structure 1 in the batch has head 'c'"):
+        head_index(["a", "b"], ["a", "c"])
+    ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5)
+    out = ae(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    assert out.tolist() == [2.0 + 0.5 - 1.0, 2.0 + 0.5 - 5.0]
