@@ -98,7 +98,7 @@ def run_mlip(args) -> dict:
         batch = collate([graph]).to(dtype=dtype)
         stress = bool(atoms.pbc.any()) and not args.no_stress
         ms = time_call(lambda: predict(model, batch, forces=True, stress=stress), args.warmup, args.repeats)
-        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": int(len(i)), "stress": stress, "ms": ms})
+        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": len(i), "stress": stress, "ms": ms})
     return results
 
 
@@ -150,7 +150,7 @@ def run_mace(args) -> dict:
             return model(d, training=False, compute_force=True, compute_stress=stress)
 
         ms = time_call(call, args.warmup, args.repeats)
-        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": int(len(i)), "stress": stress, "ms": ms})
+        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": len(i), "stress": stress, "ms": ms})
     return results
 
 
@@ -190,8 +190,9 @@ def main() -> None:
           f"correlation={args.correlation} r_max={args.r_max} mixing={args.mixing} radial={args.radial}", flush=True)
     print(f"{'structure':<12} {'atoms':>6} {'edges':>8} {'stress':>6} {'mlip ms':>10} {'MACE ms':>10} {'mlip/MACE':>10}", flush=True)
     # one structure at a time, alternating the two codes, so a change in machine load hits both alike
-    base = [a for a in sys.argv[1:] if not a.startswith("--sizes")]
-    base = [a for k, a in enumerate(base) if not (k > 0 and base[k - 1] == "--sizes")]
+    raw = sys.argv[1:]
+    base = [a for k, a in enumerate(raw) if a != "--sizes" and not a.startswith("--sizes=")
+            and not (k > 0 and raw[k - 1] == "--sizes")]
     for k, n in enumerate([0] + args.sizes):
         sizes = [] if n == 0 else [n]
         argv = [*base, "--sizes", ",".join(str(s) for s in sizes), "--molecule" if n == 0 else "--no-molecule"]
@@ -205,7 +206,7 @@ def main() -> None:
             print(f"# parameters: mlip {rows['mlip']['params']:,}  MACE {rows['mace']['params']:,}", flush=True)
         for a, b in zip(rows["mlip"]["rows"], rows["mace"]["rows"]):
             assert a["n_edges"] == b["n_edges"], (a, b)
-            print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {str(a['stress']):>6} {a['ms']:>10.1f} "
+            print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {a['stress']!s:>6} {a['ms']:>10.1f} "
                   f"{b['ms']:>10.1f} {a['ms'] / b['ms']:>10.2f}", flush=True)
 
 

@@ -5,6 +5,7 @@ Three parts, each writing JSON next to ``--out`` and printing a Markdown table::
     python benchmarks/frame_averaged.py speed              # energy + forces time, molecule and Cu crystals
     python benchmarks/frame_averaged.py train --budget 300 # equal wall-clock training on data/emt_crystals.xyz
     python benchmarks/frame_averaged.py md                 # NVE drift: full vs stochastic frame averaging
+    python benchmarks/frame_averaged.py degenerate         # invariance error on degenerate structures
     python benchmarks/frame_averaged.py all
 
 *speed*: models built from the size presets (``configs/<family>-<size>.yaml``), float32, eval
@@ -23,6 +24,11 @@ frame-averaged model through :class:`mlip.calculator.MLIPCalculator` in float64,
 averaging and once with one random frame per call; drift = slope of a linear fit of the total
 energy (meV/atom/ps) and the largest deviation from the initial total energy. The equivariant
 model is run the same way for reference.
+
+*degenerate*: largest deviation from invariance over 8 random rotations (energy per atom, forces)
+on structures whose principal moments coincide: methane (untrained small preset, H/C) and, with the
+trained model, a perfect cubic Cu cell, a perfect 2x2x2 Cu supercell and a tetragonally strained
+Cu cell (degenerate pair), next to a rattled Cu cell (generic).
 """
 from __future__ import annotations
 
@@ -231,6 +237,56 @@ def md(args: argparse.Namespace) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------ degenerate
+def degenerate(args: argparse.Namespace) -> dict:
+    from ase.build import bulk, molecule
+
+    from mlip.data.graph import collate
+    from mlip.models.base import load_model
+    from mlip.models.outputs import predict
+
+    def rotation(seed: int) -> torch.Tensor:
+        q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))
+        return q if torch.det(q) > 0 else -q
+
+    def measure(model, atoms) -> dict:
+        batch = collate([_graph(atoms, model.r_max)]).to(dtype=torch.float64)
+        frames = model.frames(batch, batch.edge_vectors())
+        ref = predict(model, batch)
+        e0, f0 = ref["energy"].detach(), ref["forces"].detach()
+        de = df = 0.0
+        for seed in range(8):
+            R = rotation(seed)
+            b = copy.copy(batch)
+            b.positions, b.cell = batch.positions @ R.T, batch.cell @ R.T
+            out = predict(model, b)
+            de = max(de, float((out["energy"].detach() - e0).abs().max()) / len(atoms))
+            df = max(df, float((out["forces"].detach() - f0 @ R.T).abs().max()))
+        return {"degeneracy": int(frames.degeneracy[0]), "frames": frames.n_frames, "energy_meV_per_atom": de * 1e3,
+                "forces_meV_per_A": df * 1e3, "force_scale_meV_per_A": float(f0.abs().max()) * 1e3}
+
+    rows = {}
+    untrained = _build("frame-averaged", "small").double()
+    rows["methane (untrained small preset)"] = measure(untrained, molecule("CH4"))
+    path = Path(args.out) / "train-frame-averaged" / "model.pt"
+    if path.is_file():
+        trained = load_model(path).double().eval()
+        cubic = bulk("Cu", "fcc", a=3.61, cubic=True)
+        tetra = cubic.copy()
+        tetra.set_cell(cubic.cell[:] * [1.0, 1.0, 1.05], scale_atoms=True)
+        rattled = cubic.repeat((2, 2, 2))
+        rattled.rattle(0.05, seed=0)
+        for name, atoms in (("Cu cubic cell (4, trained)", cubic), ("Cu 2x2x2 (32, trained)", cubic.repeat((2, 2, 2))),
+                            ("Cu tetragonal (4, trained)", tetra), ("Cu 2x2x2 rattled (32, trained)", rattled)):
+            rows[name] = measure(trained, atoms)
+    for k, v in rows.items():
+        print(k, v, flush=True)
+    result = {"env": _environment(), "rows": rows}
+    _write(args, "degenerate", result)
+    return result
+
+
 def _write(args: argparse.Namespace, part: str, result: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,7 +295,7 @@ def _write(args: argparse.Namespace, part: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["speed", "train", "md", "all"])
+    p.add_argument("part", choices=["speed", "train", "md", "degenerate", "all"])
     p.add_argument("--out", default="runs/bench-frame-averaged", help="folder for JSON results and trained models")
     p.add_argument("--sizes", nargs="+", default=["small", "medium"])
     p.add_argument("--repeats", type=int, default=3)
@@ -254,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     if args.part in ("md", "all"):
         md(args)
+    if args.part in ("degenerate", "all"):
+        degenerate(args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ase.build import bulk, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces
 from ase.md.verlet import VelocityVerlet
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase import units
 
 from mlip.calculator import MLIPCalculator, NeighborCache
@@ -215,7 +215,7 @@ def test_loads_model_from_path(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_skin_reuse_equals_full_rebuild_during_md():
     atoms = rattled_cu(repeat=(2, 2, 2))
-    MaxwellBoltzmannDistribution(atoms, temperature_K=2000, rng=np.random.default_rng(1))
+    thermalize_momenta(atoms, 2000, rng=np.random.default_rng(1))
     skin_calc = calc64(skin=0.6)
     fresh_calc = calc64(skin=0.0)
     atoms.calc = skin_calc

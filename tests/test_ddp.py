@@ -24,6 +24,7 @@ def _config(tmp_path: Path, data: Path, name: str):
         "output_dir": str(tmp_path / name),
         "dtype": "float64",
         "device": "cpu",
+        "num_threads": 1,
         "model": {"family": "toy-pair", "r_max": 3.0},
         "data": {"train": str(data), "valid_fraction": 0.2},
         # 5 structures per global batch: the two ranks get unequal shares (3 and 2)

@@ -22,9 +22,10 @@ from test_calculator import morse_model, rattled_cu, single_thread  # noqa: F401
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "emt_crystals.xyz"
 
-#: NVE bound: |E_tot(t) - E_tot(0)| per atom over 1000 velocity-Verlet steps of 1 fs at 300 K
-#: (float64). The model's potential energy moves by ~100x more than this over the run.
-NVE_DRIFT_BOUND = 2e-4  # eV/atom
+#: NVE bound: max |E_tot(t) - E_tot(0)| per atom over 1000 velocity-Verlet steps of 1 fs from
+#: 300 K (float64, 8 Cu atoms). Measured 4.7e-6 eV/atom (2026-11-23); the potential energy
+#: moves by ~0.014 eV/atom over the same run, ~250x the bound.
+NVE_DRIFT_BOUND = 5e-5  # eV/atom
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_nve_conserves_energy_with_trained_model(trained_model, tmp_path):
     assert result.max_abs_drift == pytest.approx(drift, rel=1e-9)
     # the test has teeth: the atoms really moved and exchanged energy
     assert (epot.max() - epot.min()) / len(atoms) > 20 * NVE_DRIFT_BOUND
-    assert np.mean([r["temperature_K"] for r in rows[500:]]) > 50.0
+    assert np.mean([r["temperature_K"] for r in rows[500:]]) > 20.0
     frames = read(tmp_path / "nve.extxyz", index=":")
     assert len(frames) == 11  # steps 0, 100, ..., 1000
     with open(tmp_path / "nve.log.csv") as fh:
@@ -92,13 +93,13 @@ def test_nvt_nose_hoover_and_langevin_reach_target_temperature(tmp_path):
     model = morse_model()
     for thermostat in ("nose-hoover", "langevin"):
         atoms = rattled_cu(repeat=(2, 2, 2), rattle=0.0)
-        result = run_md(atoms, model, ensemble="nvt", thermostat=thermostat, temperature=600.0, steps=600,
+        result = run_md(atoms, model, ensemble="nvt", thermostat=thermostat, temperature=600.0, steps=400,
                         timestep=2.0, tdamp=40.0, friction=0.05, out=str(tmp_path / f"{thermostat}.traj"),
                         log_every=5, progress=False, device="cpu", dtype="float64", seed=3)
-        temps = [r["temperature_K"] for r in result.rows if r["step"] >= 200]
+        temps = [r["temperature_K"] for r in result.rows if r["step"] >= 150]
         assert 400.0 < np.mean(temps) < 800.0, (thermostat, np.mean(temps))
         frames = read(tmp_path / f"{thermostat}.traj", index=":")
-        assert len(frames) == 61
+        assert len(frames) == 41
     # Nose-Hoover chain: the conserved quantity (including thermostat energy) is conserved
     nh_rows = [r for r in run_md(rattled_cu(), model, ensemble="nvt", temperature=600.0, steps=200,
                                  timestep=1.0, tdamp=40.0, out=None, log_every=1, progress=False,

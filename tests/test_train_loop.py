@@ -38,6 +38,7 @@ def _cfg(tmp_path, data, **over):
         "output_dir": str(tmp_path / "run"),
         "dtype": "float64",
         "device": "cpu",
+        "num_threads": 1,
         "model": {"family": "toy-pair", "r_max": 3.0},
         "data": {"train": str(data), "valid_fraction": 0.25},
         "batch": {"max_atoms": 16},

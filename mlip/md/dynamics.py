@@ -110,10 +110,15 @@ def _make_dynamics(
         return VelocityVerlet(atoms, timestep=dt)
     if ensemble == "nvt":
         if thermostat == "langevin":
+            from ase.constraints import FixCom
             from ase.md.langevin import Langevin
 
+            # ASE >= 3.28: keep the centre of mass fixed by a constraint, not by fixcm (which
+            # samples a slightly wrong distribution for small systems)
+            if not any(isinstance(c, FixCom) for c in atoms.constraints):
+                atoms.set_constraint([*atoms.constraints, FixCom()])
             return Langevin(atoms, timestep=dt, temperature_K=temperature, friction=friction / units.fs,
-                            rng=np.random.default_rng(seed))
+                            fixcm=False, rng=np.random.default_rng(seed))
         from ase.md.nose_hoover_chain import NoseHooverChainNVT
 
         return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature, tdamp=tdamp * units.fs)
@@ -183,7 +188,7 @@ def run_md(
         MDBlowUpError: the run left the bounds; the message says at which step and why, and
             the trajectory and log up to that step are kept.
     """
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md import velocitydistribution as vd
 
     ensemble = ensemble.lower()
     if ensemble not in ENSEMBLES:
@@ -200,10 +205,14 @@ def run_md(
     if max_temperature is None:
         max_temperature = max(10.0 * temperature, 5000.0)
     if init_velocities and temperature > 0 and not np.any(atoms.get_momenta()):
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
-        Stationary(atoms)
+        rng = np.random.default_rng(seed)
+        if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
+            vd.thermalize_momenta(atoms, temperature, rng=rng)
+        else:  # pragma: no cover - older ASE
+            vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        vd.Stationary(atoms)
         if not np.any(atoms.pbc):
-            ZeroRotation(atoms)
+            vd.ZeroRotation(atoms)
 
     dyn = _make_dynamics(atoms, ensemble, thermostat, temperature, timestep, friction, tdamp, pressure, pdamp, seed)
     if log is None and out is not None:

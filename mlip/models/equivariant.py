@@ -10,7 +10,6 @@ per-element, per-head E0s are added. Forces and stress come from :mod:`mlip.mode
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -21,7 +20,7 @@ from mlip.data.graph import GraphBatch
 from mlip.kernels import get_backend
 from mlip.models.base import PotentialModel, register
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
-from mlip.nn.irreps import irreps_dim, spherical_harmonics
+from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
 from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
 from mlip.nn.s2grid import GridMixing
@@ -213,4 +212,4 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["EquivariantConfig", "EquivariantModel", "InteractionBlock", "num_parameters", "irreps_dim", "math"]
+__all__ = ["EquivariantConfig", "EquivariantModel", "InteractionBlock", "num_parameters"]

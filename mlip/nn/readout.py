@@ -7,7 +7,8 @@ exactly ``shift + E0``.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

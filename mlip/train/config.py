@@ -120,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
+    num_threads: int | None = None
     model: dict = field(default_factory=lambda: {"family": "equivariant"})
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

@@ -573,6 +573,8 @@ def train(
         Path of the exported ``<output_dir>/model.pt``.
     """
     info = ddp.setup(cfg.device)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

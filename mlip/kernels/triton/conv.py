@@ -325,6 +325,15 @@ GPU_CONFIGS = [(8, 32, 4), (16, 32, 4), (16, 64, 4), (32, 64, 8)]
 INTERPRET_BLOCKS = {"BLOCK_E": 4, "BLOCK_C": 2}
 
 
+def _autotune_cache_kw() -> dict[str, bool]:
+    """``cache_results=True`` where Triton supports it (>= 3.2): tuned configs persist across processes."""
+    import inspect
+
+    import triton
+
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @functools.cache
 def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[str, object]:
     """The jitted kernels ``{"fwd", "bwd_x", "bwd_edge"}`` (autotuned on the GPU)."""
@@ -337,7 +346,7 @@ def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[
         if not interpret:
             configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in GPU_CONFIGS]
             key_args = ["C", "COMPUTE_Y", "COMPUTE_W"] if key == "bwd_edge" else ["C"]
-            jitted = triton.autotune(configs=configs, key=key_args)(jitted)
+            jitted = triton.autotune(configs=configs, key=key_args, **_autotune_cache_kw())(jitted)
         out[key] = jitted
     return out
 

@@ -20,7 +20,7 @@ import functools
 import torch
 import triton.language as tl
 
-from mlip.kernels.triton.conv import _interpreting
+from mlip.kernels.triton.conv import _autotune_cache_kw, _interpreting
 
 
 def _trip_kernel(u_ptr, v_ptr, a_ptr, b_ptr, m_ptr, out_ptr, R, G,
@@ -61,7 +61,7 @@ def _kernel(interpret: bool):
     jitted = triton.jit(_trip_kernel)
     if not interpret:
         configs = [triton.Config({"BLOCK_R": br}, num_warps=nw) for br, nw in ((16, 4), (32, 4), (64, 4), (64, 8))]
-        jitted = triton.autotune(configs=configs, key=["G", "DU", "DV", "DO"])(jitted)
+        jitted = triton.autotune(configs=configs, key=["G", "DU", "DV", "DO"], **_autotune_cache_kw())(jitted)
     return jitted
 
 
