@@ -6,18 +6,19 @@ Three parts, each writing JSON next to ``--out`` and printing a Markdown table::
     python benchmarks/frame_averaged.py train --budget 300 # equal wall-clock training on data/emt_crystals.xyz
     python benchmarks/frame_averaged.py md                 # NVE drift: full vs stochastic frame averaging
     python benchmarks/frame_averaged.py degenerate         # invariance error on degenerate structures
+    python benchmarks/frame_averaged.py table              # accuracy table of the trained runs
     python benchmarks/frame_averaged.py all
 
 *speed*: models built from the size presets (``configs/<family>-<size>.yaml``), float32, eval
 mode; energy + forces through :func:`mlip.models.outputs.predict` (+ stress for crystals), median of
-``--repeats`` calls after one warm-up, neighbour list built once outside the timing. Structures: a
+``--repeats`` calls after one warm-up (one call when the warm-up took over 20 s), neighbour list built once outside the timing. Structures: a
 27-atom molecule (H, C, O) and rattled fcc Cu supercells of 64, 256 and 512 atoms. The
 frame-averaged model is timed with full averaging (inference default, 8 frames) and with one
 stochastic frame (its training cost per structure).
 
 *train*: each family's ``small`` preset trained by :func:`mlip.train.loop.train` with identical
-data split, loss, optimiser and batch settings (``configs/quickstart.yaml``) for the same wall-clock
-budget; test-split metrics of the exported (EMA, best-validation) model.
+data split (10 % validation, 10 % test), loss (weights 1/10/100), optimiser (AdamW, lr 0.01, EMA
+0.99) and batches (128 atoms) for the same wall-clock budget; test-split metrics of the exported (EMA, best-validation) model.
 
 *md*: NVE (velocity Verlet, ``--dt`` fs) of a rattled 32-atom Cu cell at 300 K with the trained
 frame-averaged model through :class:`mlip.calculator.MLIPCalculator` in float64, once with full
@@ -96,10 +97,14 @@ def _graph(atoms, r_max: float):
                      edge_index=edge_index, unit_shifts=shifts)
 
 
-def _time(model, batch, stress: bool, repeats: int) -> float:
+def _time(model, batch, stress: bool, repeats: int, budget_s: float = 20.0) -> float:
     from mlip.models.outputs import predict
 
+    t0 = time.perf_counter()
     predict(model, batch, forces=True, stress=stress)  # warm-up
+    first = time.perf_counter() - t0
+    if first > budget_s:  # a slow case: one more call only
+        repeats = 1
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -146,7 +151,7 @@ def speed(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------------------- train
 def train(args: argparse.Namespace) -> dict:
-    from mlip.train.config import load_config
+    from mlip.train.config import config_from_mapping
     from mlip.train.loop import train as run_train
 
     results = {}
@@ -156,14 +161,17 @@ def train(args: argparse.Namespace) -> dict:
             import shutil
 
             shutil.rmtree(out)
-        model_section = {"family": family, **_preset(family, "small")}
-        overrides = [
-            f"data.train={ROOT / 'data' / 'emt_crystals.xyz'}", f"output_dir={out}", "device=cpu",
-            "train.epochs=100000", f"train.time_budget_s={args.budget}", "train.progress=false",
-            "data.test_fraction=0.1", "data.valid_fraction=0.1", "train.equivariance_structures=4",
-            f"model={json.dumps(model_section)}",
-        ]
-        cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+        settings = {
+            "output_dir": str(out), "seed": 0, "dtype": "float32", "device": "cpu",
+            "model": {"family": family, **_preset(family, "small")},
+            "data": {"train": str(ROOT / "data" / "emt_crystals.xyz"), "valid_fraction": 0.1, "test_fraction": 0.1,
+                     "e0s": "auto"},
+            "batch": {"max_atoms": 128},
+            "loss": {"energy_weight": 1.0, "forces_weight": 10.0, "stress_weight": 100.0},
+            "optim": {"optimizer": "adamw", "lr": 0.01, "scheduler": "cosine", "warmup_steps": 10, "ema_decay": 0.99},
+            "train": {"epochs": 100000, "time_budget_s": args.budget, "progress": False, "equivariance_structures": 4},
+        }
+        cfg = config_from_mapping(settings)
         t0 = time.perf_counter()
         run_train(cfg)
         wall = time.perf_counter() - t0
@@ -173,7 +181,28 @@ def train(args: argparse.Namespace) -> dict:
         print(family, json.dumps(results[family], indent=1)[:2000], flush=True)
     result = {"env": _environment(), "budget_s": args.budget, "results": results}
     _write(args, "train", result)
+    print(accuracy_table(Path(args.out)))
     return result
+
+
+def accuracy_table(out: Path) -> str:
+    """Markdown table of the test metrics of every ``train-<family>`` run under ``out``."""
+    lines = ["| family (small preset) | parameters | steps | epochs | E/atom MAE (meV) | F MAE (meV/Å) | F RMSE (meV/Å) "
+             "| stress MAE (meV/Å³) | rotation error, F rel |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(out.glob("train-*")):
+        test_path = run / "test_metrics.json"
+        if not test_path.is_file():
+            continue
+        t = json.loads(test_path.read_text())
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        from mlip.models.base import load_model
+
+        n_par = sum(p.numel() for p in load_model(run / "model.pt").parameters())
+        g = lambda k: t.get(k, float("nan"))  # noqa: E731
+        lines.append(f"| {run.name[len('train-'):]} | {n_par / 1e3:.0f}k | {rows[-1]['step']} | {rows[-1]['epoch']} "
+                     f"| {g('energy_per_atom_mae') * 1e3:.1f} | {g('forces_mae') * 1e3:.0f} | {g('forces_rmse') * 1e3:.0f} "
+                     f"| {g('stress_mae') * 1e3:.2f} | {g('equivariance_forces_rel'):.1e} |")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------- md
@@ -295,13 +324,13 @@ def _write(args: argparse.Namespace, part: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["speed", "train", "md", "degenerate", "all"])
+    p.add_argument("part", choices=["speed", "train", "md", "degenerate", "table", "all"])
     p.add_argument("--out", default="runs/bench-frame-averaged", help="folder for JSON results and trained models")
     p.add_argument("--sizes", nargs="+", default=["small", "medium"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--families", nargs="+", default=["frame-averaged", "equivariant"])
     p.add_argument("--budget", type=float, default=300.0, help="training wall-clock budget per family (s)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--dt", type=float, default=2.0, help="MD time step (fs)")
     args = p.parse_args(argv)
     if args.part in ("speed", "all"):
@@ -312,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         md(args)
     if args.part in ("degenerate", "all"):
         degenerate(args)
+    if args.part == "table":
+        print(accuracy_table(Path(args.out)))
 
 
 if __name__ == "__main__":

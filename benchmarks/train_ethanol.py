@@ -28,12 +28,13 @@ from mlip.train.loop import train
 BASE = {
     "seed": 0,
     "dtype": "float32",
-    "model": {"family": "equivariant", "r_max": 5.0},
+    "num_threads": 1,
+    "model": {"family": "equivariant", "r_max": 5.0, "num_channels": 32, "lmax": 2, "num_layers": 2},
     "data": {"valid_fraction": 0.05, "e0s": "isolated"},
     "batch": {"max_atoms": 90},
-    "loss": {"energy_weight": 1.0, "forces_weight": 100.0, "stress_weight": 0.0},
+    "loss": {"energy_weight": 1.0, "forces_weight": 10.0, "stress_weight": 0.0},
     "optim": {"lr": 0.01, "scheduler": "cosine", "warmup_steps": 20, "ema_decay": 0.99},
-    "train": {"epochs": 200, "eval_every_epochs": 5, "equivariance_structures": 2},
+    "train": {"epochs": 60, "eval_every_epochs": 2, "equivariance_structures": 2, "progress": False},
 }
 
 

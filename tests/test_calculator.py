@@ -373,3 +373,12 @@ def test_torchsim_model_interface():
         np.testing.assert_allclose(out["forces"][start:start + len(at)].numpy(), at.get_forces(), atol=1e-10)
         np.testing.assert_allclose(out["stress"][k].numpy(), at.get_stress(voigt=False), atol=1e-10)
         start += len(at)
+    # and it runs in TorchSim's batched integrators: two systems, one model call per step
+    start = [rattled_cu(repeat=(1, 1, 2)), rattled_cu(repeat=(2, 1, 1), seed=4)]
+    cu_model = morse_model()
+    final = ts.integrate(system=start, model=MLIPTorchSimModel(cu_model, device="cpu", dtype=torch.float64),
+                         integrator=ts.nve, n_steps=20, temperature=300.0, timestep=0.002)
+    for k, at in enumerate(ts.io.state_to_atoms(final)):
+        assert np.abs(at.positions - start[k].positions).max() > 1e-3  # the atoms moved
+        at.calc = calc64(cu_model)
+        assert float(final.energy[k]) == pytest.approx(at.get_potential_energy(), abs=1e-10)

@@ -158,8 +158,10 @@ def test_model_routes_the_convolution_through_the_backend(monkeypatch):
         calls.append(args[6:])
         return reference.conv_tp(*args)
 
+    import mlip.models.equivariant as family
+
     model = _model()
-    model._backends["cpu"] = types.SimpleNamespace(conv_tp=conv_tp)
+    monkeypatch.setattr(family, "get_backend", lambda name, device: types.SimpleNamespace(conv_tp=conv_tp))
     predict(model, _graphs([molecule()]))
     assert calls == [(0, 2, 2), (2, 2, 2)]
 

@@ -152,7 +152,8 @@ def test_generated_kernels_compile_for_hopper_without_a_gpu():
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.kernels import get_backend
+from mlip.kernels import BACKENDS, get_backend
 from mlip.models.base import PotentialModel, register
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.irreps import spherical_harmonics
@@ -79,6 +79,8 @@ def _validate(cfg: EquivariantConfig) -> None:
         raise ValueError(f"equivariant: num_layers must be >= 1, got {cfg.num_layers}")
     if not cfg.heads:
         raise ValueError("equivariant: heads must list at least one head name")
+    if cfg.kernel not in BACKENDS:
+        raise ValueError(f"equivariant: kernel must be one of {BACKENDS}, got {cfg.kernel!r}")
 
 
 class InteractionBlock(torch.nn.Module):
@@ -169,14 +171,14 @@ class EquivariantModel(PotentialModel):
                 self.layers.append(InteractionBlock(cfg, 0 if i == 0 else lh, 0 if last else lh, residual=i > 0))
                 self.readouts.append(MLPReadout(C, int(cfg.readout_hidden), n_heads) if last else LinearReadout(C, n_heads))
         self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
-        self._backends: dict[str, ModuleType] = {}
 
     def backend(self, device: torch.device) -> ModuleType:
-        """The ``mlip.kernels`` module for ``config.kernel`` on ``device`` (resolved once per device)."""
-        key = str(device)
-        if key not in self._backends:
-            self._backends[key] = get_backend(self.config.kernel, device)
-        return self._backends[key]
+        """The ``mlip.kernels`` module for ``config.kernel`` on ``device``.
+
+        Resolved on every call (an import-cache lookup) rather than stored, so the model stays
+        deep-copyable and picklable (EMA copies, DataParallel).
+        """
+        return get_backend(self.config.kernel, device)
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
         sender, receiver = batch.edge_index[0], batch.edge_index[1]

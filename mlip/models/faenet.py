@@ -111,7 +111,14 @@ class MessageBlock(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, edge_emb: torch.Tensor, envelope: torch.Tensor,
                 sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
-        m = self.message(torch.cat([h[receiver], h[sender], edge_emb], dim=-1)) * envelope[:, None]
+        # message[0] acts on [h_i, h_j, ε_ij]: split its weight so the node parts are applied per
+        # atom and gathered, not per edge (same result as the concatenation, ~3x fewer edge flops)
+        first, rest = self.message[0], self.message[1:]
+        w_r, w_s, w_e = first.weight.split(h.shape[1], dim=1)
+        node_r = torch.nn.functional.linear(h, w_r, first.bias)  # [n, C]
+        node_s = h @ w_s.T  # [n, C]
+        pre = node_r[receiver] + node_s[sender] + edge_emb @ w_e.T  # [n_edges, C]
+        m = rest(pre) * envelope[:, None]
         agg = scatter_sum(m, receiver, h.shape[0]) * self.inv_avg  # [n, C]
         return h + self.update(agg)
 

@@ -22,10 +22,11 @@ Symmetry modes (``symmetry_mode``), all acting only while the module is in train
   ``l`` are computed, and a learned transformation network ``T_l(h, R)`` conditioned on the nine
   entries of ``R`` is trained to predict the latter from the former:
 
-      L_align = w / L * sum_l  mean_atoms |T_l(h_l(x), R2) - h_l(R2 x)|^2 / mean |h_l(R2 x)|^2
+      L_align = w / L * sum_l sum_{P in (inv, rest)} mean |P[T_l(h_l(x), R2) - h_l(R2 x)]|^2 / mean |P h_l(R2 x)|^2
 
-  (the denominator is detached: it removes the trivial minimum of shrinking all features without
-  touching the gradient direction). ``T_l(h, R) = h + mask * W2[(W1 h) * g(R)]``: the
+  over the invariant channels and the other channels separately (the denominators are detached:
+  they remove the trivial minimum of shrinking all features, and keep the small invariant block
+  from being drowned by the rest). ``T_l(h, R) = h + mask * W2[(W1 h) * g(R)]``: the
   multiplicative conditioning can represent maps linear in ``R`` (the ``l = 1`` representation) and,
   through ``g``'s MLP, more. ``mask`` is zero on the first ``invariant_channels`` channels: there
   ``T`` is the identity (the trivial representation), and the energy head reads only those channels,
@@ -89,7 +90,7 @@ class LearnedEquivarianceConfig:
     readout_hidden: int = 32
     invariant_channels: int | None = None
     symmetry_mode: str = "learned"
-    equivariance_loss_weight: float = 1.0
+    equivariance_loss_weight: float = 100.0
     transform_hidden: int = 64
     alignment_stop_grad: bool = False
     use_charge_spin: bool = False
@@ -343,10 +344,15 @@ class LearnedEquivarianceModel(PotentialModel):
         hs_rot = self.features(batch, rotate_rows(edge_vec, R2[batch.batch[batch.edge_index[1]]]), h0)
         R_atom = R2[batch.batch]  # [n_atoms, 3, 3]
         total = edge_vec.new_zeros(())
+        k = self.n_inv
         for T, h, h_rot in zip(self.transforms, hs, hs_rot):
             target = h_rot.detach() if self.config.alignment_stop_grad else h_rot
-            err = (T(h, R_atom) - target).square().mean()
-            total = total + err / (target.detach().square().mean() + 1e-12)
+            sq = (T(h, R_atom) - target).square()  # [n_atoms, C]
+            scale = target.detach().square()
+            # invariant and transformed channels normalised separately, so neither dominates
+            for sl in (slice(0, k), slice(k, None)):
+                if sq[:, sl].numel():
+                    total = total + sq[:, sl].mean() / (scale[:, sl].mean() + 1e-12)
         return total / len(hs)
 
 

@@ -70,9 +70,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over ranks (returns a new tensor; identity on one process)."""
     if not info.enabled:
         return t
-    out = t.detach().clone()
+    out = t.detach().clone().to(info.device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise maximum of ``t`` over ranks (identity on one process)."""
+    if not info.enabled:
+        return t
+    out = t.detach().clone().to(info.device)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.cpu()
 
 
 def all_reduce_max_flag(flag: bool, info: DistInfo) -> bool:

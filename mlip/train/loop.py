@@ -56,6 +56,7 @@ class LRSchedule:
         self.warmup, self.total, self.min_ratio = cfg.warmup_steps, max(total_steps, 1), cfg.min_lr_ratio
         self.factor, self.patience = cfg.plateau_factor, cfg.plateau_patience
         self.t, self.plateau_scale, self.best, self.bad, self.override = 0, 1.0, math.inf, 0, None
+        self.time_fraction: float | None = None  # set under a wall-clock budget: cosine follows the clock
         self._apply()
 
     def lr(self) -> float:
@@ -63,7 +64,10 @@ class LRSchedule:
             return self.override
         warm = min(1.0, (self.t + 1) / self.warmup) if self.warmup > 0 else 1.0
         if self.kind == "cosine":
-            frac = min(1.0, max(0, self.t - self.warmup) / max(1, self.total - self.warmup))
+            if self.time_fraction is not None:
+                frac = min(1.0, self.time_fraction)
+            else:
+                frac = min(1.0, max(0, self.t - self.warmup) / max(1, self.total - self.warmup))
             decay = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
             return self.base * warm * decay
         if self.kind == "plateau":
@@ -289,9 +293,10 @@ def train_step(state: RunState, batch: GraphBatch, real: bool, weights: LossWeig
     # each rank divides by the global counts; DDP averages gradients, so scale by world size
     local, _ = combine(sums, dict(zip(keys, global_counts)), weights)
     loss_value = float(ddp.all_reduce_sum(local.detach().reshape(1), info))
+    # backward even for a non-finite loss: every DDP rank then runs the same gradient all-reduce
+    (local * info.world_size).backward()
     if not math.isfinite(loss_value):
         return _skip(state, f"non-finite loss ({loss_value})")
-    (local * info.world_size).backward()
     params = [p for p in state.model.parameters() if p.requires_grad]
     if cfg.optim.clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
@@ -343,7 +348,7 @@ def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
         sums_t += torch.stack([sums[k] for k in ("energy", "forces", "stress")]).double().cpu()
         counts_t += torch.stack([counts[k] for k in ("energy", "forces", "stress")]).double().cpu()
         metrics.update(pred, batch)
-    metrics.all_reduce()
+    metrics.all_reduce(info.device)
     sums_t, counts_t = ddp.all_reduce_sum(sums_t, info), ddp.all_reduce_sum(counts_t, info)
     keys = ("energy", "forces", "stress")
     loss, _ = combine(dict(zip(keys, sums_t)), dict(zip(keys, counts_t)), weights)
@@ -388,15 +393,22 @@ def fit(state: RunState) -> None:
                 state.epoch_loss_steps += 1
             logger.step({"epoch": epoch, "step": state.step, "loss": loss, "lr": state.schedule.lr()})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}" if loss is not None else "skipped", lr=f"{state.schedule.lr():.2e}")
+            post = {"loss": f"{loss:.4g}" if loss is not None else "skipped", "lr": f"{state.schedule.lr():.2e}"}
+            if state.history and "valid_forces_mae" in state.history[-1]:
+                last = state.history[-1]  # the latest validation, in meV units
+                post["val E/at"] = f"{1e3 * last['valid_energy_per_atom_mae']:.3g}"
+                post["val F"] = f"{1e3 * last['valid_forces_mae']:.3g}"
+            bar.set_postfix(post)
             every = cfg.train.checkpoint_every_steps
             if every and state.step % every == 0 and state.step_in_epoch < len(parts):
                 _save(state, best=False)
             if "step" in state.hooks:
                 state.hooks["step"](state)
             if cfg.train.time_budget_s is not None:
-                over = time.time() - state.started > cfg.train.time_budget_s
-                if ddp.all_reduce_max_flag(over, info):
+                # all ranks use the slowest clock, so their learning rates agree
+                elapsed = float(ddp.all_reduce_max(torch.tensor([time.time() - state.started]), info))
+                state.schedule.time_fraction = elapsed / cfg.train.time_budget_s
+                if elapsed > cfg.train.time_budget_s:
                     stop = True
                     break
         bar.close()

@@ -72,13 +72,16 @@ class Metrics:
             self._add("s_abs", d.abs().sum())
             self._add("s_sq", d.square().sum())
 
-    def all_reduce(self) -> None:
-        """Sum the accumulators over data-parallel ranks (no-op without torch.distributed)."""
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum the accumulators over data-parallel ranks (no-op without torch.distributed).
+
+        ``device``: where the collective runs (a CUDA device under NCCL)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([self.scalars, self.per_z.flatten()])
+            flat = torch.cat([self.scalars, self.per_z.flatten()]).to(device)
             dist.all_reduce(flat)
+            flat = flat.cpu()
             self.scalars = flat[: len(_SLOTS)].clone()
             self.per_z = flat[len(_SLOTS):].view(3, _N_Z).clone()
 

@@ -223,13 +223,19 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
         f"{I2}wb = (offs_e * N_PATHS * C)[:, None] + offs_c[None, :]",
     ]
     L += [f"{I2}x{i} = tl.load(xb + {i}, mask=m2, other=0.0)" for i in range(d_in)]
-    L += [f"{I2}g{k} = tl.load(gb + {k}, mask=m2, other=0.0)" for k in range(d_out)]
+
+    def load_g(path: _Path, indent: str) -> list[str]:
+        # each output component belongs to one path: load it where that path is used, which keeps
+        # ~2l3+1 (not D_out) gradient tiles live at a time (lmax 3: 99 -> 7)
+        ks = sorted({k for _, _, k, _ in path.nnz})
+        return [f"{indent}g{path.out_off + k} = tl.load(gb + {path.out_off + k}, mask=m2, other=0.0)" for k in ks]
     # dT/dw[e, p, c] = sum_m3 g_m3 * sum_m1 x_m1 a[m1, m3]
     L.append(f"{I2}if COMPUTE_W:")
     for path in paths:
         if not path.nnz:
             L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, tl.zeros([BLOCK_E, BLOCK_C], dtype=dt), mask=m2)")
             continue
+        L += load_g(path, I3)
         L += _emit_a(path, I3)
         by_k: dict[int, list[int]] = {}
         for i, k in sorted(_a_tables(path)):
@@ -241,11 +247,15 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
         L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, {t}, mask=m2)")
     # dT/dY[e, m2] = sum_c sum_p w_p sum_{m1 m3} CG[m1, m2, m3] x_m1 g_m3
     L.append(f"{I2}if COMPUTE_Y:")
-    per_j: dict[int, list[str]] = {}
+    # per path, accumulate into one [BLOCK_E, BLOCK_C] tile per Y component and reduce over channels
+    # once at the end: only this path's weight and gradient tiles are live at a time
+    used_j = sorted({path.sh_off + j for path in paths for _, j, _, _ in path.nnz})
+    L += [f"{I3}z{j} = tl.zeros([BLOCK_E, BLOCK_C], dtype=dt)" for j in used_j]
     for path in paths:
         if not path.nnz:
             continue
         L.append(f"{I3}w{path.index} = tl.load(w_ptr + wb + {path.index} * C, mask=m2, other=0.0)")
+        L += load_g(path, I3)
         tab: dict[tuple[int, int], list[tuple[int, float]]] = {}
         for i, j, k, v in path.nnz:
             tab.setdefault((i, j), []).append((k, v))
@@ -254,9 +264,8 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
             v_expr = " + ".join(_scaled(v, f"g{path.out_off + k}") for k, v in ks)
             by_j.setdefault(j, []).append(f"x{path.in_off + i} * ({v_expr})")
         for j, ts in sorted(by_j.items()):  # the path weight factors out of every (m1, m3) term
-            per_j.setdefault(path.sh_off + j, []).append(f"w{path.index} * ({' + '.join(ts)})")
-    for j, ts in sorted(per_j.items()):
-        L.append(f"{I3}gy{j} += tl.sum({' + '.join(ts)}, axis=1)")
+            L.append(f"{I3}z{path.sh_off + j} += w{path.index} * ({' + '.join(ts)})")
+    L += [f"{I3}gy{j} += tl.sum(z{j}, axis=1)" for j in used_j]
     L.append(f"{I1}if COMPUTE_Y:")
     L += [f"{I2}tl.store(gy_ptr + offs_e * D_SH + {j}, gy{j}, mask=mask_e)" for j in range(d_sh)]
     return "\n".join(L) + "\n"
@@ -318,9 +327,15 @@ def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int) -> ModuleType:
     return module
 
 
-#: (BLOCK_E, BLOCK_C, num_warps) tried by the autotuner on the GPU, per channel count. Untuned guesses
-#: (no GPU was available when this was written); few, because each is a compile of a long kernel.
-GPU_CONFIGS = [(8, 32, 4), (16, 32, 4), (16, 64, 4), (32, 64, 8)]
+#: (BLOCK_E, BLOCK_C, num_warps) tried by the autotuner on the GPU, per kernel and channel count.
+#: Not timed (no GPU was lent when this was written): chosen from ptxas register reports of sm_90
+#: builds (``compile_for_target``) as the largest tiles without spills for lmax (1, 3, 3) and
+#: (3, 3, 3) in float32 (one 2D tile element per thread), and few, because each is a long compile.
+GPU_CONFIGS = {
+    "fwd": [(4, 32, 4), (8, 32, 4)],
+    "bwd_x": [(4, 32, 4), (8, 32, 4)],
+    "bwd_edge": [(2, 32, 2), (4, 32, 4)],
+}
 #: block sizes under ``TRITON_INTERPRET=1``: small, so that the tests walk several edge and channel blocks
 INTERPRET_BLOCKS = {"BLOCK_E": 4, "BLOCK_C": 2}
 
@@ -344,7 +359,7 @@ def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[
     for key, fn in (("fwd", mod.conv_fwd), ("bwd_x", mod.conv_bwd_x), ("bwd_edge", mod.conv_bwd_edge)):
         jitted = triton.jit(fn)
         if not interpret:
-            configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in GPU_CONFIGS]
+            configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in GPU_CONFIGS[key]]
             key_args = ["C", "COMPUTE_Y", "COMPUTE_W"] if key == "bwd_edge" else ["C"]
             jitted = triton.autotune(configs=configs, key=key_args, **_autotune_cache_kw())(jitted)
         out[key] = jitted
@@ -512,7 +527,7 @@ def _signature(kind: str, ptr: str) -> dict[str, str]:
 
 
 def compile_for_target(lmax: tuple[int, int, int], dtype: torch.dtype = torch.float32, arch: int = 90,
-                       block_e: int = 8, block_c: int = 32, num_warps: int = 4) -> dict[str, object]:
+                       block_e: int = 4, block_c: int = 32, num_warps: int = 4) -> dict[str, object]:
     """Compile the three kernels to CUDA binaries for ``sm_<arch>`` without a GPU.
 
     Uses Triton's bundled ``ptxas``; run with ``TRITON_INTERPRET`` unset (the interpreter replaces
