@@ -215,7 +215,8 @@ def main() -> None:
         for a, b in zip(rows["mlip"]["rows"], rows["mace"]["rows"]):
             assert a["n_edges"] == b["n_edges"], (a, b)
             print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {a['stress']!s:>6} {a['ms']:>10.1f} "
-                  f"{b['ms']:>10.1f} {a['ms'] / b['ms']:>10.2f}", flush=True)
+                  f"{b['ms']:>10.1f} {a['ms'] / b['ms']:>6.2f} {a['cpu']:>12.1f} {b['cpu']:>12.1f} "
+                  f"{a['cpu'] / b['cpu']:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

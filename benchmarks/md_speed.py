@@ -57,6 +57,40 @@ def time_md(atoms, calc, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def run_neighbors(args) -> list[dict]:
+    """Per-step neighbour cost: a full build at ``r_max`` (what ``skin=0`` pays every step) against
+    the skin path on a reuse step (displacement test + filtering the ``r_max + skin`` list)."""
+    import torch
+
+    from mlip.calculator import NeighborCache
+    from mlip.data.neighbors import neighbor_list
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for n in args.sizes:
+        atoms = crystal(n)
+        pos = torch.tensor(atoms.positions)
+        cell = torch.tensor(np.asarray(atoms.cell))
+        pbc = torch.tensor(atoms.pbc)
+        numbers = torch.tensor(atoms.numbers)
+        reps = 3
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            neighbor_list(pos, cell, pbc, args.r_max)
+        t_build = (time.perf_counter() - t0) / reps
+        cache = NeighborCache(args.r_max, skin=args.skin)
+        cache(pos, cell, pbc, numbers)  # the one build with r_max + skin
+        moved = pos + 0.01 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(0), dtype=pos.dtype)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            cache(moved, cell, pbc, numbers)
+        t_reuse = (time.perf_counter() - t0) / reps
+        assert cache.n_builds == 1
+        rows.append({"n_atoms": n, "build_s": t_build, "reuse_s": t_reuse})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def run_mlip(args) -> dict:
     import torch
 
@@ -65,9 +99,9 @@ def run_mlip(args) -> dict:
     from mlip.models.base import build_model
 
     torch.set_num_threads(args.threads)
-    cfg = dict(elements=ELEMENTS, r_max=args.r_max, num_channels=args.channels, lmax=args.lmax,
-               hidden_lmax=args.hidden_lmax, num_layers=args.layers, correlation=args.correlation,
-               avg_num_neighbors=40.0, e0s={29: -3.5}, scale=0.3)
+    cfg = {"elements": ELEMENTS, "r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax,
+           "hidden_lmax": args.hidden_lmax, "num_layers": args.layers, "correlation": args.correlation,
+           "avg_num_neighbors": 40.0, "e0s": {29: -3.5}, "scale": 0.3}
     model = build_model("equivariant", cfg).eval()
     out = {"params": sum(p.numel() for p in model.parameters()), "rows": []}
     for n in args.sizes:
@@ -138,6 +172,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 2)))
     ap.add_argument("--mace-python", default="/work/venv-mace/bin/python", help="python with mace-torch ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--neighbors-only", action="store_true",
+                    help="only time the neighbour list per step: full build vs skin reuse")
     ap.add_argument("--worker", choices=["mace"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -145,12 +181,22 @@ def main() -> None:
         print(json.dumps(run_mace(args)))
         return
 
+    if args.neighbors_only:
+        print(f"\nneighbour list per MD step, fcc Cu, r_max={args.r_max} Å, skin={args.skin} Å, {args.threads} thread(s)")
+        print(f"{'atoms':>7} {'full build s':>12} {'skin reuse s':>12} {'speed-up':>8}")
+        for r in run_neighbors(args):
+            print(f"{r['n_atoms']:>7} {r['build_s']:>12.4g} {r['reuse_s']:>12.4g} {r['build_s'] / r['reuse_s']:>8.1f}")
+        return
+
     ours = run_mlip(args)
     mace = None
     if args.mace_python and os.path.exists(args.mace_python):
-        cmd = [args.mace_python, os.path.abspath(__file__), "--worker", "mace"] + [
-            a for a in sys.argv[1:] if not a.startswith("--json")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [args.mace_python, os.path.abspath(__file__), "--worker", "mace", "--mace-python", "",
+               "--sizes", ",".join(map(str, args.sizes))]
+        for key in ("steps", "warmup", "channels", "lmax", "hidden_lmax", "layers", "correlation", "r_max",
+                    "dtype", "device", "threads"):
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
             mace = json.loads(proc.stdout.strip().splitlines()[-1])
         else:

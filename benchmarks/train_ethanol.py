@@ -47,6 +47,7 @@ def hardware() -> dict:
         info["cpu"] = platform.processor()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    info["load_average_1min"] = os.getloadavg()[0]  # other work sharing the CPU slows a budgeted run
     return info
 
 
@@ -79,6 +80,7 @@ def main() -> None:
         apply_override(cfg_dict, assignment)
     cfg = config_from_mapping(cfg_dict)
 
+    load_before = os.getloadavg()[0]
     start = time.time()
     model_path = train(cfg)
     wall = time.time() - start
@@ -93,7 +95,7 @@ def main() -> None:
         "steps_done": history[-1]["step"] if history else 0,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "config": cfg_dict,
-        "hardware": hardware(),
+        "hardware": {**hardware(), "load_average_1min_at_start": load_before},
     }
     Path(args.out, "benchmark.json").write_text(json.dumps(report, indent=2))
     print(format_report(result))

@@ -54,7 +54,7 @@ def md(model: str, structure: str, ensemble: str, thermostat: str, temperature: 
 
     try:
         atoms = read(structure, index=index)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+    except Exception as err:
         raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
     try:
         result = run_md(

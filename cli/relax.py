@@ -32,7 +32,7 @@ def read_structures(path: str) -> list[tuple[str, object]]:
             frames = [read(str(p), format="vasp")]
         else:
             frames = read(str(p), index=":")
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+    except Exception as err:
         raise click.ClickException(f"{path}: cannot read structures ({err})") from err
     if not frames:
         raise click.ClickException(f"{path}: no structures found")

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces
-from ase.md.verlet import VelocityVerlet
 from ase.md.velocitydistribution import thermalize_momenta
-from ase import units
+from ase.md.verlet import VelocityVerlet
 
 from mlip.calculator import MLIPCalculator, NeighborCache
 from mlip.data.graph import GraphBatch
@@ -89,7 +88,7 @@ class MorsePair(PotentialModel):
         fcut = (1.0 - x * x) ** 3
         z = self.z_index[batch.numbers]
         zs, zr = z[sender], z[receiver]
-        sym = lambda p: 0.5 * (p + p.T)  # noqa: E731
+        sym = lambda p: 0.5 * (p + p.T)
         depth, alpha, r0 = sym(self.log_depth).exp(), sym(self.log_alpha).exp(), sym(self.r0)
         morse = depth[zs, zr] * ((1.0 - torch.exp(-alpha[zs, zr] * (r - r0[zs, zr]))) ** 2 - 1.0)
         pair = morse * fcut  # [n_edges]
@@ -267,11 +266,11 @@ def test_calculator_resets_when_atoms_cell_pbc_or_numbers_change():
     atoms = rattled_cu()
     atoms.calc = calc
     variants = []
-    a = atoms.copy(); a.positions[0] += [0.05, 0.0, 0.0]; variants.append(("positions", a))  # noqa: E702
-    a = atoms.copy(); a.set_cell(np.asarray(atoms.cell) * 1.01, scale_atoms=False); variants.append(("cell", a))  # noqa: E702
-    a = atoms.copy(); a.pbc = [True, True, False]; variants.append(("pbc", a))  # noqa: E702
-    a = atoms.copy(); a.numbers[3] = 28; variants.append(("numbers", a))  # noqa: E702
-    a = rattled_cu(repeat=(3, 2, 2), seed=5); variants.append(("n_atoms", a))  # noqa: E702
+    a = atoms.copy(); a.positions[0] += [0.05, 0.0, 0.0]; variants.append(("positions", a))
+    a = atoms.copy(); a.set_cell(np.asarray(atoms.cell) * 1.01, scale_atoms=False); variants.append(("cell", a))
+    a = atoms.copy(); a.pbc = [True, True, False]; variants.append(("pbc", a))
+    a = atoms.copy(); a.numbers[3] = 28; variants.append(("numbers", a))
+    a = rattled_cu(repeat=(3, 2, 2), seed=5); variants.append(("n_atoms", a))
     variants.append(("back to the start", atoms.copy()))
     e_prev = atoms.get_potential_energy()
     for what, new in variants:

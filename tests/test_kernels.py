@@ -28,7 +28,7 @@ LMAX_CASES = [(1, 1, 1), (0, 2, 2), (2, 2, 2), (1, 2, 1)]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def interpret():
+def interpret(tmp_path_factory):
     """Run Triton kernels in the interpreter with small blocks."""
     if _TRITON_WAS_IMPORTED:
         import triton.language as tl
@@ -39,6 +39,7 @@ def interpret():
             "run with TRITON_INTERPRET=1 in the environment"
         )
     mp = pytest.MonkeyPatch()
+    mp.setenv("MLIP_CACHE_DIR", str(tmp_path_factory.mktemp("mlip_cache")))  # generated kernel source
     mp.setitem(conv.INTERPRET_BLOCKS, "BLOCK_E", 4)
     mp.setitem(conv.INTERPRET_BLOCKS, "BLOCK_C", 2)
     yield
@@ -199,6 +200,22 @@ def test_conv_first_and_second_derivatives_match_reference(lmax, dtype):
         outs[name] = [t.detach() for t in grads] + list(second)
     for a, b in zip(outs["triton"], outs["torch"]):
         torch.testing.assert_close(a, b, **_tol(dtype))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
+def test_conv_gradients_of_a_subset_of_inputs_and_non_contiguous_inputs(needs):
+    ops = _ops()
+    sender, receiver = _graph()
+    grads = {}
+    for name, fn in (("triton", ops.conv_tp), ("torch", ref.conv_tp)):
+        x, y, w = _inputs((1, 2, 1), torch.float64)
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous strides
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+        ins = [t.requires_grad_(n) for t, n in zip((x, y, w), needs)]
+        out = fn(*ins, sender, receiver, 5, 1, 2, 1)
+        grads[name] = torch.autograd.grad((out * out).sum(), [t for t in ins if t.requires_grad])
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_gradcheck_and_gradgradcheck_float64():
@@ -373,3 +390,26 @@ def test_check_backend_accepts_triton_and_refuses_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(ops, "conv_tp", wrong)
     with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
         validate.check_backend(_model("triton", torch.float64))
+
+
+def test_ensure_checked_runs_once_per_device_and_dtype(monkeypatch):
+    pytest.importorskip("mlip.models.equivariant")
+    ops = _ops()
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return ref.conv_tp(*args)  # an exact "accelerated" kernel: the check passes
+
+    monkeypatch.setattr(ops, "conv_tp", counted)
+    model = _model("triton", torch.float64)
+    validate.ensure_checked(model, "cpu", torch.float64)
+    n = len(calls)
+    assert n > 0  # the check evaluated the model with its backend
+    validate.ensure_checked(model, "cpu", torch.float64)
+    assert len(calls) == n  # cached for (cpu, float64)
+    monkeypatch.setattr(ops, "conv_tp", lambda *args: ref.conv_tp(*args) * 1.001)
+    with pytest.raises(validate.BackendMismatchError):
+        validate.ensure_checked(model, "cpu", torch.float32)  # another dtype: checked again, and refused
+    with pytest.raises(validate.BackendMismatchError):
+        validate.ensure_checked(model, "cpu", torch.float32)  # a failed check is not remembered

@@ -179,6 +179,36 @@ def test_config_presets_build_and_run(name):
     assert torch.isfinite(out["forces"]).all()
 
 
+def test_evaluate_command_reports_the_measured_equivariance_error(tmp_path):
+    """``mlip evaluate`` on a saved learned-equivariance model prints and writes the rotation error,
+    and the number is the one mlip.train.equivariance measures on the same structures."""
+    import json
+
+    import ase.io
+    from click.testing import CliRunner
+
+    from mlip.cli.main import main
+    from mlip.models.base import save_model
+
+    frames = []
+    for seed, atoms in enumerate([molecule(), molecule(), crystal()]):
+        atoms = atoms.copy()
+        atoms.positions += np.random.default_rng(seed).normal(scale=0.02, size=atoms.positions.shape)
+        atoms.info["energy"] = -1.0
+        atoms.arrays["forces"] = np.zeros((len(atoms), 3))
+        frames.append(atoms)
+    path = tmp_path / "data.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    model = _model().eval()
+    save_model(model, tmp_path / "model.pt")
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "model.pt"), str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert "rotation equivariance" in result.output
+    assert got["equivariance_forces_max"] > 1e-4 and got["equivariance_energy_max"] > 0
+
+
 # ----------------------------------------------------------------------------- the learned effect
 def _xtb_molecules():
     from mlip.data.formats.extxyz import iter_extxyz

@@ -11,6 +11,7 @@ import torch
 from ase.build import bulk
 from ase.io import read, write
 from click.testing import CliRunner
+from test_calculator import morse_model, rattled_cu, single_thread  # noqa: F401
 
 from mlip.data.formats import read as read_data
 from mlip.data.graph import collate
@@ -18,7 +19,6 @@ from mlip.data.transforms import atoms_to_graph
 from mlip.md.dynamics import LOG_COLUMNS, MDBlowUpError, run_md
 from mlip.models.base import build_model, save_model
 from mlip.models.outputs import predict
-from test_calculator import morse_model, rattled_cu, single_thread  # noqa: F401
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "emt_crystals.xyz"
 
@@ -45,11 +45,11 @@ def trained_model():
         r_max = 4.0
         batch = collate([atoms_to_graph(a, r_max) for a in frames])
         n_per = torch.bincount(batch.batch).to(torch.float64)
-        config = dict(
-            elements=[29], r_max=r_max, num_channels=8, lmax=1, num_layers=1, correlation=2,
-            avg_num_neighbors=batch.n_edges / batch.n_atoms, scale=float(batch.forces.pow(2).mean().sqrt()),
-            e0s={29: float((batch.energy / n_per).mean())},
-        )
+        config = {
+            "elements": [29], "r_max": r_max, "num_channels": 8, "lmax": 1, "num_layers": 1, "correlation": 2,
+            "avg_num_neighbors": batch.n_edges / batch.n_atoms, "scale": float(batch.forces.pow(2).mean().sqrt()),
+            "e0s": {29: float((batch.energy / n_per).mean())},
+        }
         model = build_model("equivariant", config).double()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         force_rmse = []

@@ -12,11 +12,11 @@ from ase.filters import FrechetCellFilter, UnitCellFilter
 from ase.io import read, write
 from ase.optimize import FIRE
 from click.testing import CliRunner
+from test_calculator import calc64, morse_model, rattled_cu, single_thread  # noqa: F401
 
 import mlip
 from mlip.md.relax import relax_batch
 from mlip.models.base import save_model
-from test_calculator import calc64, morse_model, rattled_cu, single_thread  # noqa: F401
 
 
 def _max_generalised_force(atoms, relax_cell: bool) -> float:
@@ -59,8 +59,8 @@ def _energy(atoms) -> float:
 
 
 def test_relax_accepts_and_returns_pymatgen_structure():
-    from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
 
     structure = AseAtomsAdaptor.get_structure(rattled_cu(repeat=(1, 1, 1), a=3.5, rattle=0.1))
     out = mlip.relax(structure, morse_model(), fmax=0.01, relax_cell=True, optimizer="BFGS",
@@ -74,7 +74,7 @@ def test_relax_accepts_and_returns_pymatgen_structure():
 def test_batched_equals_one_by_one_and_reaches_fmax(relax_cell):
     model = morse_model()
     structures = _structures()
-    kw = dict(fmax=0.01, relax_cell=relax_cell, device="cpu", dtype="float64", max_steps=400)
+    kw = {"fmax": 0.01, "relax_cell": relax_cell, "device": "cpu", "dtype": "float64", "max_steps": 400}
     batched = relax_batch(structures, model, **kw)
     for s, b in zip(structures, batched):
         single = relax_batch([s], model, **kw)[0]

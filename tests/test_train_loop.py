@@ -119,6 +119,25 @@ def test_warmup_then_cosine_schedule():
     assert lrs[14] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_plateau_schedule_cuts_the_rate_after_patience_and_stage_two_pins_it():
+    cfg = config_from_mapping({"model": {"family": "toy-pair"}, "data": {"train": "x"},
+                               "optim": {"lr": 1.0, "scheduler": "plateau", "plateau_patience": 2,
+                                         "plateau_factor": 0.1}})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRSchedule(opt, cfg.optim, total_steps=10)
+    for loss in (1.0, 0.5, 0.6, 0.6):  # two validations without improvement: still within patience
+        sched.on_validation(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    sched.on_validation(0.7)  # the third: cut
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    sched.set_override(0.01)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    again = LRSchedule(opt, cfg.optim, total_steps=10)
+    again.load_state_dict(sched.state_dict())
+    assert again.lr() == sched.lr()
+
+
 # ----------------------------------------------------------------------------- runs
 def test_training_writes_outputs_and_learns(tmp_path, emt_file):
     cfg = _cfg(tmp_path, emt_file, **{"train.epochs": 5, "data.test_fraction": 0.15})

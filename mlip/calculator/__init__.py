@@ -8,7 +8,7 @@ from typing import Any
 
 from mlip.calculator.ase import MLIPCalculator, NeighborCache
 
-__all__ = ["MLIPCalculator", "NeighborCache", "MLIPTorchSimModel"]
+__all__ = ["MLIPCalculator", "MLIPTorchSimModel", "NeighborCache"]
 
 
 def __getattr__(name: str) -> Any:

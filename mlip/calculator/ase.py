@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from mlip.data.neighbors import neighbor_list
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 
-__all__ = ["MLIPCalculator", "NeighborCache", "resolve_device", "resolve_dtype", "prepare_model"]
+__all__ = ["MLIPCalculator", "NeighborCache", "prepare_model", "resolve_device", "resolve_dtype"]
 
 #: CUDA out-of-memory (``torch.OutOfMemoryError`` since torch 2.5)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -217,7 +218,7 @@ class MLIPCalculator(Calculator):
     xx yy zz yz xz xy, eV/Å³, ASE sign) for cells periodic in all three directions.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(
         self,
@@ -249,15 +250,15 @@ class MLIPCalculator(Calculator):
         changes = super().check_state(atoms, tol=tol)
         if self.atoms is not None:
             for key in ("charge", "spin", "head"):
-                if self.atoms.info.get(key) != atoms.info.get(key):
+                old, new = self.atoms.info.get(key), atoms.info.get(key)
+                if (old is None) != (new is None) or (old is not None and not np.array_equal(old, new)):
                     changes.append(f"info[{key}]")
                     break
         return changes
 
-    def reset(self) -> None:
-        super().reset()
-        if hasattr(self, "neighbors"):
-            self.neighbors.reset()
+    # ``reset()`` (ASE's: forget atoms and results) deliberately keeps the neighbour cache: the
+    # cache validates itself against numbers, pbc, cell and positions on every call, and older ASE
+    # versions call reset() on every position change, which would defeat the skin.
 
     # -- evaluation -------------------------------------------------------------------------
     def batch_from_atoms(self, atoms: Atoms) -> GraphBatch:

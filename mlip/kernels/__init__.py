@@ -3,7 +3,8 @@
 ``get_backend(name, device)`` returns a module exposing the ops of
 :mod:`mlip.kernels.reference`. ``auto`` picks Triton on CUDA when it is importable and
 the torch reference elsewhere. An explicitly requested backend that cannot run raises
-rather than silently falling back.
+rather than silently falling back (:func:`validate_backend`). The load-time comparison of an
+accelerated backend with the reference is :func:`mlip.kernels.validate.check_backend`.
 """
 from __future__ import annotations
 

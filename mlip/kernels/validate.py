@@ -142,3 +142,25 @@ def check_backend(
             "and report this (GPU, driver, triton version)."
         )
     return check
+
+
+def ensure_checked(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """:func:`check_backend` once per ``(device, dtype)`` of ``model``; a no-op afterwards.
+
+    Meant for the first forward of a model on a device (e.g. where it resolves its kernel
+    backend), so a model moved to a GPU after loading is still checked. Re-entrant: the
+    evaluations inside the check do not trigger another check.
+
+    Raises:
+        BackendMismatchError: as :func:`check_backend`; the pair is then not marked as checked.
+    """
+    key = (str(torch.device(device)), dtype)
+    done = model.__dict__.setdefault("_mlip_backend_checked", set())
+    if key in done or model.__dict__.get("_mlip_backend_checking", False):
+        return
+    model.__dict__["_mlip_backend_checking"] = True
+    try:
+        check_backend(model, dtype=dtype, device=device)
+        done.add(key)
+    finally:
+        model.__dict__["_mlip_backend_checking"] = False

@@ -4,4 +4,4 @@ from __future__ import annotations
 from mlip.md.dynamics import MDBlowUpError, MDResult, run_md
 from mlip.md.relax import RelaxResult, relax, relax_batch
 
-__all__ = ["run_md", "MDResult", "MDBlowUpError", "relax", "relax_batch", "RelaxResult"]
+__all__ = ["MDBlowUpError", "MDResult", "RelaxResult", "relax", "relax_batch", "run_md"]

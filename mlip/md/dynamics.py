@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from mlip.calculator.ase import MLIPCalculator
 from mlip.models.base import PotentialModel
 from mlip.units import GPA
 
-__all__ = ["run_md", "MDResult", "MDBlowUpError", "ENSEMBLES", "THERMOSTATS", "LOG_COLUMNS"]
+__all__ = ["ENSEMBLES", "LOG_COLUMNS", "THERMOSTATS", "MDBlowUpError", "MDResult", "run_md"]
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("nose-hoover", "langevin")
@@ -40,7 +39,7 @@ LOG_COLUMNS = (
 class MDBlowUpError(RuntimeError):
     """The simulation left physical bounds; ``result`` holds what was done (trajectory kept)."""
 
-    def __init__(self, message: str, result: "MDResult") -> None:
+    def __init__(self, message: str, result: MDResult) -> None:
         super().__init__(message)
         self.result = result
 
@@ -79,7 +78,7 @@ class _TrajectoryWriter:
             self._fh = None
         elif self.suffix in (".xyz", ".extxyz"):
             self._traj = None
-            self._fh = open(path, "w")
+            self._fh = open(path, "w")  # noqa: SIM115 - appended to frame by frame, closed by close()
         else:
             raise ValueError(f"trajectory {path}: use .extxyz, .xyz or .traj")
 
@@ -222,7 +221,7 @@ def run_md(
     log_csv = None
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log, "w", newline="")
+        log_fh = open(log, "w", newline="")  # noqa: SIM115 - closed in the finally below
         log_csv = csv.DictWriter(log_fh, fieldnames=list(LOG_COLUMNS))
         log_csv.writeheader()
     n_atoms = len(atoms)

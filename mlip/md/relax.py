@@ -14,8 +14,9 @@ update and the cell degrees of freedom follow ASE's ``FIRE`` (Bitzek et al., PRL
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 from mlip.units import GPA
 
-__all__ = ["relax", "relax_batch", "RelaxResult", "to_atoms", "from_atoms", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
 
 #: ASE optimisers accepted by :func:`relax` (by lower-case name)
 OPTIMIZERS = ("fire", "bfgs", "lbfgs")
@@ -218,7 +219,6 @@ def relax_batch(
     n_per = torch.tensor([len(a) for a in atoms_list], device=dev)
     ptr = torch.zeros(n_graphs + 1, dtype=torch.long, device=dev)
     ptr[1:] = torch.cumsum(n_per, 0)
-    graph_of_atom = torch.repeat_interleave(torch.arange(n_graphs, device=dev), n_per)
     x = torch.cat([torch.as_tensor(a.positions, dtype=f64) for a in atoms_list]).to(dev)  # [N, 3]
     numbers = torch.cat([torch.as_tensor(a.numbers, dtype=torch.long) for a in atoms_list]).to(dev)
     cell0 = torch.stack([torch.as_tensor(np.asarray(a.cell), dtype=f64) for a in atoms_list]).to(dev)
@@ -318,7 +318,8 @@ def relax_batch(
         vx, vc = v_x[atoms_g], v_c[upd_g]
         nu = len(update)
 
-        def per_graph(ax: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+        def per_graph(ax: torch.Tensor, ac: torch.Tensor, nu: int = nu, s_atom: torch.Tensor = s_atom) -> torch.Tensor:
+            """Per-structure sum over atom rows [n, 3] and cell rows [nu, 3, 3] -> [nu]."""
             return torch.zeros(nu, dtype=f64, device=dev).index_add(0, s_atom, ax.sum(1)) + ac.sum((1, 2))
 
         st = started[upd_g]

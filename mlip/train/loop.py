@@ -7,6 +7,7 @@ replays exactly the batches an uninterrupted run would have seen next.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -364,27 +365,33 @@ def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
 
 
 def fit(state: RunState) -> None:
-    """Train until ``train.epochs`` (or the time budget); checkpoint, validate and log."""
-    from tqdm.auto import tqdm
-
+    """Train until ``train.epochs`` (or the time budget); validate, checkpoint and log each epoch."""
     cfg, info = state.cfg, state.dist
-    train_split, valid_split = state.data.train, state.data.valid
-    base_weights = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
     logger = _MetricsLogger(state.out, enabled=info.is_main, log_steps=cfg.train.log_steps)
     stop = False
     while state.epoch < cfg.train.epochs and not stop:
-        epoch = state.epoch
-        weights = weights_at_epoch(cfg.loss, epoch)
-        st = cfg.loss.stage_two
-        if st.start_epoch is not None and epoch >= st.start_epoch and st.lr is not None:
-            state.schedule.set_override(st.lr)
-        parts = _batches(train_split, cfg, epoch, shuffle=True)
-        local, real = _local(state, parts)
-        start = state.step_in_epoch
-        bar = tqdm(total=len(parts), initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   disable=not (info.is_main and cfg.train.progress), leave=False, dynamic_ncols=True)
-        state.model.train()
-        for k, batch in enumerate(_load(train_split, local[start:], cfg.data.num_workers), start=start):
+        stop = _train_epoch(state, logger)
+        _end_epoch(state, logger, last=stop or state.epoch + 1 >= cfg.train.epochs)
+    logger.close()
+
+
+def _train_epoch(state: RunState, logger: "_MetricsLogger") -> bool:
+    """The remaining steps of epoch ``state.epoch``; True if the time budget ran out."""
+    from tqdm.auto import tqdm
+
+    cfg, info, epoch = state.cfg, state.dist, state.epoch
+    weights = weights_at_epoch(cfg.loss, epoch)
+    st = cfg.loss.stage_two
+    if st.start_epoch is not None and epoch >= st.start_epoch and st.lr is not None:
+        state.schedule.set_override(st.lr)
+    parts = _batches(state.data.train, cfg, epoch, shuffle=True)
+    local, real = _local(state, parts)
+    start = state.step_in_epoch
+    bar = tqdm(total=len(parts), initial=start, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+               disable=not (info.is_main and cfg.train.progress), leave=False, dynamic_ncols=True)
+    state.model.train()
+    try:
+        for k, batch in enumerate(_load(state.data.train, local[start:], cfg.data.num_workers), start=start):
             loss = train_step(state, batch, real[k], weights)
             state.step += 1
             state.step_in_epoch = k + 1
@@ -393,12 +400,7 @@ def fit(state: RunState) -> None:
                 state.epoch_loss_steps += 1
             logger.step({"epoch": epoch, "step": state.step, "loss": loss, "lr": state.schedule.lr()})
             bar.update(1)
-            post = {"loss": f"{loss:.4g}" if loss is not None else "skipped", "lr": f"{state.schedule.lr():.2e}"}
-            if state.history and "valid_forces_mae" in state.history[-1]:
-                last = state.history[-1]  # the latest validation, in meV units
-                post["val E/at"] = f"{1e3 * last['valid_energy_per_atom_mae']:.3g}"
-                post["val F"] = f"{1e3 * last['valid_forces_mae']:.3g}"
-            bar.set_postfix(post)
+            bar.set_postfix(_postfix(state, loss))
             every = cfg.train.checkpoint_every_steps
             if every and state.step % every == 0 and state.step_in_epoch < len(parts):
                 _save(state, best=False)
@@ -409,52 +411,61 @@ def fit(state: RunState) -> None:
                 elapsed = float(ddp.all_reduce_max(torch.tensor([time.time() - state.started]), info))
                 state.schedule.time_fraction = elapsed / cfg.train.time_budget_s
                 if elapsed > cfg.train.time_budget_s:
-                    stop = True
-                    break
+                    return True
+    finally:
         bar.close()
-        row = {"epoch": epoch + 1, "step": state.step, "lr": state.schedule.lr(),
-               "train_loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
-               "skipped_steps": state.step_in_epoch - state.epoch_loss_steps}
-        last_epoch = state.epoch + 1 >= cfg.train.epochs or stop
-        if valid_split is not None and len(valid_split) and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last_epoch):
-            with (state.ema.swapped() if state.ema is not None else _nullctx()):
-                metrics = validate(state, valid_split, base_weights)
-            row.update({f"valid_{k}": v for k, v in metrics.items() if k != "forces_per_element"})
-            state.schedule.on_validation(metrics["loss"])
-            score = metrics["loss"]
-            if info.is_main:
-                tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}, valid loss "
-                           f"{metrics['loss']:.4g}, {format_summary(metrics)}"
-                           + (f", equivariance F rel {metrics['equivariance_forces_rel']:.2e}"
-                              if "equivariance_forces_rel" in metrics else ""))
-        else:
-            # without a validation set the training loss ranks checkpoints; between validations, nothing does
-            score = row["train_loss"] if valid_split is None or not len(valid_split) else math.nan
-            if math.isfinite(score):
-                state.schedule.on_validation(score)
-            if info.is_main and cfg.train.progress:
-                tqdm.write(f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}")
-        row["time_s"] = time.time() - state.started
-        state.history.append(row)
-        logger.epoch(row)
-        state.epoch += 1
-        state.step_in_epoch = 0
-        state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-        improved = math.isfinite(score) and score < state.best
-        if improved:
-            state.best = score
-        _save(state, best=improved)
-        if "epoch" in state.hooks:
-            state.hooks["epoch"](state)
-    logger.close()
+    return False
 
 
-class _nullctx:
-    def __enter__(self):
-        return None
+def _postfix(state: RunState, loss: float | None) -> dict:
+    """Live progress-bar fields: step loss, learning rate, latest validation errors (meV)."""
+    post = {"loss": f"{loss:.4g}" if loss is not None else "skipped", "lr": f"{state.schedule.lr():.2e}"}
+    if state.history and "valid_forces_mae" in state.history[-1]:
+        last = state.history[-1]
+        post["val E/at"] = f"{1e3 * last['valid_energy_per_atom_mae']:.3g}"
+        post["val F"] = f"{1e3 * last['valid_forces_mae']:.3g}"
+    return post
 
-    def __exit__(self, *exc):
-        return False
+
+def _end_epoch(state: RunState, logger: "_MetricsLogger", last: bool) -> None:
+    """Validate (EMA weights), log the epoch's row, step a plateau schedule, write checkpoints."""
+    from tqdm.auto import tqdm
+
+    cfg, info, valid = state.cfg, state.dist, state.data.valid
+    epoch = state.epoch
+    row = {"epoch": epoch + 1, "step": state.step, "lr": state.schedule.lr(),
+           "train_loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
+           "skipped_steps": state.step_in_epoch - state.epoch_loss_steps}
+    line = f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}"
+    if valid is not None and len(valid) and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last):
+        # the stage-one weights rank checkpoints, so "best" stays comparable across stages
+        base = LossWeights(cfg.loss.energy_weight, cfg.loss.forces_weight, cfg.loss.stress_weight)
+        with state.ema.swapped() if state.ema is not None else contextlib.nullcontext():
+            metrics = validate(state, valid, base)
+        row.update({f"valid_{k}": v for k, v in metrics.items() if k != "forces_per_element"})
+        score = metrics["loss"]
+        line += f", valid loss {score:.4g}, {format_summary(metrics)}"
+        if "equivariance_forces_rel" in metrics:
+            line += f", equivariance F rel {metrics['equivariance_forces_rel']:.2e}"
+    else:
+        # without a validation set the training loss ranks checkpoints; between validations, nothing does
+        score = row["train_loss"] if valid is None or not len(valid) else math.nan
+    if math.isfinite(score):
+        state.schedule.on_validation(score)
+    if info.is_main and (cfg.train.progress or "valid_loss" in row):
+        tqdm.write(line)
+    row["time_s"] = time.time() - state.started
+    state.history.append(row)
+    logger.epoch(row)
+    state.epoch += 1
+    state.step_in_epoch = 0
+    state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+    improved = math.isfinite(score) and score < state.best
+    if improved:
+        state.best = score
+    _save(state, best=improved)
+    if "epoch" in state.hooks:
+        state.hooks["epoch"](state)
 
 
 def _save(state: RunState, best: bool) -> None:

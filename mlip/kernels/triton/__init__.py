@@ -1,0 +1,3 @@
+"""Triton kernels (imported lazily through :func:`mlip.kernels.get_backend`): ``ops`` mirrors
+:mod:`mlip.kernels.reference`; ``conv`` generates and launches the fused convolution kernels,
+``autograd`` makes them differentiable to any order, ``grid`` is the spherical-grid product."""
