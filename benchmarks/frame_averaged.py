@@ -246,9 +246,11 @@ def md(args: argparse.Namespace) -> dict:
         dyn = VelocityVerlet(atoms, timestep=args.dt * units.fs)
         etot, gaps = [], []
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for step in range(args.steps):
             dyn.run(1)
             etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
+            if step % 25 == 0:
+                print(f"{name}: step {step}, E_tot {etot[-1]:.6f} eV", flush=True)
             if family == "frame-averaged":
                 from ase.neighborlist import neighbor_list
 

@@ -130,9 +130,11 @@ def _labelled_file(tmp_path):
     mol = Atoms("CuAg", positions=[[0, 0, 0], [2.4, 0, 0]])
     mol.info["energy"] = -1.0
     mol.arrays["forces"] = np.array([[0.2, 0, 0], [-0.2, 0, 0]])
+    atom = Atoms("Cu", positions=[[0, 0, 0]])
+    atom.info["energy"] = -0.4
     path = tmp_path / "labelled.xyz"
-    write(path, [crystal, mol], format="extxyz")
-    return path, [crystal, mol]
+    write(path, [crystal, atom, mol], format="extxyz")
+    return path, [crystal, mol]  # the isolated atom is reported apart from the metrics
 
 
 def test_evaluate_command_reports_hand_computed_metrics(tmp_path):
@@ -164,6 +166,8 @@ def test_evaluate_command_reports_hand_computed_metrics(tmp_path):
     assert got["forces_per_element"]["Ag"]["mae"] == pytest.approx(np.abs(forces[zs == 47]).mean())
     assert got["stress_mae"] == pytest.approx(np.abs(frames[0].info["stress"]).mean())
     assert got["equivariance_forces_max"] < 1e-10
+    assert got["isolated_atoms"] == {"Cu": {"reference": -0.4, "predicted": pytest.approx(-0.5)}}
+    assert got["n_structures"] == 2
     assert "force MAE" in result.output
     for name in ("energy_per_atom", "forces", "stress"):
         assert (tmp_path / "plots" / f"parity_{name}.png").stat().st_size > 1000

@@ -123,6 +123,14 @@ def test_dense_sdpa_attention_equals_edge_attention():
     a, b = predict(edge, batch, stress=True), predict(dense, batch, stress=True)
     assert rel_err(b["energy"].detach(), a["energy"].detach()) < 1e-12
     assert rel_err(b["forces"].detach(), a["forces"].detach()) < 1e-10
+    # training on forces differentiates twice through the fused attention: same weight gradients
+    grads = []
+    for model in (edge, dense):
+        model.zero_grad()
+        out = predict(model, _batch([molecule(), big]), forces=True, create_graph=True)
+        out["forces"].square().sum().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    assert rel_err(grads[1], grads[0]) < 1e-10
     with pytest.raises(ValueError, match="edge_values"):
         _model(attention="dense")
 

@@ -185,7 +185,13 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  #
             split = Split(sds, np.arange(len(sds)), sa, se)
             valid, test = (split, test) if name == "valid" else (valid, split)
 
-    heads, elements, e0s, avg, shift, scale = _statistics(train, cfg, log)
+    heads, elements, e0s, avg, shift, scale, from_isolated = _statistics(train, cfg, log)
+    if from_isolated and len(isolated):
+        # they define the E0s (exactly, as the model's per-element constants); as MACE does,
+        # they are not fitted again, so they cannot pull on the interaction energy
+        train = Split(ds, np.sort(order[n_valid + n_test:]), n_atoms, n_edges)
+        if log is not None:
+            log.info("%d isolated-atom structures set the E0s and are left out of the training loss", len(isolated))
     return Data(train, valid, test, heads, elements, e0s, avg, shift, scale)
 
 
@@ -204,14 +210,16 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
     f_sq, f_n = 0.0, 0
     for k in range(len(train)):
         g = train[k]
-        ok = torch.isfinite(g.forces)
-        f_sq += float(g.forces[ok].double().square().sum())
-        f_n += int(ok.sum())
+        if g.n_atoms > 1:
+            ok = torch.isfinite(g.forces)
+            f_sq += float(g.forces[ok].double().square().sum())
+            f_n += int(ok.sum())
         zs, counts = np.unique(g.numbers.numpy(), return_counts=True)
         comp = {int(z): int(c) for z, c in zip(zs, counts)}
         elements.update(comp)
-        n_edges += g.n_edges
-        n_nodes += g.n_atoms
+        if g.n_atoms > 1:  # isolated atoms would only dilute the neighbour count
+            n_edges += g.n_edges
+            n_nodes += g.n_atoms
         energy = float(g.energy)
         comps.setdefault(g.head, []).append((comp, energy))
         if g.n_atoms == 1 and math.isfinite(energy):
@@ -220,12 +228,14 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
     avg = n_edges / max(n_nodes, 1)
     spec = cfg.data.e0s
     e0s: dict[str, dict[int, float]] | None
+    from_isolated = False
     if isinstance(spec, dict):
         e0s = _explicit_e0s(spec, heads)
     elif spec == "none":
         e0s = None
     else:
         e0s = {}
+        from_isolated = True
         for h in heads:
             need = sorted({z for comp, _ in comps[h] for z in comp})
             have = isolated.get(h, {})
@@ -238,6 +248,7 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
             else:
                 e0s[h] = fit_e0s(comps[h], need)
                 how = "a least-squares fit"
+                from_isolated = False
             if log is not None:
                 log.info("E0s for head %r from %s: %s", h, how, {z: round(v, 6) for z, v in e0s[h].items()})
     residuals = [
@@ -249,7 +260,7 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
     if log is not None:
         log.info("average neighbours %.3f, mean per-atom energy after E0s %s eV, force RMS %s eV/Å", avg,
                  f"{shift:.4f}" if shift is not None else "n/a", f"{scale:.4f}" if scale is not None else "n/a")
-    return heads, sorted(elements), e0s, avg, shift, scale
+    return heads, sorted(elements), e0s, avg, shift, scale, from_isolated
 
 
 def _explicit_e0s(spec: dict, heads: list[str]) -> dict[str, dict[int, float]]:

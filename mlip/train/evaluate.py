@@ -40,16 +40,22 @@ def evaluate_split(
             ``(reference, predicted)`` numpy arrays for parity plots.
 
     Returns:
-        :meth:`Metrics.summary` plus ``equivariance_*`` (see
-        :func:`~mlip.train.equivariance.equivariance_error`).
+        :meth:`Metrics.summary` over structures of two or more atoms, ``equivariance_*`` (see
+        :func:`~mlip.train.equivariance.equivariance_error`), and ``isolated_atoms``
+        ({symbol: {reference, predicted}} in eV) for single-atom structures.
     """
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float64
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
-    sampler = BoundedBatchSampler(_n_atoms(split), max_atoms=max_atoms)
+    n_atoms = _n_atoms(split)
+    # single atoms are reference points for E0s, not test data: reported apart from the metrics
+    single = np.flatnonzero(n_atoms == 1)
+    many = np.flatnonzero(n_atoms != 1)
+    sampler = BoundedBatchSampler(n_atoms[many], max_atoms=max_atoms)
     metrics = Metrics()
-    for idx in sampler:
+    for pos in sampler:
+        idx = many[pos].tolist()
         batch = collate([split[i] for i in idx]).to(device, dtype)
         want_s = bool(torch.isfinite(batch.stress).any())
         pred = predict(model, batch, forces=True, stress=want_s)
@@ -63,9 +69,18 @@ def evaluate_split(
             if want_s:
                 collect.setdefault("stress", []).append((batch.stress.cpu().numpy(), pred["stress"].cpu().numpy()))
     out = metrics.summary()
-    n = min(equivariance_structures, len(split))
+    if len(single):
+        from ase.data import chemical_symbols
+
+        batch = collate([split[int(i)] for i in single]).to(device, dtype)
+        energy = predict(model, batch, forces=False)["energy"].detach().cpu().tolist()
+        out["isolated_atoms"] = {
+            chemical_symbols[int(z)]: {"reference": float(r), "predicted": float(p)}
+            for z, r, p in zip(batch.numbers.tolist(), batch.energy.tolist(), energy)
+        }
+    n = min(equivariance_structures, len(many))
     if n > 0:
-        batch = collate([split[i] for i in range(n)]).to(device, dtype)
+        batch = collate([split[int(i)] for i in many[:n]]).to(device, dtype)
         eq = equivariance_error(model, batch, n_rotations=n_rotations, seed=seed)
         out.update({f"equivariance_{k}": v for k, v in eq.items()})
     return out
@@ -118,6 +133,8 @@ def format_report(result: dict) -> str:
         lines.append(f"  force MAE / RMSE {sym:<10s} {1e3 * m['mae']:12.3f} / {1e3 * m['rmse']:.3f} meV/Å "
                      f"({m['n_atoms']} atoms)")
     row("stress MAE", "stress_mae", "meV/Å³")
+    for sym, v in result.get("isolated_atoms", {}).items():
+        lines.append(f"  isolated {sym:<3s} reference {v['reference']:.4f} eV, predicted {v['predicted']:.4f} eV")
     if "equivariance_energy_max" in result:
         lines.append(f"  rotation equivariance: max |ΔE| {result['equivariance_energy_max']:.3e} eV/atom, "
                      f"max |ΔF| {result['equivariance_forces_max']:.3e} eV/Å, "
