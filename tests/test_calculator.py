@@ -187,6 +187,10 @@ def test_energies_free_energy_and_dtype():
     atoms.calc = calc64(model)
     e = atoms.get_potential_energy()
     assert atoms.get_potential_energies().sum() == pytest.approx(e, abs=1e-10)
+    perfect = rattled_cu(rattle=0.0)  # every atom equivalent: equal per-atom energies
+    perfect.calc = calc64(model)
+    e_perfect = perfect.get_potential_energy()
+    np.testing.assert_allclose(perfect.get_potential_energies(), e_perfect / 32, atol=1e-12)
     assert atoms.calc.get_property("free_energy", atoms) == e
     assert atoms.get_potential_energy(force_consistent=True) == e
     # float32 agrees with float64 to float32 precision; the caller's model is not converted
@@ -207,6 +211,26 @@ def test_loads_model_from_path(tmp_path):
     ref = rattled_cu()
     ref.calc = calc64(model)
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-12)
+
+
+def test_defaults_device_auto_float32_and_auto_neighbor_backend(tmp_path):
+    """``MLIPCalculator(path)``: device "auto" (CUDA if present, else CPU), float32, the data pipeline's
+    "auto" neighbour backend; a loaded model works the same, and a torch dtype is accepted."""
+    path = tmp_path / "morse.pt"
+    save_model(morse_model(), path)
+    calc = MLIPCalculator(str(path))
+    want = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert calc.device.type == want.type and calc.dtype == torch.float32
+    assert calc.neighbors.backend == "auto"
+    assert next(calc.model.parameters()).device.type == want.type
+    atoms = rattled_cu()
+    atoms.calc = calc
+    ref = rattled_cu()
+    ref.calc = MLIPCalculator(morse_model(), device="auto", dtype=torch.float64)
+    assert ref.calc.dtype == torch.float64
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), rel=1e-5)
+    with pytest.raises(ValueError, match="dtype"):
+        MLIPCalculator(morse_model(), dtype="float16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +273,77 @@ def test_neighbor_cache_edges_equal_rebuild_under_cell_change():
         ei_ref, sh_ref = neighbor_list(pos, cell, pbc, 4.0)
         assert torch.equal(ei, ei_ref) and torch.equal(sh, sh_ref)
     assert 1 < cache.n_builds < cache.n_calls
+
+
+def test_rebuild_only_when_an_atom_moved_more_than_half_the_skin():
+    """Fixed cell: atoms moved by 0.49 skin (from the reference of the last build, not from the
+    previous call) keep the list; 0.51 skin rebuilds. Displacements count relative to their mean
+    (a rigid translation moves no pair): here two atoms move oppositely, so the mean is zero.
+    Forces equal a fresh calculation every time."""
+    skin = 1.0
+    calc = calc64(skin=skin)
+    atoms = rattled_cu()
+    atoms.calc = calc
+    atoms.get_forces()
+    nb = calc.neighbors
+    assert (nb.n_builds, nb.n_calls) == (1, 1)
+    direction = np.array([0.6, -0.8, 0.0])
+    start = atoms.positions.copy()
+    for frac, builds in ((0.25, 1), (0.49, 1), (0.51, 2), (0.51 + 0.49, 2), (0.51 + 0.52, 3)):
+        atoms.positions = start
+        atoms.positions[5] += frac * skin * direction
+        atoms.positions[6] -= frac * skin * direction
+        f = atoms.get_forces()
+        assert nb.n_builds == builds, frac
+        np.testing.assert_allclose(f, _fresh_results(atoms, calc.model)[1], atol=1e-12)
+    # the whole crystal drifting by 2 skins changes no pair vector: no rebuild, same forces
+    atoms.positions = atoms.positions + 2.0 * skin * direction
+    np.testing.assert_allclose(atoms.get_forces(), f, atol=1e-12)
+    assert nb.n_builds == 3
+
+
+def test_wrapped_atoms_keep_the_list_and_give_the_same_edges_as_a_rebuild():
+    """Atoms wrapped back into the cell jumped by a lattice vector, not by a distance: the list is
+    re-based (no rebuild) and still equals a full rebuild edge for edge, also in a deformed cell."""
+    atoms = rattled_cu(triclinic=True)
+    cache = NeighborCache(r_max=4.0, skin=1.0)
+    pbc = torch.tensor([True, True, True])
+    numbers = torch.tensor(atoms.numbers)
+    cell0 = np.asarray(atoms.cell)
+    rng = np.random.default_rng(2)
+    wrapped_any = 0
+    for k in range(12):
+        strain = np.eye(3) + 0.002 * k * rng.normal(size=(3, 3))
+        moved = atoms.copy()
+        moved.set_cell(cell0 @ strain, scale_atoms=True)
+        moved.positions += 0.4 * k * np.array([1.0, 0.7, -0.5]) / 12 + 0.01 * rng.normal(size=(len(atoms), 3))
+        before = moved.positions.copy()
+        moved.wrap()
+        wrapped_any += int(np.abs(moved.positions - before).max() > 1.0)
+        pos, cell = torch.tensor(moved.positions), torch.tensor(np.asarray(moved.cell))
+        ei, sh = cache(pos, cell, pbc, numbers)
+        ei_ref, sh_ref = neighbor_list(pos, cell, pbc, 4.0)
+        assert torch.equal(ei, ei_ref) and torch.equal(sh, sh_ref), k
+    assert wrapped_any >= 3 and cache.n_rebases >= 1
+    assert cache.n_builds == 1  # every call reused (and re-based) the first list
+
+    # through the calculator: wrapping changes nothing but the positions' labels
+    calc = calc64(skin=1.0)
+    a = rattled_cu()
+    a.calc = calc
+    a.positions[0] = [-0.01, -0.02, 0.05]  # just outside the cell
+    f_out = a.get_forces()
+    a.wrap()
+    assert a.positions[0, 0] > 7.0  # it really jumped across the cell
+    np.testing.assert_allclose(a.get_forces(), f_out, atol=1e-12)
+    np.testing.assert_allclose(a.get_stress(), _stress_fresh(a, calc.model), atol=1e-12)
+    assert (calc.neighbors.n_builds, calc.neighbors.n_rebases) == (1, 1)
+
+
+def _stress_fresh(atoms: Atoms, model) -> np.ndarray:
+    probe = atoms.copy()
+    probe.calc = calc64(model, skin=0.0)
+    return probe.get_stress()
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +394,40 @@ def test_charge_and_spin_from_atoms_info():
     plain = rattled_cu()
     plain.calc = calc64(model, charge=0, spin=1)
     assert plain.get_potential_energy() == pytest.approx(e_neutral, abs=1e-10)
+
+
+@pytest.mark.parametrize("family", ["equivariant", "frame-averaged", "learned-equivariance"])
+def test_charge_and_spin_reach_every_model_family(family):
+    """Each family built with ``use_charge_spin`` gets the total charge and multiplicity from
+    ``atoms.info`` through the calculator (the energy depends on them, forces stay consistent);
+    missing or impossible values are clear errors. Built without it, the info is ignored."""
+    from mlip.models.base import build_model
+
+    small = {"elements": [29], "r_max": 4.0, "num_channels": 8, "num_layers": 1}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(family, {**small, "use_charge_spin": True})
+        plain = build_model(family, small)
+    atoms = rattled_cu(repeat=(1, 1, 1))
+    atoms.calc = calc64(model)
+    with pytest.raises(ValueError, match="charge"):
+        atoms.get_potential_energy()
+    energies = []
+    for charge, spin in ((0, 1), (1, 2), (0, 3)):
+        atoms.info.update(charge=charge, spin=spin)
+        energies.append(atoms.get_potential_energy())
+        f = atoms.get_forces()
+        f_num = calculate_numerical_forces(atoms, eps=1e-4, iatoms=[0, 1])
+        np.testing.assert_allclose(f[:2], f_num, rtol=1e-5, atol=1e-6)
+    assert min(abs(energies[0] - energies[1]), abs(energies[0] - energies[2])) > 1e-6
+    atoms.info.update(charge=1, spin=1)  # 115 electrons cannot form a singlet
+    with pytest.raises(ValueError, match="structure 0"):
+        atoms.get_potential_energy()
+    other = rattled_cu(repeat=(1, 1, 1))
+    other.calc = calc64(plain)
+    e_plain = other.get_potential_energy()
+    other.info.update(charge=1, spin=2)
+    assert other.get_potential_energy() == pytest.approx(e_plain, abs=1e-12)
 
 
 def test_unknown_element_error_names_it():
@@ -381,3 +510,21 @@ def test_torchsim_model_interface():
         assert np.abs(at.positions - start[k].positions).max() > 1e-3  # the atoms moved
         at.calc = calc64(cu_model)
         assert float(final.energy[k]) == pytest.approx(at.get_potential_energy(), abs=1e-10)
+
+
+def test_torchsim_import_error_says_what_to_install(monkeypatch):
+    """Without torch-sim-atomistic (simulated here, so this runs whether or not it is installed)
+    the TorchSim model raises an ImportError naming the package; the ASE calculator is unaffected."""
+    import importlib
+    import sys
+
+    import mlip.calculator
+
+    monkeypatch.setitem(sys.modules, "torch_sim", None)  # `import torch_sim` now raises ImportError
+    monkeypatch.delitem(sys.modules, "mlip.calculator.torchsim", raising=False)
+    with pytest.raises(ImportError, match="pip install torch-sim-atomistic"):
+        importlib.import_module("mlip.calculator.torchsim")
+    with pytest.raises(ImportError, match="torch-sim-atomistic"):
+        mlip.calculator.MLIPTorchSimModel  # noqa: B018 - the lazy attribute imports the module
+    assert mlip.calculator.MLIPCalculator is MLIPCalculator
+    monkeypatch.delitem(sys.modules, "mlip.calculator.torchsim", raising=False)

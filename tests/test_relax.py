@@ -36,11 +36,12 @@ def _structures():
     return out
 
 
-@pytest.mark.parametrize("relax_cell", [False, True])
-def test_relax_reaches_fmax_atoms(relax_cell):
+@pytest.mark.parametrize(("optimizer", "relax_cell"), [("BFGS", False), ("BFGS", True), ("LBFGS", False),
+                                                      ("FIRE", True)])
+def test_relax_reaches_fmax_atoms(optimizer, relax_cell):
     start = rattled_cu(repeat=(1, 1, 2), a=3.5, rattle=0.1)
-    out = mlip.relax(start, morse_model(), fmax=0.01, relax_cell=relax_cell, optimizer="BFGS",
-                     device="cpu", dtype="float64", max_steps=200)
+    out = mlip.relax(start, morse_model(), fmax=0.01, relax_cell=relax_cell, optimizer=optimizer,
+                     device="cpu", dtype="float64", max_steps=400)
     assert out is not start and out.info["relax_converged"]
     assert _max_generalised_force(out, relax_cell) < 0.01
     assert out.info["relax_fmax"] < 0.01
@@ -94,6 +95,30 @@ def test_batched_equals_one_by_one_and_reaches_fmax(relax_cell):
             a.calc = calc64(model)
             f = UnitCellFilter(a).get_forces()
             assert np.sqrt((f**2).sum(1).max()) < 0.01
+
+
+def test_batched_relaxation_makes_one_model_call_per_step(monkeypatch):
+    """Every FIRE step evaluates all structures still relaxing in a single model call (the batch
+    shrinks as structures converge), so the number of calls is the longest relaxation's, not the sum."""
+    import importlib
+
+    relax_module = importlib.import_module("mlip.md.relax")  # the module (mlip.md.relax is also a function)
+    calls = []
+    real_predict = relax_module.predict
+
+    def counting_predict(model, batch, **kwargs):
+        calls.append(int(batch.ptr.numel()) - 1)
+        return real_predict(model, batch, **kwargs)
+
+    monkeypatch.setattr(relax_module, "predict", counting_predict)
+    results = relax_batch(_structures(), morse_model(), fmax=0.01, relax_cell=True, device="cpu",
+                          dtype="float64")
+    steps = [r.steps for r in results]
+    assert all(r.converged for r in results) and len(set(steps)) > 1
+    assert len(calls) == max(steps) + 1  # one call per step, plus the final check
+    # call k evaluates exactly the structures whose relaxation has not ended before step k
+    assert calls == [sum(s >= k for s in steps) for k in range(max(steps) + 1)]
+    assert calls[0] == 3 and sum(calls) == sum(s + 1 for s in steps)
 
 
 @pytest.mark.parametrize("relax_cell", [False, True])

@@ -97,21 +97,32 @@ class NeighborCache:
 
         (r_max + 2 max|u|) / sigma_min(M) < r_max + skin,
 
-    which for a fixed cell (``M = I``) is the usual "max displacement < skin/2". This keeps the
-    list valid under the small cell changes of NPT and cell relaxation. Listed edges are filtered
-    to ``|d| < r_max`` on every call, with the same float64 arithmetic and strict test as
-    :func:`mlip.data.neighbors.neighbor_list`, so the result equals a full rebuild exactly.
+    which for a fixed cell (``M = I``) is the usual "max displacement < skin/2". Since only
+    ``u_s - u_r`` enters, ``u`` is measured from its mean (a drift of the whole system costs no
+    rebuild). This keeps the list valid under the small cell changes of NPT and cell relaxation.
+    Listed edges are filtered to ``|d| < r_max`` on every call, with the same float64 arithmetic
+    and strict test as :func:`mlip.data.neighbors.neighbor_list`, so the result equals a full
+    rebuild exactly.
+
+    Atoms wrapped back into the cell (``atoms.wrap()``, or positions read back from a wrapped
+    trajectory) jump by a lattice vector ``n C`` (integer ``n``, periodic directions only). That
+    is not a displacement: ``u`` is measured modulo the lattice, and when some atom wrapped the
+    stored list is re-based (reference positions ``p0 + n C0``, edge shifts
+    ``S - n_sender + n_receiver``, which keeps the edge order) instead of rebuilt; ``n_rebases``
+    counts this.
 
     Args:
         r_max: model cutoff (Å).
         skin: extra shell (Å); 0 rebuilds on every call.
-        backend: neighbour-list backend (see :func:`mlip.data.neighbors.neighbor_list`).
+        backend: neighbour-list backend (see :func:`mlip.data.neighbors.neighbor_list`); ``"auto"``
+            is vesin for CPU tensors when installed (measured faster), our torch cell list on GPU.
 
     Attributes:
-        n_builds: how many times the list was (re)built; n_calls: how many times it was queried.
+        n_builds: how many times the list was (re)built; n_calls: how many times it was queried;
+        n_rebases: how many times it was re-based after atoms wrapped across the cell boundary.
     """
 
-    def __init__(self, r_max: float, skin: float = 0.5, backend: str = "torch") -> None:
+    def __init__(self, r_max: float, skin: float = 0.5, backend: str = "auto") -> None:
         if skin < 0:
             raise ValueError(f"skin must be >= 0, got {skin}")
         self.r_max = float(r_max)
@@ -119,6 +130,7 @@ class NeighborCache:
         self.backend = backend
         self.n_builds = 0
         self.n_calls = 0
+        self.n_rebases = 0
         self.reset()
 
     def reset(self) -> None:
@@ -131,26 +143,52 @@ class NeighborCache:
         self._edges: torch.Tensor | None = None
         self._shifts: torch.Tensor | None = None
 
-    def _still_valid(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor) -> bool:
+    def _image_offsets(
+        self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-atom lattice offsets ``n`` [n_atoms, 3] (long) for which the stored list is still valid
+        with reference positions ``p0 + n C0``; ``None`` when the list must be rebuilt."""
         if self._ref_pos is None or self.skin == 0.0:
-            return False
+            return None
         if pos.shape != self._ref_pos.shape or not torch.equal(numbers, self._ref_numbers):
-            return False
+            return None
         if not torch.equal(pbc, self._ref_pbc):
-            return False
+            return None
+        cell_inv = None  # inverse of the present cell, to measure displacements modulo the lattice
         if not bool(pbc.any()) or torch.equal(cell, self._ref_cell):
-            u = pos - self._ref_pos  # [n_atoms, 3] displacement; the cell does not matter
+            u = pos - self._ref_pos  # [n_atoms, 3] displacement
             sigma_min = 1.0
+            cell_inv = self._ref_cell_inv
         else:
             if self._ref_cell_inv is None:
-                return False  # a singular reference cell changed: no bound, rebuild
+                return None  # a singular reference cell changed: no bound, rebuild
             m = self._ref_cell_inv @ cell  # [3, 3]; cell = ref_cell @ m
             u = pos - self._ref_pos @ m
             sigma_min = float(torch.linalg.svdvals(m).min())
             if not sigma_min > 0:
-                return False
+                return None
+            cell_inv = torch.linalg.inv(cell)
+        n = torch.zeros_like(u, dtype=torch.long)
+        if cell_inv is not None and bool(pbc.any()) and u.numel():
+            # whole lattice vectors along periodic directions are wraps, not motion
+            n = torch.round(u @ cell_inv).to(torch.long) * pbc.to(torch.long)  # [n_atoms, 3]
+            if bool(n.any()):
+                u = u - n.to(u.dtype) @ cell
+        if u.numel():
+            u = u - u.mean(dim=0)  # a common translation moves no pair: only u_s - u_r enters d
         max_u = float(torch.linalg.norm(u, dim=1).max()) if u.numel() else 0.0
-        return (self.r_max + 2.0 * max_u) / sigma_min < self.r_max + self.skin
+        if (self.r_max + 2.0 * max_u) / sigma_min < self.r_max + self.skin:
+            return n
+        return None
+
+    def _rebase(self, n: torch.Tensor) -> None:
+        """Shift the reference by whole lattice vectors ``n`` [n_atoms, 3] (atoms that wrapped)."""
+        sender, receiver = self._edges
+        # same pair vectors from the moved reference; every edge of one (sender, receiver) pair gets
+        # the same offset, so the (receiver, sender, shift) order of neighbor_list() is kept
+        self._shifts = self._shifts - n[sender] + n[receiver]
+        self._ref_pos = self._ref_pos + n.to(self._ref_pos.dtype) @ self._ref_cell
+        self.n_rebases += 1
 
     def _build(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, numbers: torch.Tensor) -> None:
         self._edges, self._shifts = neighbor_list(pos, cell, pbc, self.r_max + self.skin, backend=self.backend)
@@ -172,10 +210,13 @@ class NeighborCache:
         self.n_calls += 1
         pos = positions.to(torch.float64)
         cell = cell.to(torch.float64)
-        if not self._still_valid(pos, cell, pbc, numbers):
+        offsets = self._image_offsets(pos, cell, pbc, numbers)
+        if offsets is None:
             self._build(pos, cell, pbc, numbers)
             if self.skin == 0.0:
                 return self._edges, self._shifts
+        elif bool(offsets.any()):
+            self._rebase(offsets)
         sender, receiver = self._edges
         vec = pos[sender] - pos[receiver] + self._shifts.to(torch.float64) @ cell  # [n_edges, 3]
         keep = torch.sqrt((vec * vec).sum(dim=1)) < self.r_max
@@ -211,7 +252,8 @@ class MLIPCalculator(Calculator):
             model raises a clear error if neither is given.
         compute_stress: ``None`` computes stress along with forces for 3D-periodic cells (one
             model call serves ``FrechetCellFilter``/NPT); ``False`` computes it only when asked.
-        neighbor_backend: see :func:`mlip.data.neighbors.neighbor_list`.
+        neighbor_backend: see :func:`mlip.data.neighbors.neighbor_list`; ``"auto"`` (default) is
+            vesin on CPU when installed and our torch cell list on GPU (``benchmarks/neighbors.py``).
 
     Results: ``energy`` and ``free_energy`` (eV, equal: the model has no electronic entropy),
     ``energies`` (per-atom, eV, summing to the energy), ``forces`` (eV/Å), ``stress`` (Voigt
@@ -230,7 +272,7 @@ class MLIPCalculator(Calculator):
         charge: float | None = None,
         spin: float | None = None,
         compute_stress: bool | None = None,
-        neighbor_backend: str = "torch",
+        neighbor_backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

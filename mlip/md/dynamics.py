@@ -123,8 +123,6 @@ def _make_dynamics(
         return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature, tdamp=tdamp * units.fs)
     from ase.md.nose_hoover_chain import MTKNPT
 
-    if not bool(np.all(atoms.pbc)):
-        raise ValueError("NPT needs a cell periodic in all three directions")
     return MTKNPT(atoms, timestep=dt, temperature_K=temperature, pressure_au=pressure * GPA,
                   tdamp=tdamp * units.fs, pdamp=pdamp * units.fs)
 
@@ -196,6 +194,8 @@ def run_md(
         raise ValueError(f"unknown thermostat {thermostat!r}; choose from {THERMOSTATS}")
     if steps < 0 or timestep <= 0 or log_every < 1 or traj_every < 1:
         raise ValueError("steps >= 0, timestep > 0, log_every >= 1 and traj_every >= 1 are required")
+    if ensemble == "npt" and not bool(np.all(atoms.pbc)):
+        raise ValueError("NPT needs a cell periodic in all three directions")
     if calculator is None:
         if model is None:
             raise ValueError("run_md() needs a model or a calculator")
@@ -211,7 +211,8 @@ def run_md(
             vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
         vd.Stationary(atoms)
         if not np.any(atoms.pbc):
-            vd.ZeroRotation(atoms)
+            with np.errstate(divide="ignore", invalid="ignore"):  # a linear molecule has a zero moment
+                vd.ZeroRotation(atoms)
 
     dyn = _make_dynamics(atoms, ensemble, thermostat, temperature, timestep, friction, tdamp, pressure, pdamp, seed)
     if log is None and out is not None:
