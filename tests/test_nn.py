@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,19 +83,18 @@ def test_symmetric_contraction_equivariant_and_zero_preserving(correlation):
     for R in (_rot(5), -_rot(6)):
         assert torch.allclose(sc(A @ wigner_matrix(3, R).T, elem), out @ wigner_matrix(2, R).T, atol=1e-11)
     assert torch.equal(sc(torch.zeros_like(A), elem), torch.zeros_like(out))
-    # a polynomial of degree `correlation` in A: scaling A by t scales the top term by t^correlation
-    if correlation > 1:
-        t = 2.0
-        diff = [sc(A * t**k, elem) for k in range(correlation + 2)]
-        # finite difference of order correlation+1 in log-scale is zero for a polynomial of that degree
-        coeffs = [math.comb(correlation + 1, k) * (-1) ** k for k in range(correlation + 2)]
-        assert sum(c * d for c, d in zip(coeffs, diff)).abs().max() > 0  # nonlinear
-        # exact polynomial identity p(tA) for t -> a degree-`correlation` Lagrange interpolation
-        ts = [1.0, 2.0, 3.0, 4.0][: correlation + 1]
-        vals = [sc(A * tt, elem) for tt in ts]
-        t5 = 5.0
-        lag = sum(v * math.prod((t5 - tj) / (ti - tj) for tj in ts if tj != ti) for ti, v in zip(ts, vals))
-        assert torch.allclose(sc(A * t5, elem), lag, rtol=1e-9, atol=1e-9)
+    # a polynomial of degree exactly `correlation` in A: Lagrange interpolation of t -> sc(tA) through
+    # correlation+1 points reproduces it at t = 5, through `correlation` points it does not
+    @torch.no_grad()
+    def lagrange(ts, t):
+        vals = [sc(A * ti, elem) for ti in ts]
+        return sum(v * math.prod((t - tj) / (ti - tj) for tj in ts if tj != ti) for ti, v in zip(ts, vals))
+
+    with torch.no_grad():
+        exact = sc(A * 5.0, elem)
+    ts = [1.0, 2.0, 3.0, 4.0][: correlation + 1]
+    assert torch.allclose(lagrange(ts, 5.0), exact, rtol=1e-9, atol=1e-9)
+    assert float((lagrange(ts[:-1], 5.0) - exact).abs().max()) > 1e-3 * float(exact.abs().max())
 
 
 def test_channelwise_product_matches_einsum():
@@ -187,7 +187,7 @@ def test_grid_mixing_parity_exact_and_rotation_error_bounded():
 def test_check_charge_spin_rules():
     numbers = torch.tensor([8, 1, 1, 8])  # water (10 e) and an O atom (8 e)
     batch = torch.tensor([0, 0, 0, 1])
-    ok = dict(numbers=numbers, batch=batch, n_graphs=2)
+    ok = {"numbers": numbers, "batch": batch, "n_graphs": 2}
     check_charge_spin(charge=torch.tensor([0.0, 0.0]), spin=torch.tensor([1.0, 3.0]), **ok)
     check_charge_spin(charge=torch.tensor([1.0, -1.0]), spin=torch.tensor([2.0, 2.0]), **ok)
     with pytest.raises(ValueError, match=r"structure 1 .*charge=nan"):
@@ -215,3 +215,52 @@ def test_e0_table_forms_and_head_index():
     ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5)
     out = ae(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert out.tolist() == [2.0 + 0.5 - 1.0, 2.0 + 0.5 - 5.0]
+
+
+def test_bessel_basis_is_orthonormal_on_the_ball():
+    """``∫_0^r_max b_n(r) b_m(r) r^2 dr = δ_nm`` (the radial Bessel basis of DimeNet/NequIP)."""
+    r_max = 4.0
+    x, w = (torch.tensor(a, dtype=torch.float64) for a in np.polynomial.legendre.leggauss(200))
+    r = 0.5 * r_max * (x + 1.0)
+    b = BesselBasis(r_max, 6)(r)  # [200, 6]
+    gram = (b * (w * 0.5 * r_max * r * r)[:, None]).T @ b
+    assert torch.allclose(gram, torch.eye(6, dtype=torch.float64), atol=1e-10)
+
+
+def test_envelope_second_derivative_vanishes_at_cutoff():
+    env = PolynomialEnvelope(5.0, p=5)
+    r = torch.tensor([5.0 - 1e-9, 2.5], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(env(r).sum(), r, create_graph=True)
+    (g2,) = torch.autograd.grad(g.sum(), r)
+    assert abs(float(g2[0])) < 1e-6 and abs(float(g2[1])) > 1e-2
+
+
+def test_conv_tp_messages_flow_from_sender_to_receiver():
+    """One directed edge 0 -> 1: atom 1 receives ``w * CG(x_0 ⊗ Y(r̂))``, atom 0 receives nothing."""
+    from mlip.kernels.reference import clebsch_gordan
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen)
+    vec = torch.tensor([[0.3, -1.1, 0.7]], dtype=torch.float64)
+    Y = spherical_harmonics(2, vec)
+    paths = tp_paths(1, 2, 1)
+    w = torch.randn(1, len(paths), 3, dtype=torch.float64, generator=gen)
+    out = conv_tp(x, Y, w, torch.tensor([0]), torch.tensor([1]), 2, 1, 2, 1)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    k = 0
+    for p, (l1, l2, l3) in enumerate(paths):
+        cg = clebsch_gordan(l1, l2, l3, torch.float64, torch.device("cpu"))
+        want = torch.einsum("ci,j,ijk->ck", x[0, :, l1 * l1 : (l1 + 1) ** 2], Y[0, l2 * l2 : (l2 + 1) ** 2], cg) * w[0, p, :, None]
+        assert torch.allclose(out[1, :, k : k + 2 * l3 + 1], want, atol=1e-14)
+        k += 2 * l3 + 1
+
+
+@pytest.mark.parametrize("lmax", [1, 2, 3])
+def test_grid_size_is_tied_to_lmax(lmax):
+    """Default grid degree ``3 lmax``: Gauss-Legendre ``3 lmax // 2 + 1`` x even ``>= 3 lmax + 1`` in φ."""
+    from mlip.nn.s2grid import grid_size
+
+    mix = GridMixing(4, lmax)
+    n_theta, n_phi = grid_size(3 * lmax)
+    assert mix.degree == 3 * lmax and mix.num_points == n_theta * n_phi
+    assert n_theta == 3 * lmax // 2 + 1 and n_phi % 2 == 0 and n_phi >= 3 * lmax + 1

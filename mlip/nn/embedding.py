@@ -63,12 +63,12 @@ def check_charge_spin(
             raise ValueError(f"{where}: total charge must be an integer")
         if sg != round(sg) or sg < 1:
             raise ValueError(f"{where}: spin multiplicity 2S+1 must be an integer >= 1")
-        n_el = zg - int(round(qg))
+        n_el = zg - round(qg)
         if n_el < 0:
             raise ValueError(f"{where}: charge exceeds the total nuclear charge {zg}")
-        if (n_el - (int(round(sg)) - 1)) % 2 != 0:
+        if (n_el - (round(sg) - 1)) % 2 != 0:
             raise ValueError(
-                f"{where}: impossible pair, {n_el} electrons cannot have multiplicity {int(round(sg))} "
+                f"{where}: impossible pair, {n_el} electrons cannot have multiplicity {round(sg)} "
                 "(n_electrons - (multiplicity - 1) must be even)"
             )
 

@@ -7,6 +7,7 @@ biases), so energies and forces are continuous as a neighbour crosses the cutoff
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -109,7 +110,7 @@ class MLPRadial(torch.nn.Module):
         super().__init__()
         sizes = [num_radial] + list(hidden) + [num_out]
         self.weights = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(a, b)) for a, b in zip(sizes[:-1], sizes[1:])]
+            [torch.nn.Parameter(torch.randn(a, b)) for a, b in itertools.pairwise(sizes)]
         )
 
     def forward(self, basis: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
