@@ -7,8 +7,15 @@ import ase.build
 import numpy as np
 import pytest
 import torch
+from conformance import (
+    ModelConformance,
+    atoms_to_graph,
+    molecule,
+    random_rotation,
+    rel_err,
+    transform,
+)
 
-from conformance import ModelConformance, atoms_to_graph, crystal, molecule, random_rotation, rel_err, transform
 from mlip.data.graph import collate
 from mlip.models.base import build_model
 from mlip.models.outputs import predict
@@ -173,6 +180,8 @@ def test_degenerate_structures_stay_within_the_stated_bound(name):
 
 
 def test_direct_force_head_is_equivariant_but_not_conservative():
+    """The head's forces are what predict() (and so training, evaluation and the calculator) returns;
+    they rotate with the structure (full averaging) but are not -dE/dr."""
     model = _model(direct_forces=True)
     assert model.direct_forces
     batch = _batch([molecule(), _rattled_cu(), ase.Atoms("N", positions=[[0.0, 0.0, 0.0]])])
@@ -183,5 +192,81 @@ def test_direct_force_head_is_equivariant_but_not_conservative():
         rb = transform(batch, R, torch.tensor([0.3, -1.0, 2.0]))
         rot = model(rb, rb.edge_vectors())["forces"].detach()
         assert rel_err(rot, direct @ R.T) < 1e-10
-    conservative = predict(model, batch)["forces"].detach()  # predict() differentiates the energy
+    pred = predict(model, batch, forces=True, stress=True)
+    assert torch.equal(pred["forces"].detach(), direct)
+    assert torch.isfinite(pred["stress"][1]).all()  # stress still from the energy's strain derivative
+    pos = batch.positions.clone().requires_grad_()
+    energy = model(batch, batch.edge_vectors(pos))["energy"].sum()
+    conservative = -torch.autograd.grad(energy, pos)[0]
     assert rel_err(direct, conservative) > 1e-3
+    # training on forces reaches the head's weights through predict()
+    model.train()
+    loss = predict(model, batch, forces=True, create_graph=True)["forces"].square().sum()
+    loss.backward()
+    assert model.force_head[0].weight.grad.abs().sum() > 0
+
+
+def test_frames_are_the_principal_axes_of_the_centred_positions():
+    """For a molecule inside the cutoff (envelope ~ 1) the frame's axes are the eigenvectors of the
+    covariance of the centred positions, the PCA frame of the papers, up to their signs."""
+    atoms = molecule()
+    model = _model(r_max=60.0)
+    batch = _batch([atoms], r_max=60.0)
+    fs = model.frames(batch, batch.edge_vectors())
+    assert fs.n_frames == 8 and fs.degeneracy.item() == 0
+    x = torch.tensor(atoms.positions, dtype=torch.float64)
+    c = x - x.mean(0)
+    _, axes = torch.linalg.eigh(c.T @ c)  # ascending, as the frames
+    for U in fs.rotation:
+        assert torch.allclose((U * axes).sum(0).abs(), torch.ones(3, dtype=torch.float64), atol=1e-8)
+
+
+def test_trains_through_mlip_train_and_runs_in_the_calculator(tmp_path):
+    """The family goes through the shared training loop (stochastic frames while training) and
+    the exported model runs in MLIPCalculator with full averaging: deterministic, forces equal
+    finite differences of the calculator energy, stress present for the periodic cell."""
+    import toy_models
+    from ase.calculators.fd import calculate_numerical_forces
+
+    from mlip.calculator import MLIPCalculator
+    from mlip.models.base import load_model
+    from mlip.train.config import config_from_mapping
+    from mlip.train.loop import train
+
+    data = tmp_path / "emt.xyz"
+    toy_models.write_emt_data(data, n=4, seed=1)
+    cfg = config_from_mapping({
+        "output_dir": str(tmp_path / "run"), "dtype": "float64", "device": "cpu", "num_threads": 1,
+        "model": {"family": "frame-averaged", **SMALL, "r_max": 3.0},
+        "data": {"train": str(data), "valid_fraction": 0.25}, "batch": {"max_atoms": 16},
+        "optim": {"lr": 0.01}, "train": {"epochs": 1, "progress": False},
+    })
+    model = load_model(train(cfg))
+    assert model.family == "frame-averaged" and not model.training and model.averaging == "full"
+    atoms = toy_models.write_emt_data(tmp_path / "one.xyz", n=1, seed=9, isolated=False)[0]
+    atoms.calc = MLIPCalculator(model, device="cpu", dtype="float64", skin=0.0)
+    e1, f = atoms.get_potential_energy(), atoms.get_forces()
+    assert atoms.get_stress().shape == (6,) and np.isfinite(atoms.get_stress()).all()
+    atoms.calc.results.clear()
+    assert atoms.get_potential_energy() == e1  # full averaging: no random frame at inference
+    np.testing.assert_allclose(calculate_numerical_forces(atoms, eps=1e-4), f, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_config_presets_build_load_and_are_invariant(size):
+    """configs/frame-averaged-<size>.yaml builds the registered family with the documented
+    defaults (stochastic training, full evaluation) and gives an invariant energy."""
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    section = dict(yaml.safe_load((root / "configs" / f"frame-averaged-{size}.yaml").read_text())["model"])
+    assert section.pop("family") == "frame-averaged"
+    model = build_model("frame-averaged", {**section, "elements": [1, 6, 8]}).double().eval()
+    assert (model.config.train_averaging, model.config.eval_averaging) == ("stochastic", "full")
+    assert sum(p.numel() for p in model.parameters()) > 5e4
+    batch = _batch([molecule()], r_max=section["r_max"])
+    ref = predict(model, batch)
+    out = predict(model, transform(batch, -random_rotation(2)))
+    assert rel_err(out["energy"].detach(), ref["energy"].detach()) < 1e-10

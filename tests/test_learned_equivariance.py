@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conformance import (
+    ModelConformance,
+    atoms_to_graph,
+    crystal,
+    molecule,
+    random_rotation,
+    rel_err,
+    transform,
+)
 
-from conformance import ModelConformance, atoms_to_graph, crystal, molecule, random_rotation, rel_err, transform
 from mlip.data.graph import collate
 from mlip.models.base import build_model
 from mlip.models.outputs import predict
@@ -100,7 +108,7 @@ def test_alignment_loss_vanishes_for_the_identity_rotation_and_has_gradients():
     assert float(model.alignment_loss(batch, vec, h0, rotation=eye).detach()) < 1e-24
     rot = torch.stack([random_rotation(1), random_rotation(2)])
     loss = model.alignment_loss(batch, vec, h0, rotation=rot)
-    assert float(loss) > 1e-6
+    assert float(loss.detach()) > 1e-6
     loss.backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert all(T.w_out.weight.grad.abs().sum() > 0 for T in model.transforms)
@@ -112,24 +120,41 @@ def test_alignment_loss_vanishes_for_the_identity_rotation_and_has_gradients():
     assert torch.equal(out[:, : model.n_inv], h[:, : model.n_inv]) and not torch.allclose(out, h)
 
 
-def test_dense_sdpa_attention_equals_edge_attention():
-    """attention='dense' (fused scaled_dot_product_attention with a mask, per structure) gives the
-    edge-wise result; the periodic cell with repeated neighbour pairs falls back to the edge path."""
+def test_dense_sdpa_attention_equals_edge_attention(monkeypatch):
+    """attention='dense' runs one fused scaled_dot_product_attention call per block over the whole
+    padded batch (counted), and gives the edge-wise result, including the small periodic cell whose
+    repeated (sender, receiver) pairs are combined in the mask; training gradients agree too."""
     big = ase.Atoms("CCOHHH", positions=np.random.default_rng(4).uniform(0, 2.5, size=(6, 3)))
-    batch = _batch([molecule(), big, crystal()])
+    structures = [molecule(), big, crystal()]
+    batch = _batch(structures)
+    pairs = batch.edge_index[0] * batch.n_atoms + batch.edge_index[1]
+    assert torch.unique(pairs).numel() < pairs.numel()  # the crystal has periodic images of one pair
     edge = _model(edge_values=False).eval()
     dense = _model(edge_values=False, attention="dense").eval()
     dense.load_state_dict(edge.state_dict())
-    a, b = predict(edge, batch, stress=True), predict(dense, batch, stress=True)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, k, v, **kw):
+        calls.append(q.shape)
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    a = predict(edge, batch, stress=True)
+    assert not calls  # the edge path does not use SDPA
+    b = predict(dense, batch, stress=True)
+    assert len(calls) == len(dense.blocks) and calls[0] == (3, 2, 6, 8)  # [n_graphs, heads, n_max, head dim]
     assert rel_err(b["energy"].detach(), a["energy"].detach()) < 1e-12
     assert rel_err(b["forces"].detach(), a["forces"].detach()) < 1e-10
+    assert rel_err(b["stress"][2].detach(), a["stress"][2].detach()) < 1e-10  # the periodic cell
     # training on forces differentiates twice through the fused attention: same weight gradients
     grads = []
     for model in (edge, dense):
         model.zero_grad()
-        out = predict(model, _batch([molecule(), big]), forces=True, create_graph=True)
+        out = predict(model, batch, forces=True, create_graph=True)
         out["forces"].square().sum().backward()
-        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+        grads.append(torch.cat([model.blocks[0].attn.qkv.weight.grad.flatten(),
+                                model.blocks[0].attn.edge_bias.weight.grad.flatten(), model.blocks[0].attn.sink.grad]))
     assert rel_err(grads[1], grads[0]) < 1e-10
     with pytest.raises(ValueError, match="edge_values"):
         _model(attention="dense")
@@ -194,8 +219,8 @@ def test_evaluate_command_reports_the_measured_equivariance_error(tmp_path):
 
     import ase.io
     from click.testing import CliRunner
-
     from mlip.cli.main import main
+
     from mlip.models.base import save_model
 
     frames = []
@@ -217,6 +242,64 @@ def test_evaluate_command_reports_the_measured_equivariance_error(tmp_path):
     assert got["equivariance_forces_max"] > 1e-4 and got["equivariance_energy_max"] > 0
 
 
+# ----------------------------------------------------------------------------- training loop, calculator
+def _train_run(tmp_path, name: str, data, **model):
+    """One epoch of mlip.train on ``data`` (also the validation set), float64, no EMA."""
+    import json
+
+    from mlip.train.config import config_from_mapping
+    from mlip.train.loop import train
+
+    cfg = config_from_mapping({
+        "output_dir": str(tmp_path / name), "dtype": "float64", "device": "cpu", "num_threads": 1, "seed": 0,
+        "model": {"family": "learned-equivariance", **SMALL, "r_max": 3.5, **model},
+        "data": {"train": str(data), "valid": str(data)}, "batch": {"max_atoms": 24},
+        "optim": {"lr": 1e-3, "ema_decay": None}, "train": {"epochs": 1, "progress": False},
+    })
+    path = train(cfg)
+    steps = [json.loads(line) for line in (tmp_path / name / "steps.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return path, steps, rows[-1]
+
+
+def test_training_loop_adds_the_alignment_loss_and_validates_in_eval_mode(tmp_path):
+    """mlip.train adds the model's weighted alignment loss to the energy/force loss (same first
+    batch, same rotation R1: the logged loss grows with the weight), and validation runs the model
+    in eval mode (no random rotation): the logged validation loss is that of the exported model."""
+    import ase.io
+
+    from mlip.models.base import load_model
+    from mlip.train.loss import LossWeights, combine, loss_sums
+
+    _, mols = _xtb_molecules()
+    data = tmp_path / "mols.xyz"
+    ase.io.write(data, mols[:6], format="extxyz")
+    _, steps_0, _ = _train_run(tmp_path, "w0", data, symmetry_mode="learned", equivariance_loss_weight=0.0)
+    path, steps_w, row = _train_run(tmp_path, "w1000", data, symmetry_mode="learned", equivariance_loss_weight=1000.0)
+    aux = steps_w[0]["loss"] - steps_0[0]["loss"]
+    assert 1e-3 < aux / 1000.0 < 10.0  # the unweighted, normalised alignment loss of an untrained model
+    model = load_model(path).double()
+    assert not model.training
+    graphs = [atoms_to_graph(a, 3.5) for a in mols[:6]]
+    batch = collate(graphs).to(dtype=torch.float64)
+    pred = {k: v.detach() for k, v in predict(model, batch, forces=True).items()}
+    loss, _ = combine(*loss_sums(pred, batch), LossWeights(1.0, 10.0, 100.0))
+    assert abs(float(loss) - row["valid_loss"]) < 1e-9 * abs(row["valid_loss"])
+    assert "valid_equivariance_forces_rel" in row and row["valid_equivariance_forces_rel"] > 0
+
+
+def test_runs_in_the_calculator_with_finite_difference_forces():
+    from ase.calculators.fd import calculate_numerical_forces
+
+    from mlip.calculator import MLIPCalculator
+
+    atoms = crystal()
+    atoms.calc = MLIPCalculator(_model().eval(), device="cpu", dtype="float64", skin=0.0)
+    f = atoms.get_forces()
+    assert np.isfinite(atoms.get_stress()).all()
+    np.testing.assert_allclose(calculate_numerical_forces(atoms, eps=1e-4), f, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- the learned effect
 def _xtb_molecules():
     from mlip.data.formats.extxyz import iter_extxyz
@@ -226,31 +309,45 @@ def _xtb_molecules():
     return e0s_from_isolated_atoms(frames), [a for a in frames if not is_isolated(a)]
 
 
-def relative_rotation_error(model, batch) -> tuple[float, float]:
-    """(max |E(Rx) - E(x)| per atom / RMS interaction energy per atom, forces_rel) over 4 rotations.
+def relative_rotation_error(model, batch, n_rotations: int = 8, seed: int = 1) -> tuple[float, float]:
+    """(energy, forces) rotation error, each relative to the size of what the model predicts, so
+    an untrained model (whose interaction energies and forces are tiny) and a trained one compare
+    fairly: RMS over structures and rotations of ``(E(Rx) - E(x)) / n_atoms`` over the RMS
+    interaction energy per atom (``E - Σ E0``), and RMS of ``F(Rx) - R F(x)`` over the RMS force.
+    RMS rather than max: one molecule and one rotation do not decide."""
+    from mlip.train.equivariance import random_rotation as uniform_rotation
+    from mlip.train.equivariance import rotate_batch
 
-    Both are relative to the size of what the model predicts, so an untrained model (whose
-    interaction energies are tiny) and a trained one are compared fairly.
-    """
-    eq = equivariance_error(model, batch, n_rotations=4, seed=1)
     model.eval()
-    with torch.no_grad():
-        e = model(batch, batch.edge_vectors())["energy"]
+    gen = torch.Generator().manual_seed(seed)
+    ref = predict(model, batch, forces=True)
+    e0, f0 = ref["energy"].detach(), ref["forces"].detach()
+    n = (batch.ptr[1:] - batch.ptr[:-1]).to(e0.dtype)
     element = model.embedding.index(batch.numbers)
-    zero = torch.zeros(batch.n_atoms, dtype=e.dtype)
-    e0 = model.atomic_energies(zero, element, torch.zeros_like(element))
-    n = (batch.ptr[1:] - batch.ptr[:-1]).to(e.dtype)
-    inter = (e - zero.new_zeros(batch.n_graphs).index_add_(0, batch.batch, e0)) / n
-    return eq["energy_max"] / float(inter.square().mean().sqrt()), eq["forces_rel"]
+    zero = torch.zeros(batch.n_atoms, dtype=e0.dtype)
+    e_ref = zero.new_zeros(batch.n_graphs).index_add_(0, batch.batch, model.atomic_energies(zero, element, torch.zeros_like(element)))
+    de, df = [], []
+    for _ in range(n_rotations):
+        R = uniform_rotation(gen).to(e0.dtype)
+        out = predict(model, rotate_batch(batch, R), forces=True)
+        de.append(((out["energy"].detach() - e0) / n).square().mean())
+        df.append((out["forces"].detach() - f0 @ R.T).square().mean())
+    e_rel = torch.stack(de).mean().sqrt() / ((e0 - e_ref) / n).square().mean().sqrt()
+    f_rel = torch.stack(df).mean().sqrt() / f0.square().mean().sqrt()
+    return float(e_rel), float(f_rel)
 
 
-def train_briefly(mode: str, weight: float, e0s, train, steps: int = 60, seed: int = 0):
-    """Adam on energy + force MSE (+ the model's ``aux_loss``) over random batches of 4 molecules."""
-    cfg = dict(SMALL, elements=sorted(e0s), e0s=e0s, r_max=4.0, num_radial=8, transform_hidden=16, readout_hidden=16,
-               use_charge_spin=True, symmetry_mode=mode, equivariance_loss_weight=weight, seed=seed)
+def _effect_config(mode: str, weight: float, e0s, seed: int, num_radial: int) -> dict:
+    return dict(SMALL, elements=sorted(e0s), e0s=e0s, r_max=4.0, num_radial=num_radial, transform_hidden=16,
+                readout_hidden=16, use_charge_spin=True, symmetry_mode=mode, equivariance_loss_weight=weight, seed=seed)
+
+
+def train_briefly(mode: str, weight: float, e0s, train, seed: int = 0, num_radial: int = 8, steps: int = 60,
+                  lr: float = 1e-2):
+    """Adam on energy-per-atom + force MSE (+ the model's ``aux_loss``) over random batches of 4 molecules."""
     torch.manual_seed(seed)
-    model = build_model("learned-equivariance", cfg).float()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model = build_model("learned-equivariance", _effect_config(mode, weight, e0s, seed, num_radial)).float()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -267,23 +364,33 @@ def train_briefly(mode: str, weight: float, e0s, train, steps: int = 60, seed: i
     return model.eval()
 
 
-def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation():
-    """Same data, seed, steps and optimiser: the learned-equivariance model ends with a lower relative
-    rotation error of energy and forces than the untrained model and than the augmentation baseline.
+#: relative rotation errors (energy, forces) measured with the protocol of the test below
+#: (2026-11-23, CPU, float32, OMP_NUM_THREADS=1), and the ratios the test asserts to be < 0.7
+EFFECT_MEASURED = {
+    (0, 8): {"untrained": (0.0063, 0.0271), "augment": (0.0135, 0.0448), "learned": (0.0013, 0.0031)},
+    (1, 6): {"untrained": (0.0030, 0.0603), "augment": (0.0273, 0.2573), "learned": (0.0012, 0.0306)},
+}
 
-    Measured (2026-11-23, CPU, float32): untrained 0.0186 / 0.0249, augment 0.0165 / 0.0209, learned
-    0.0073 / 0.0055 (energy / forces). The margin over augmentation held in every variant tried; the
-    margin over the untrained model in energy did not (num_radial=6: learned 0.0196 vs untrained
-    0.0105), see docs/learned_equivariance.md."""
+
+@pytest.mark.parametrize("seed,num_radial", sorted(EFFECT_MEASURED))
+def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed, num_radial):
+    """Same data, seed, steps and optimiser: the learned-equivariance model ends with a lower relative
+    rotation error of energy and forces than the untrained model and than the augmentation baseline
+    (all four comparisons by a factor 0.7 or better).
+
+    Two variants: the family defaults' ``num_radial: 8`` with seed 0, and ``num_radial: 6`` with
+    seed 1, which failed the energy comparison with the untrained model under the previous protocol
+    (max-error metric, alignment normalised by ``|h|^2``, weight 1e3, lr 3e-3). Measured ratios of
+    learned / untrained and learned / augment over 8 (seed, num_radial) variants with this protocol:
+    at most 0.51 (docs/learned_equivariance.md)."""
     torch.set_num_threads(min(2, torch.get_num_threads()))
     e0s, mols = _xtb_molecules()
     train = [atoms_to_graph(a, 4.0) for a in mols[:32]]
     test = collate([atoms_to_graph(a, 4.0) for a in mols[100:124]]).to(dtype=torch.float32)
-    untrained = build_model("learned-equivariance", dict(SMALL, elements=sorted(e0s), e0s=e0s, r_max=4.0,
-                            num_radial=8, transform_hidden=16, readout_hidden=16, use_charge_spin=True)).float()
+    untrained = build_model("learned-equivariance", _effect_config("learned", 1e4, e0s, seed, num_radial)).float()
     e_u, f_u = relative_rotation_error(untrained, test)
-    e_a, f_a = relative_rotation_error(train_briefly("augment", 0.0, e0s, train), test)
-    e_l, f_l = relative_rotation_error(train_briefly("learned", 1000.0, e0s, train), test)
+    e_a, f_a = relative_rotation_error(train_briefly("augment", 0.0, e0s, train, seed, num_radial), test)
+    e_l, f_l = relative_rotation_error(train_briefly("learned", 1e4, e0s, train, seed, num_radial), test)
     print(f"relative rotation error (energy, forces): untrained {e_u:.4f} {f_u:.4f}; "
           f"augment {e_a:.4f} {f_a:.4f}; learned {e_l:.4f} {f_l:.4f}")
     assert e_l < 0.7 * e_u and f_l < 0.7 * f_u

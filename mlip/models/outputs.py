@@ -25,7 +25,7 @@ def predict(
     """Evaluate ``model`` on ``batch`` and derive forces (and stress) by autograd.
 
     Args:
-        forces: compute ``F = -dE/dr``.
+        forces: compute ``F = -dE/dr`` (a model with ``direct_forces`` returns its head's forces instead).
         stress: compute stress and virial (NaN for structures with zero cell volume).
         create_graph: keep the graph of the derivatives (training on forces/stress).
 
@@ -34,6 +34,10 @@ def predict(
         ``forces`` [n_atoms, 3] eV/Å, ``stress`` [n_graphs, 3, 3] eV/Å³, ``virial`` [n_graphs, 3, 3] eV.
     """
     model.check_batch(batch)
+    # a model with a direct force head (attribute ``direct_forces``) returns ``forces`` from forward:
+    # taken as they are (not -dE/dr, not conservative); stress still comes from the energy
+    direct = forces and bool(getattr(getattr(model, "module", model), "direct_forces", False))
+    forces = forces and not direct
     if not (forces or stress):
         return model(batch, batch.edge_vectors())
     with torch.enable_grad():

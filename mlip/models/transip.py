@@ -22,11 +22,15 @@ Symmetry modes (``symmetry_mode``), all acting only while the module is in train
   ``l`` are computed, and a learned transformation network ``T_l(h, R)`` conditioned on the nine
   entries of ``R`` is trained to predict the latter from the former:
 
-      L_align = w / L * sum_l sum_{P in (inv, rest)} mean |P[T_l(h_l(x), R2) - h_l(R2 x)]|^2 / mean |P h_l(R2 x)|^2
+      L_align = w / L * sum_l sum_{P in (inv, rest)} mean |P[T_l(h_l(x), R2) - h_l(R2 x)]|^2
+                                                   / mean |P[h_l(R2 x) - h_l^iso]|^2
 
-  over the invariant channels and the other channels separately (the denominators are detached:
-  they remove the trivial minimum of shrinking all features, and keep the small invariant block
-  from being drowned by the rest). ``T_l(h, R) = h + mask * W2[(W1 h) * g(R)]``: the
+  over the invariant channels and the other channels separately, ``h_l^iso`` being the features
+  the atom would have without neighbours (the denominators are detached: they remove the trivial
+  minimum of shrinking all features, and keep the small invariant block from being drowned by the
+  rest; subtracting ``h^iso`` measures the error against the part of the features that the
+  neighbours create, which is what the energy reads, rather than against the species embedding
+  that dominates ``|h|``). ``T_l(h, R) = h + mask * W2[(W1 h) * g(R)]``: the
   multiplicative conditioning can represent maps linear in ``R`` (the ``l = 1`` representation) and,
   through ``g``'s MLP, more. ``mask`` is zero on the first ``invariant_channels`` channels: there
   ``T`` is the identity (the trivial representation), and the energy head reads only those channels,
@@ -71,9 +75,9 @@ class LearnedEquivarianceConfig:
     ``equivariance_loss_weight``), ``"augment"`` (random rotations only) or ``"none"``.
     ``invariant_channels`` (default ``num_channels // 2``; 0 = none) are the channels on which the
     transformation network is the identity and which the energy head reads. ``attention`` is
-    ``"edge"`` (edge-wise scatter softmax; any structure) or ``"dense"`` (fused
-    ``scaled_dot_product_attention`` per structure; needs ``edge_values: false``, falls back to the
-    edge path for structures with repeated neighbour pairs, i.e. small periodic cells).
+    ``"edge"`` (edge-wise scatter softmax; any structure) or ``"dense"`` (one fused
+    ``scaled_dot_product_attention`` call per block over the padded structures of the batch, the
+    same result; needs ``edge_values: false``; memory O(n_graphs n_max^2): for small molecules).
     ``direct_forces`` adds a non-conservative force head (``forward`` then also returns ``forces``).
     """
 
@@ -253,46 +257,27 @@ class LearnedEquivarianceModel(PotentialModel):
         edge_in = torch.cat([self.radial_basis(r) * envelope[:, None], edge_vec / self.r_max], dim=-1)
         edge_feats = self.edge_embedding(edge_in)  # [n_edges, C], not rotation-invariant on purpose
         dense = self.config.attention == "dense"
+        graph = batch.batch if dense else None  # dense: one fused SDPA call per block over the batch
         h, out = h0, []
         for block in self.blocks:
-            if dense:
-                h = self._dense_block(block, batch, h, edge_feats, envelope)
-            else:
-                h = block(h, edge_feats, envelope, sender, receiver)
+            h = block(h, edge_feats, envelope, sender, receiver, graph, batch.n_graphs)
             out.append(h)
         return out
 
-    def _dense_block(self, block: TransformerBlock, batch: GraphBatch, h: torch.Tensor,
-                     edge_feats: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
-        """One block with fused SDPA attention per structure (edge path where pairs repeat)."""
-        sender, receiver = batch.edge_index[0], batch.edge_index[1]
-        edge_graph = batch.batch[receiver]
-        x = block.norm_attn(h)
-        parts = []
-        for g in range(batch.n_graphs):
-            a, b = int(batch.ptr[g]), int(batch.ptr[g + 1])
-            sel = torch.nonzero(edge_graph == g).flatten()
-            s, r = sender[sel] - a, receiver[sel] - a
-            n = b - a
-            unique = torch.unique(r * n + s).numel() == sel.numel()
-            fn = block.attn.dense if unique else block.attn
-            parts.append(fn(x[a:b], edge_feats[sel], envelope[sel], s, r))
-        return block.feed_forward(h + torch.cat(parts))
+    def isolated_features(self, element: torch.Tensor, h0: torch.Tensor, all_layers: bool = False
+                          ) -> torch.Tensor | list[torch.Tensor]:
+        """Features an atom would have without neighbours (attention contributes 0): after the last
+        block, or after every block with ``all_layers``.
 
-    def isolated_features(self, element: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-        """Last-block features an atom would have without neighbours (attention contributes 0).
-
-        Shapes: element [n_atoms]; h0 [n_atoms, C] -> [n_atoms, C].
+        Shapes: element [n_atoms]; h0 [n_atoms, C] -> [n_atoms, C] (a list of ``num_layers`` of them).
         """
-        if self.charge_spin is None:  # depends on the element only: run the small table
-            x = self.embedding.weight.to(h0.dtype)
-            for block in self.blocks:
-                x = block.feed_forward(x)
-            return x[element]
-        x = h0
+        table = self.charge_spin is None  # depends on the element only: run the small table
+        x = self.embedding.weight.to(h0.dtype) if table else h0
+        out = []
         for block in self.blocks:
             x = block.feed_forward(x)
-        return x
+            out.append(x[element] if table else x)
+        return out if all_layers else out[-1]
 
     def _readout_input(self, h: torch.Tensor) -> torch.Tensor:
         return h[:, : self.n_inv] if self.n_inv > 0 else h
@@ -301,7 +286,7 @@ class LearnedEquivarianceModel(PotentialModel):
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config
         dtype, device = edge_vec.dtype, edge_vec.device
-        n_atoms, n_graphs = batch.n_atoms, batch.n_graphs
+        n_graphs = batch.n_graphs
         receiver = batch.edge_index[1]
         element = self.embedding.index(batch.numbers)  # [n_atoms]
         if bool((element < 0).any()):
@@ -343,12 +328,16 @@ class LearnedEquivarianceModel(PotentialModel):
         R2 = R2.to(edge_vec.dtype)
         hs_rot = self.features(batch, rotate_rows(edge_vec, R2[batch.batch[batch.edge_index[1]]]), h0)
         R_atom = R2[batch.batch]  # [n_atoms, 3, 3]
+        element = self.embedding.index(batch.numbers)
+        isolated = self.isolated_features(element, h0, all_layers=True)
         total = edge_vec.new_zeros(())
         k = self.n_inv
-        for T, h, h_rot in zip(self.transforms, hs, hs_rot):
+        for T, h, h_rot, h_iso in zip(self.transforms, hs, hs_rot, isolated):
             target = h_rot.detach() if self.config.alignment_stop_grad else h_rot
             sq = (T(h, R_atom) - target).square()  # [n_atoms, C]
-            scale = target.detach().square()
+            # normalised by the part of the target that neighbours create (what the energy reads:
+            # E ~ readout(h) - readout(h_iso)), not by |h|^2, which the species embedding dominates
+            scale = (target - h_iso).detach().square()
             # invariant and transformed channels normalised separately, so neither dominates
             for sl in (slice(0, k), slice(k, None)):
                 if sq[:, sl].numel():

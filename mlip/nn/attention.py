@@ -19,10 +19,12 @@ without neighbours gets ``o_i = 0`` exactly (its energy is then the isolated-ato
 
 Fused attention. With ``edge_values=False`` the values depend on the sender only and the weights
 above are a masked softmax with an additive bias ``b_ij + log u_ij`` and one extra key (the sink,
-zero key and value, bias ``s_sink``); :func:`dense_attention` evaluates exactly that with
-``torch.nn.functional.scaled_dot_product_attention`` on one padded structure (useful for small
-molecules, where all atoms are neighbours). Edge-conditioned values (the default, which let
-directions reach the features directly) cannot be expressed as SDPA and use the edge path.
+zero key and value, bias ``s_sink``); :meth:`NeighborAttention.dense` evaluates exactly that with
+one ``torch.nn.functional.scaled_dot_product_attention`` call per block over the whole batch,
+padded per structure (useful for batches of small molecules, where most atoms are neighbours;
+periodic images of one pair are combined exactly in the mask). Edge-conditioned values (the
+default, which let directions reach the features directly) cannot be expressed as SDPA and use the
+edge path.
 """
 from __future__ import annotations
 
@@ -90,26 +92,55 @@ class NeighborAttention(torch.nn.Module):
         return self.out(o.reshape(n, self.C))
 
     def dense(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
-              sender: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
-        """Same result as :meth:`forward` for one structure without repeated (sender, receiver)
-        pairs, through fused ``scaled_dot_product_attention`` on a dense ``[H, n, n + 1]`` mask
-        (last key = the sink). Needs ``edge_values=False``.
+              sender: torch.Tensor, receiver: torch.Tensor, graph: torch.Tensor | None = None,
+              n_graphs: int = 1) -> torch.Tensor:
+        """Same result as :meth:`forward` through one fused ``scaled_dot_product_attention`` call
+        over all structures of the batch, padded to ``n_max`` atoms, with an additive mask
+        ``[n_graphs, H, n_max, n_max + 1]`` (last key = the sink). Needs ``edge_values=False``.
 
-        Shapes: as :meth:`forward`; memory is O(n^2), so use it for small molecules only.
+        Edges repeating a (sender, receiver) pair (periodic images in a small cell) share ``q_i.k_j``
+        and ``v_j``, so their weights add: the mask holds ``log Σ_images u exp(b)`` (a logsumexp over
+        the images), exact. Pairs without an edge get ``-inf``.
+
+        Args:
+            graph: ``[n_atoms]`` structure of each atom, sorted (``None``: one structure).
+            n_graphs: number of structures.
+
+        Shapes: as :meth:`forward`; memory is O(n_graphs * n_max^2), so use it for small molecules.
         """
         if self.edge_value is not None:
             raise ValueError("dense (SDPA) attention needs edge_values=False: edge-conditioned values are not SDPA")
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.H, self.D).unbind(1)
-        bias = torch.full((self.H, n, n + 1), float("-inf"), dtype=x.dtype, device=x.device)
-        edge_term = self.edge_bias(edge_feats) + torch.log(envelope)[:, None]  # [n_edges, H]
-        bias[:, receiver, sender] = edge_term.T
-        bias[:, :, n] = self.sink.to(x.dtype)[:, None]
-        zero = x.new_zeros(1, self.H, self.D)
-        k = torch.cat([k, zero]).transpose(0, 1)  # [H, n + 1, D]
-        v = torch.cat([v, zero]).transpose(0, 1)
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=bias[None])
-        return self.out(o[0].transpose(0, 1).reshape(n, self.C))
+        n, H, D = x.shape[0], self.H, self.D
+        if graph is None:
+            graph = torch.zeros(n, dtype=torch.long, device=x.device)
+        count = torch.bincount(graph, minlength=n_graphs)
+        start = torch.cumsum(count, 0) - count
+        local = torch.arange(n, device=x.device) - start[graph]  # [n] position inside its structure
+        n_max = int(count.max()) if n else 0
+        q, k, v = self.qkv(x).view(n, 3, H, D).unbind(1)
+
+        def padded(t: torch.Tensor, extra: int) -> torch.Tensor:  # [n, H, D] -> [G, H, n_max + extra, D]
+            out = t.new_zeros(n_graphs, n_max + extra, H, D)
+            out[graph, local] = t
+            return out.transpose(1, 2)
+
+        # mask: one slot per (structure, head, receiver, sender); repeated pairs combined by logsumexp
+        term = self.edge_bias(edge_feats) + torch.log(envelope)[:, None]  # [n_edges, H]
+        g_e = graph[receiver]
+        heads = torch.arange(H, device=x.device)
+        slot = ((g_e[:, None] * H + heads) * n_max + local[receiver][:, None]) * n_max + local[sender][:, None]
+        uniq, inverse = torch.unique(slot.flatten(), return_inverse=True)
+        flat = term.flatten()
+        top = torch.full((uniq.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
+        top = top.scatter_reduce(0, inverse, flat.detach(), reduce="amax")  # stabiliser, cancels exactly
+        total = torch.zeros_like(top).index_add(0, inverse, torch.exp(flat - top[inverse]))
+        pairs = torch.full((n_graphs * H * n_max * n_max,), float("-inf"), dtype=x.dtype, device=x.device)
+        pairs = pairs.index_put((uniq,), torch.log(total) + top).view(n_graphs, H, n_max, n_max)
+        sink = self.sink.to(x.dtype)[None, :, None, None].expand(n_graphs, H, n_max, 1)
+        mask = torch.cat([pairs, sink], dim=-1)  # [G, H, n_max, n_max + 1]
+        o = torch.nn.functional.scaled_dot_product_attention(padded(q, 0), padded(k, 1), padded(v, 1), attn_mask=mask)
+        o = o.transpose(1, 2)[graph, local]  # [n, H, D]
+        return self.out(o.reshape(n, self.C))
 
 
 class TransformerBlock(torch.nn.Module):
@@ -124,16 +155,22 @@ class TransformerBlock(torch.nn.Module):
                  edge_values: bool = True) -> None:
         super().__init__()
         C = int(num_channels)
-        hidden = max(1, int(round(mlp_ratio * C)))
+        hidden = max(1, round(mlp_ratio * C))
         self.norm_attn = torch.nn.LayerNorm(C)
         self.attn = NeighborAttention(C, num_heads, edge_dim, edge_values)
         self.norm_mlp = torch.nn.LayerNorm(C)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(C, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, C))
 
     def forward(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
-                sender: torch.Tensor, receiver: torch.Tensor, dense: bool = False) -> torch.Tensor:
-        attn = self.attn.dense if dense else self.attn
-        x = x + attn(self.norm_attn(x), edge_feats, envelope, sender, receiver)
+                sender: torch.Tensor, receiver: torch.Tensor, graph: torch.Tensor | None = None,
+                n_graphs: int = 1) -> torch.Tensor:
+        """Edge-wise attention, or with ``graph`` (``[n_atoms]`` structure index) the fused dense
+        path :meth:`NeighborAttention.dense` over ``n_graphs`` padded structures."""
+        y = self.norm_attn(x)
+        if graph is None:
+            x = x + self.attn(y, edge_feats, envelope, sender, receiver)
+        else:
+            x = x + self.attn.dense(y, edge_feats, envelope, sender, receiver, graph, n_graphs)
         return self.feed_forward(x)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
