@@ -1,4 +1,5 @@
-"""The ``equivariant`` family: conformance (exact and grid-mixing configs) and family-specific checks."""
+"""The ``equivariant`` family: conformance (the exact default, other exact configs, the optional SiLU
+grid) and family-specific checks."""
 from __future__ import annotations
 
 import ase
@@ -12,11 +13,27 @@ SMALL = {"num_channels": 8, "lmax": 2, "num_layers": 2, "correlation": 3, "splin
          "avg_num_neighbors": 8.0}
 
 
-class TestExactNoMixing(ModelConformance):
-    """Spline radials, correlation 3, no grid mixing: exactly O(3)-equivariant."""
+class TestDefault(ModelConformance):
+    """The default config (spline radials, correlation 3, grid mixing with the quadratic MLP on the
+    default grid): exactly O(3)-equivariant, 1e-10 relative in float64 (``exact_tol``)."""
 
     def make_model(self, **overrides):
-        return build_model("equivariant", {**SMALL, "mixing": "none", **overrides})
+        return build_model("equivariant", {**SMALL, **overrides})
+
+    def test_default_config_is_the_exact_one(self):
+        model = self.model()
+        assert model.config.mixing == "grid" and model.config.grid_activation == "quadratic"
+        assert model.layers[0].mixing is not None and model.layers[0].mixing.exact
+        assert model.exactly_equivariant
+
+
+class TestExactNoMixingSpeciesSkip(ModelConformance):
+    """No grid mixing, three layers with the element-dependent skip (``skip_per_element``) on both
+    residual layers: exactly O(3)-equivariant; isolated atoms still give exactly E0."""
+
+    def make_model(self, **overrides):
+        return build_model("equivariant", {**SMALL, "mixing": "none", "num_layers": 3,
+                                           "skip_per_element": True, **overrides})
 
 
 class TestExactQuadraticGrid(ModelConformance):
@@ -33,13 +50,14 @@ class TestExactQuadraticGrid(ModelConformance):
 
 
 class TestSiluGrid(ModelConformance):
-    """Default grid mixing (SiLU MLP): exactly parity-equivariant, rotation error bounded (docs/equivariant.md)."""
+    """The optional SiLU grid MLP (``grid_activation: silu``): exactly parity-equivariant, rotation
+    error bounded (docs/equivariant.md)."""
 
     exact = False
     approx_equivariance_tol = {torch.float32: 1e-3, torch.float64: 1e-3}
 
     def make_model(self, **overrides):
-        return build_model("equivariant", {**SMALL, **overrides})
+        return build_model("equivariant", {**SMALL, "grid_activation": "silu", **overrides})
 
 
 def _model(**kw):
@@ -63,7 +81,7 @@ def _charged(atoms, charge, spin):
 def test_silu_grid_is_exactly_parity_equivariant():
     from mlip.models.outputs import predict
 
-    model = _model()
+    model = _model(grid_activation="silu")
     batch = _graphs([molecule(), crystal()])
     ref = predict(model, batch)
     P = -torch.eye(3, dtype=torch.float64)
@@ -270,7 +288,7 @@ def test_periodic_supercell_is_extensive():
     the same stress (periodic images and unit shifts handled consistently)."""
     from mlip.models.outputs import predict
 
-    model = _model()  # default SiLU grid: per-atom, so extensivity is exact
+    model = _model(grid_activation="silu")  # also exact for the SiLU grid: it acts per atom
     cell = crystal()
     sup = cell.repeat((2, 1, 1))
     one = predict(model, _graphs([cell]), stress=True)
@@ -306,13 +324,16 @@ def test_charge_spin_ignored_without_the_option_and_felt_by_isolated_ions():
 def test_medium_preset_matches_mace_mp_medium_architecture_and_documented_size():
     """MACE-MP medium: 128x0e+128x1o hidden irreps, spherical harmonics to l=3, 2 interactions,
     correlation 3, r_max 6 Å, 89 elements; 4,688,656 parameters counted with mace-torch 0.3.16
-    (docs/equivariant.md). Ours, built from the same YAML with 89 elements, has the count below."""
+    (docs/equivariant.md), 2,916,352 of them in the element-dependent skips. Ours, built from the
+    same YAML with 89 elements, has the element-dependent skip on its residual layer (89 x 128 x 128)
+    and the count below; without it, 954,512."""
     import pathlib
 
     import yaml
 
     from mlip.models.equivariant import num_parameters
     from mlip.nn.irreps import irreps_string
+    from mlip.nn.tensor_product import SpeciesLinear
 
     root = pathlib.Path(__file__).resolve().parents[1]
     section = dict(yaml.safe_load((root / "configs" / "equivariant-medium.yaml").read_text())["model"])
@@ -321,16 +342,22 @@ def test_medium_preset_matches_mace_mp_medium_architecture_and_documented_size()
     cfg = model.config
     assert irreps_string(cfg.num_channels, cfg.hidden_lmax) == "128x0e+128x1o"
     assert (cfg.lmax, cfg.num_layers, cfg.correlation, cfg.r_max) == (3, 2, 3, 6.0)
-    assert num_parameters(model) == 954_512  # stated in docs/equivariant.md
-    assert "954,512" in (root / "docs" / "equivariant.md").read_text()
+    assert cfg.skip_per_element and model.layers[0].skip is None
+    assert isinstance(model.layers[1].skip, SpeciesLinear)
+    assert num_parameters(model.layers[1].skip) == 89 * 128 * 128
+    docs = (root / "docs" / "equivariant.md").read_text()
+    assert num_parameters(model) == 2_396_304 and "2,396,304" in docs  # stated in docs/equivariant.md
+    plain = build_model("equivariant", {**section, "elements": list(range(1, 90)), "skip_per_element": False})
+    assert num_parameters(plain) == 954_512 and "954,512" in docs
 
 
 @pytest.mark.parametrize("name,bound", [("equivariant-small", 1e-3), ("equivariant-medium", 2e-3)])
-def test_preset_rotation_error_within_documented_bound(name, bound):
-    """The presets keep l <= 1 node features, so their SiLU grid is the coarse default 2 x 4
-    (degree 3 = 3 * hidden_lmax). Whole-model relative rotation error of the freshly initialised
-    preset in float64 (docs/equivariant.md): below ``bound``, not at rounding level, and
-    reflections exact; ``grid_degree: 12`` brings rotations to ~1e-10."""
+def test_presets_exact_and_silu_option_within_documented_bound(name, bound):
+    """The presets as shipped (quadratic grid) are exactly O(3)-equivariant in float64 (1e-10
+    relative, rotations and a rotoreflection). With ``grid_activation: silu`` their l <= 1 node
+    features mix on the coarse default 2 x 4 grid (degree 3 = 3 * hidden_lmax): the freshly
+    initialised model's relative rotation error is below ``bound`` (docs/equivariant.md) but not at
+    rounding level, inversion stays exact, and ``grid_degree: 12`` brings it below 1e-8."""
     import pathlib
 
     import yaml
@@ -340,18 +367,86 @@ def test_preset_rotation_error_within_documented_bound(name, bound):
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     section = dict(yaml.safe_load(path.read_text())["model"])
     section.pop("family")
+    assert section["grid_activation"] == "quadratic"
     batch = _graphs([molecule(), crystal()], r_max=section["r_max"])
     errors = {}
-    for degree in (None, 12):
-        cfg = {**section, "elements": [1, 6, 8], "avg_num_neighbors": 10.0, "grid_degree": degree}
+    for activation, degree in (("quadratic", None), ("silu", None), ("silu", 12)):
+        cfg = {**section, "elements": [1, 6, 8], "avg_num_neighbors": 10.0, "grid_activation": activation,
+               "grid_degree": degree}
         model = build_model("equivariant", cfg).double().eval()
+        assert model.exactly_equivariant == (activation == "quadratic")
         ref = {k: v.detach() for k, v in predict(model, batch).items()}
+        assert float(ref["forces"].abs().max()) > 1e-3
         err = 0.0
         for R in (random_rotation(0), -random_rotation(2)):
             out = predict(model, transform(batch, R))
             err = max(err, rel_err(out["energy"].detach(), ref["energy"]), rel_err(out["forces"].detach(), ref["forces"] @ R.T))
         inv = predict(model, transform(batch, -torch.eye(3, dtype=torch.float64)))
         assert rel_err(inv["forces"].detach(), -ref["forces"]) < 1e-12
-        errors[degree] = err
-    assert 1e-8 < errors[None] < bound
-    assert errors[12] < 1e-8
+        errors[(activation, degree)] = err
+    assert errors[("quadratic", None)] < 1e-10
+    assert 1e-8 < errors[("silu", None)] < bound
+    assert errors[("silu", 12)] < 1e-8
+
+
+def test_exactly_equivariant_follows_the_config():
+    """``exactly_equivariant`` is true exactly when no layer mixes on a SiLU grid or on a grid too
+    coarse for the quadratic MLP, and the training loop's check reads the instance, so a SiLU model
+    gets its rotation error measured during validation and the default does not."""
+    from mlip.models.equivariant import EquivariantConfig, EquivariantModel
+    from mlip.train.equivariance import is_exact_by_construction
+
+    assert EquivariantConfig().grid_activation == "quadratic" and EquivariantModel.exactly_equivariant
+    cases = [({}, True), ({"grid_activation": "silu"}, False),
+             ({"grid_activation": "silu", "mixing": "none"}, True),
+             ({"grid_activation": "silu", "hidden_lmax": 0}, True),  # scalars only: no grid layer
+             ({"grid_degree": 4}, False),  # lmax 2: quadratic needs degree >= 6
+             ({"grid_degree": 12}, True), ({"skip_per_element": True}, True)]
+    for overrides, exact in cases:
+        model = _model(**overrides)
+        assert model.exactly_equivariant is exact, overrides
+        assert is_exact_by_construction(model) is exact, overrides
+    with pytest.raises(ValueError, match="grid_activation must be one of"):
+        _model(grid_activation="relu")
+
+
+def test_quadratic_grid_below_its_exact_degree_is_measurably_not_exact():
+    """The flag is not just bookkeeping: ``grid_degree: 4`` with ``lmax`` 2 aliases the quadratic MLP
+    (rotation error well above rounding), the default degree 6 does not."""
+    from mlip.models.outputs import predict
+
+    batch = _graphs([molecule(), crystal()])
+    for degree, exact in ((4, False), (None, True)):
+        model = _model(grid_degree=degree)
+        ref = predict(model, batch)["forces"].detach()
+        R = random_rotation(5)
+        err = rel_err(predict(model, transform(batch, R))["forces"].detach(), ref @ R.T)
+        assert (err < 1e-10) is exact, (degree, err)
+
+
+def test_species_skip_is_element_dependent_and_reduces_to_the_plain_skip():
+    """With every element's skip matrix equal to the plain skip's, ``skip_per_element`` gives the same
+    energies and forces as the plain skip; changing only O's matrix changes methanol (which has O)
+    and leaves H2 + CH4 (which have none) unchanged."""
+    from mlip.models.outputs import predict
+
+    plain = _model(num_layers=3)
+    species = _model(num_layers=3, skip_per_element=True)
+    state = {k: v for k, v in plain.state_dict().items() if ".skip." not in k}
+    species.load_state_dict({**species.state_dict(), **state})
+    with torch.no_grad():
+        for lp, ls in zip(plain.layers[1:], species.layers[1:]):
+            assert ls.skip.weight.shape == (3, *lp.skip.weight.shape)
+            ls.skip.weight.copy_(lp.skip.weight.expand_as(ls.skip.weight))
+    no_oxygen = ase.Atoms("H2", positions=[[0, 0, 0], [0.75, 0, 0]]) + ase.Atoms("CH4", positions=[
+        [2.0, 0, 0], [2.6, 0.6, 0.6], [1.4, -0.6, 0.6], [2.6, -0.6, -0.6], [1.4, 0.6, -0.6]])
+    batch = _graphs([molecule(), crystal(), no_oxygen])
+    ref = predict(plain, batch)
+    out = predict(species, batch)
+    assert rel_err(out["energy"].detach(), ref["energy"].detach()) < 1e-13
+    assert rel_err(out["forces"].detach(), ref["forces"].detach()) < 1e-12
+    with torch.no_grad():
+        species.layers[1].skip.weight[2].mul_(1.5)  # element row 2 = O
+    changed = predict(species, batch)["energy"].detach()
+    assert float((changed[:2] - ref["energy"][:2].detach()).abs().min()) > 1e-6
+    assert float(changed[2]) == float(out["energy"][2].detach())

@@ -14,7 +14,7 @@ from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBas
 from mlip.nn.readout import AtomicEnergies, e0_table, head_index
 from mlip.nn.s2grid import GridMixing, grid_equivariance_error, grid_matrices, s2_grid, wigner_matrix
 from mlip.nn.scatter import scatter_sum
-from mlip.nn.tensor_product import ChannelwiseProduct, EquivariantLinear, SymmetricContraction
+from mlip.nn.tensor_product import ChannelwiseProduct, EquivariantLinear, SpeciesLinear, SymmetricContraction
 
 
 def _rot(seed: int) -> torch.Tensor:
@@ -125,6 +125,31 @@ def test_equivariant_linear_mixes_channels_per_degree():
     assert torch.allclose(lin(x @ wigner_matrix(2, R).T), y @ wigner_matrix(3, R).T, atol=1e-12)
 
 
+@pytest.mark.parametrize("lmax_in,lmax_out", [(1, 0), (2, 2), (1, 3)])
+def test_species_linear_uses_each_atoms_element_and_is_o3_equivariant(lmax_in, lmax_out):
+    """Row ``i`` equals :class:`EquivariantLinear` with element ``element[i]``'s matrices (zeros above
+    ``lmax_in``); O(3)-equivariant (a rotoreflection); weight gradients only for elements present."""
+    torch.manual_seed(0)
+    lin = SpeciesLinear(4, 3, 5, lmax_in, lmax_out).double()
+    element = torch.tensor([2, 0, 2, 3, 0, 2])
+    x = torch.randn(6, 3, irreps_dim(lmax_in), dtype=torch.float64)
+    y = lin(x, element)
+    assert y.shape == (6, 5, irreps_dim(lmax_out))
+    for e in range(4):
+        ref = EquivariantLinear(3, 5, lmax_in, lmax_out).double()
+        with torch.no_grad():
+            ref.weight.copy_(lin.weight[e])
+        rows = element == e
+        assert torch.allclose(y[rows], ref(x[rows]), atol=1e-14, rtol=0)
+    R = -_rot(9)
+    rotated = lin(x @ wigner_matrix(lmax_in, R).T, element)
+    assert torch.allclose(rotated, y @ wigner_matrix(lmax_out, R).T, atol=1e-12)
+    y.square().sum().backward()
+    assert torch.equal(lin.weight.grad[1], torch.zeros_like(lin.weight.grad[1]))  # element 1 absent
+    assert float(lin.weight.grad[2].abs().min()) > 0.0
+    assert lin(x[:0], element[:0]).shape == (0, 5, irreps_dim(lmax_out))
+
+
 def test_envelope_is_smooth_and_zero_at_cutoff():
     env = PolynomialEnvelope(5.0, p=5)
     r = torch.tensor([0.0, 4.999999, 5.0, 5.5], dtype=torch.float64, requires_grad=True)
@@ -169,9 +194,12 @@ def test_s2_grid_integrates_products_exactly():
 
 def test_grid_mixing_parity_exact_and_rotation_error_bounded():
     """Stated bounds (docs/equivariant.md): SiLU grid at the default degree 3*lmax has a relative
-    rotation error below 0.1 for lmax <= 3 at full strength; the quadratic grid is exact."""
+    rotation error below 0.1 for lmax <= 3 at full strength; the quadratic grid (the default) is
+    exact from degree 3*lmax, and ``GridMixing.exact`` says so."""
     torch.manual_seed(0)
-    mix = GridMixing(6, 2).double()
+    mix = GridMixing(6, 2, activation="silu").double()
+    assert not mix.exact and GridMixing(6, 2).activation == "quadratic" and GridMixing(6, 2).exact
+    assert not GridMixing(6, 2, degree=5).exact and GridMixing(6, 2, degree=8).exact
     x = torch.randn(3, 6, 9, dtype=torch.float64)
     P = wigner_matrix(2, -torch.eye(3, dtype=torch.float64))
     assert torch.allclose(mix(x @ P.T), mix(x) @ P.T, atol=1e-13)

@@ -4,8 +4,9 @@ spline radial functions and spherical-grid mixing (arXiv 2509.08418).
 Per layer: equivariant linear -> edge convolution (channel-wise CG product of sender features
 with edge spherical harmonics, per-edge radial weights, sum over neighbours; through the
 ``mlip.kernels`` backend) -> linear over paths -> symmetric contraction (body order) -> linear
--> residual -> spherical-grid MLP mixing (residual). Each layer's scalars feed an energy readout;
-per-element, per-head E0s are added. Forces and stress come from :mod:`mlip.models.outputs`.
+-> residual (optionally an element-dependent linear skip) -> spherical-grid MLP mixing (residual).
+Each layer's scalars feed an energy readout; per-element, per-head E0s are added. Forces and stress
+come from :mod:`mlip.models.outputs`. The default configuration is exactly O(3)-equivariant.
 """
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ import torch
 
 from mlip.data.graph import GraphBatch
 from mlip.kernels import BACKENDS, get_backend
+from mlip.kernels.reference import spline_coefficients
 from mlip.models.base import PotentialModel, register
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
 from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
-from mlip.nn.s2grid import GridMixing
+from mlip.nn.s2grid import ACTIVATIONS, GridMixing
 from mlip.nn.scatter import scatter_sum
-from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SymmetricContraction
+from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SpeciesLinear, SymmetricContraction
 
 
 @dataclass
@@ -34,8 +36,12 @@ class EquivariantConfig:
 
     ``lmax`` is the degree of the edge spherical harmonics and of the messages; ``hidden_lmax``
     (default ``lmax``) that of the node features kept between layers (MACE-MP medium: 3 and 1).
-    ``mixing="grid"`` with ``grid_activation="silu"`` is approximately rotation-equivariant (exactly
-    parity-equivariant); ``"quadratic"`` or ``mixing="none"`` give exact O(3) equivariance.
+    ``mixing="grid"`` with the default ``grid_activation="quadratic"`` (on a grid of degree
+    ``>= 3 hidden_lmax``, the default) or ``mixing="none"`` is exactly O(3)-equivariant;
+    ``grid_activation="silu"`` is only approximately rotation-equivariant (exactly
+    parity-equivariant; error in ``docs/equivariant.md``). ``skip_per_element`` makes the residual
+    skip of layers after the first an element-dependent per-degree channel mixing (MACE's
+    ``skip_tp``; exact, and the bulk of MACE-MP medium's parameter count).
     """
 
     r_max: float = 5.0
@@ -52,9 +58,10 @@ class EquivariantConfig:
     correlation: int = 3
     contraction_per_element: bool = True
     mixing: str = "grid"
-    grid_activation: str = "silu"
+    grid_activation: str = "quadratic"
     grid_degree: int | None = None
     grid_hidden: int | None = None
+    skip_per_element: bool = False
     readout_hidden: int = 16
     use_charge_spin: bool = False
     heads: list = field(default_factory=lambda: ["default"])
@@ -75,6 +82,10 @@ def _validate(cfg: EquivariantConfig) -> None:
         raise ValueError(f"equivariant: radial must be 'spline' or 'mlp', got {cfg.radial!r}")
     if cfg.mixing not in ("grid", "none"):
         raise ValueError(f"equivariant: mixing must be 'grid' or 'none', got {cfg.mixing!r}")
+    if cfg.grid_activation not in ACTIVATIONS:
+        raise ValueError(
+            f"equivariant: grid_activation must be one of {ACTIVATIONS}, got {cfg.grid_activation!r}"
+        )
     if int(cfg.num_layers) < 1:
         raise ValueError(f"equivariant: num_layers must be >= 1, got {cfg.num_layers}")
     if not cfg.heads:
@@ -88,7 +99,8 @@ class InteractionBlock(torch.nn.Module):
 
     Shapes:
         h [n_atoms, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2]; radial_basis
-        [n_edges, K]; envelope [n_edges]; sender/receiver [n_edges]; element [n_atoms].
+        [n_edges, K], or with a backend that fuses the spline ``(vals [n_edges, 4] (times the
+        envelope), idx [n_edges])``; envelope [n_edges]; sender/receiver [n_edges]; element [n_atoms].
     """
 
     def __init__(self, cfg: EquivariantConfig, lmax_in: int, lmax_out: int, residual: bool) -> None:
@@ -106,7 +118,12 @@ class InteractionBlock(torch.nn.Module):
         n_elem = len(cfg.elements) if cfg.contraction_per_element else 1
         self.contraction = SymmetricContraction(C, lmax_msg, lmax_out, int(cfg.correlation), n_elem)
         self.linear_out = EquivariantLinear(C, C, lmax_out, lmax_out)
-        self.skip = EquivariantLinear(C, C, lmax_in, lmax_out) if residual else None
+        # the first layer has no skip: its input is the species embedding, a per-element constant,
+        # and a skip of it would give an isolated atom an energy other than E0
+        self.skip: torch.nn.Module | None = None
+        if residual:
+            self.skip = (SpeciesLinear(len(cfg.elements), C, C, lmax_in, lmax_out) if cfg.skip_per_element
+                         else EquivariantLinear(C, C, lmax_in, lmax_out))
         self.mixing = None
         if cfg.mixing == "grid" and lmax_out > 0:
             self.mixing = GridMixing(C, lmax_out, hidden=cfg.grid_hidden, degree=cfg.grid_degree,
@@ -120,11 +137,18 @@ class InteractionBlock(torch.nn.Module):
         extra_scalars: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.linear_up(h)
-        w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [n_edges, P, C]
-        m = self.conv(backend, x, edge_attrs, w, sender, receiver) * self.inv_avg
+        if isinstance(radial_basis, tuple):  # fused spline (see EquivariantModel.forward): (vals [E, 4], idx [E])
+            table = self.radial.weight.view(-1, self.conv.n_paths, self.C)  # [K, P, C]
+            m = backend.conv_tp_spline(x, edge_attrs, *radial_basis, table, sender, receiver, x.shape[0],
+                                       self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out) * self.inv_avg
+        else:
+            w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [n_edges, P, C]
+            m = self.conv(backend, x, edge_attrs, w, sender, receiver) * self.inv_avg
         A = self.path_linear(m)  # [n, C, (lmax_msg+1)^2]
         out = self.linear_out(self.contraction(A, element))
-        if self.skip is not None:
+        if isinstance(self.skip, SpeciesLinear):
+            out = out + self.skip(h, element)
+        elif self.skip is not None:
             out = out + self.skip(h)
         if extra_scalars is not None:
             out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
@@ -142,8 +166,10 @@ class EquivariantModel(PotentialModel):
     """
 
     Config = EquivariantConfig
-    #: the default config (SiLU grid mixing) is only approximately rotation-equivariant
-    exactly_equivariant = False
+    #: the default config is exactly O(3)-equivariant; each instance overrides this from its config
+    #: (``False`` when a layer mixes on a SiLU grid or on a grid too coarse for the quadratic MLP),
+    #: and :func:`mlip.train.equivariance.is_exact_by_construction` reads the instance
+    exactly_equivariant = True
 
     def __init__(self, config: EquivariantConfig) -> None:
         super().__init__(config)
@@ -171,14 +197,22 @@ class EquivariantModel(PotentialModel):
                 self.layers.append(InteractionBlock(cfg, 0 if i == 0 else lh, 0 if last else lh, residual=i > 0))
                 self.readouts.append(MLPReadout(C, int(cfg.readout_hidden), n_heads) if last else LinearReadout(C, n_heads))
         self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
+        self.exactly_equivariant = all(layer.mixing is None or layer.mixing.exact for layer in self.layers)
 
-    def backend(self, device: torch.device) -> ModuleType:
+    def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
         """The ``mlip.kernels`` module for ``config.kernel`` on ``device``.
 
         Resolved on every call (an import-cache lookup) rather than stored, so the model stays
-        deep-copyable and picklable (EMA copies, DataParallel).
+        deep-copyable and picklable (EMA copies, DataParallel). With ``dtype``, an accelerated
+        backend is compared with the torch reference the first time it runs on ``(device, dtype)``
+        and refused on a mismatch (:func:`mlip.kernels.validate.ensure_checked`).
         """
-        return get_backend(self.config.kernel, device)
+        module = get_backend(self.config.kernel, device)
+        if dtype is not None and module.__name__ != "mlip.kernels.reference":
+            from mlip.kernels.validate import ensure_checked
+
+            ensure_checked(self, device, dtype)
+        return module
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
         sender, receiver = batch.edge_index[0], batch.edge_index[1]
@@ -195,8 +229,13 @@ class EquivariantModel(PotentialModel):
         r = edge_vec.norm(dim=-1)  # [n_edges]
         edge_attrs = spherical_harmonics(int(self.config.lmax), edge_vec)  # [n_edges, (lmax+1)^2]
         envelope = self.envelope(r)
-        basis = self.radial_basis(r)
-        backend = self.backend(edge_vec.device)
+        backend = self.backend(edge_vec.device, edge_vec.dtype)
+        if self.config.radial == "spline" and getattr(backend, "FUSES_SPLINE", False):
+            # the kernel evaluates the spline per edge (issue 6): 4 basis values and a knot index, not [E, K]
+            vals, idx = spline_coefficients(r, float(self.config.r_max), int(self.config.spline_knots))
+            basis = (vals * envelope[:, None], idx)
+        else:
+            basis = self.radial_basis(r)
         graph_head = head_index(self.config.heads, batch.head, device=element.device)
         atom_head = graph_head[batch.batch]
         node_energy = torch.zeros(n_atoms, dtype=edge_vec.dtype, device=edge_vec.device)

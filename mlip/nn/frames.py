@@ -132,7 +132,7 @@ def sign_matrices(dtype: torch.dtype = torch.float64, device: torch.device | str
     return torch.tensor(list(itertools.product([1.0, -1.0], repeat=3)), dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cubic_group(proper_only: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The 48 signed permutation matrices (``O_h``), or its 24 rotations, ``[48 or 24, 3, 3]``.
 
@@ -152,7 +152,7 @@ def cubic_group(proper_only: bool = False, dtype: torch.dtype = torch.float64) -
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inplane_frames(n_inplane: int, proper_only: bool, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``Rz(2πk/n) diag(1, σ, τ)`` for ``k < n``, ``σ, τ = ±1`` (``4n`` matrices; ``2n`` proper).
 

@@ -42,6 +42,45 @@ class EquivariantLinear(torch.nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
+class SpeciesLinear(torch.nn.Module):
+    """Element-dependent per-degree channel mixing ``y_l = x_l W_l[element] / sqrt(C_in)``.
+
+    One ``C_in x C_out`` matrix per element and degree (MACE's one-hot ``skip_tp``, written as a
+    lookup instead of a tensor product with one-hot node attributes). It acts on channels only,
+    with the same matrix for every ``m`` of a degree, so it is exactly O(3)-equivariant; it has no
+    bias, so zero features stay zero. Degrees above ``lmax_in`` come out as zeros.
+
+    The atoms of each element present are mixed by one matmul (no ``[n_atoms, C_in, C_out]``
+    gather of per-atom matrices).
+
+    Shapes:
+        x [n, C_in, (lmax_in+1)^2], element [n] (row in the element list) -> [n, C_out, (lmax_out+1)^2].
+    """
+
+    def __init__(self, num_elements: int, c_in: int, c_out: int, lmax_in: int, lmax_out: int) -> None:
+        super().__init__()
+        self.c_in, self.c_out, self.lmax_in, self.lmax_out = c_in, c_out, lmax_in, lmax_out
+        self.weight = torch.nn.Parameter(torch.randn(num_elements, min(lmax_in, lmax_out) + 1, c_in, c_out))
+
+    def forward(self, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+        lmin = min(self.lmax_in, self.lmax_out)
+        d_min, d_out = irreps_dim(lmin), irreps_dim(self.lmax_out)
+        out = x.new_zeros(x.shape[0], self.c_out, d_min)
+        scale = 1.0 / math.sqrt(self.c_in)
+        idxs, parts = [], []
+        for e in torch.unique(element).tolist():
+            idx = torch.nonzero(element == e).squeeze(1)  # [n_e] atoms of element e
+            xe = x.index_select(0, idx) * scale
+            ye = [torch.einsum("ncm,cd->ndm", xe[:, :, l_slice(l)], self.weight[e, l]) for l in range(lmin + 1)]
+            parts.append(torch.cat(ye, dim=-1))  # [n_e, C_out, (lmin+1)^2]
+            idxs.append(idx)
+        if parts:
+            out = out.index_copy(0, torch.cat(idxs), torch.cat(parts))
+        if d_min < d_out:
+            out = torch.cat([out, out.new_zeros(out.shape[0], self.c_out, d_out - d_min)], dim=-1)
+        return out
+
+
 class PathLinear(torch.nn.Module):
     """Mix the per-path outputs of ``conv_tp`` into ``C`` channels of each degree.
 

@@ -85,7 +85,8 @@ def equivariance_error(
 
 
 def is_exact_by_construction(model: torch.nn.Module) -> bool:
-    """Whether the family declares exact rotation equivariance (class attribute
-    ``exactly_equivariant``); unknown families are treated as approximate and measured."""
+    """Whether the model declares exact rotation equivariance (``exactly_equivariant``: a class
+    attribute, which a family may override per instance when exactness depends on its config);
+    unknown families are treated as approximate and measured."""
     inner = getattr(model, "module", model)
-    return bool(getattr(type(inner), "exactly_equivariant", False))
+    return bool(getattr(inner, "exactly_equivariant", False))
