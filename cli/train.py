@@ -28,6 +28,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, init_from: str 
         mlip train configs/quickstart.yaml --resume
         torchrun --nproc_per_node 4 -m mlip.cli.main train my.yaml
     """
+    from mlip.data.formats import DataError
     from mlip.train.config import ConfigError, load_config
     from mlip.train.loop import TrainingDiverged
     from mlip.train.loop import train as run
@@ -43,6 +44,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, init_from: str 
         raise click.UsageError(str(err)) from err
     try:
         path = run(cfg, resume=resume)
-    except (TrainingDiverged, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, TrainingDiverged, FileExistsError, FileNotFoundError) as err:
+        # bad values found while building data and model, bad data files, divergence: one clear line
         raise click.ClickException(str(err)) from err
     click.echo(f"model written to {path}")

@@ -160,10 +160,13 @@ def test_evaluate_command_reports_hand_computed_metrics(tmp_path):
     assert got["energy_mae"] == pytest.approx(np.abs(pred_e - ref_e).mean())
     assert got["energy_rmse"] == pytest.approx(np.sqrt(((pred_e - ref_e) ** 2).mean()))
     assert got["energy_per_atom_mae"] == pytest.approx(np.abs((pred_e - ref_e) / n).mean())
+    assert got["energy_per_atom_rmse"] == pytest.approx(np.sqrt((((pred_e - ref_e) / n) ** 2).mean()))
     assert got["forces_mae"] == pytest.approx(np.abs(forces).mean())
     assert got["forces_rmse"] == pytest.approx(np.sqrt((forces ** 2).mean()))
     zs = np.concatenate([a.numbers for a in frames])
     assert got["forces_per_element"]["Ag"]["mae"] == pytest.approx(np.abs(forces[zs == 47]).mean())
+    assert got["forces_per_element"]["Cu"]["rmse"] == pytest.approx(np.sqrt((forces[zs == 29] ** 2).mean()))
+    assert got["forces_per_element"]["Cu"]["n_atoms"] == int((zs == 29).sum())
     assert got["stress_mae"] == pytest.approx(np.abs(frames[0].info["stress"]).mean())
     assert got["equivariance_forces_max"] < 1e-10
     assert got["isolated_atoms"] == {"Cu": {"reference": -0.4, "predicted": pytest.approx(-0.5)}}
@@ -171,3 +174,48 @@ def test_evaluate_command_reports_hand_computed_metrics(tmp_path):
     assert "force MAE" in result.output
     for name in ("energy_per_atom", "forces", "stress"):
         assert (tmp_path / "plots" / f"parity_{name}.png").stat().st_size > 1000
+
+
+def test_evaluate_measures_the_equivariance_error_of_any_family(tmp_path):
+    """The same report for a model that is not rotation-invariant: its error is measured, not assumed,
+    and agrees with :func:`equivariance_error` on the same structures."""
+    from mlip.train.evaluate import evaluate_paths
+
+    path, frames = _labelled_file(tmp_path)
+    model = build_model("toy-anisotropic", {"r_max": 3.0, "elements": [29, 47], "anisotropy": 1.0}).double()
+    got = evaluate_paths(model, [path], equivariance_structures=2)
+    assert got["equivariance_forces_max"] > 1e-4 and got["equivariance_energy_max"] > 1e-6
+    batch = collate([toy_models.graph_from_atoms(a, 3.0) for a in frames])
+    direct = equivariance_error(model, batch, n_rotations=3, seed=0)
+    assert got["equivariance_forces_rms"] == pytest.approx(direct["forces_rms"], rel=1e-6)  # edge order differs
+
+
+def test_evaluate_reads_labels_under_other_names(tmp_path):
+    """``--key energy=REF_energy`` reads MACE-style files; an unknown label names the nearest one."""
+    from mlip.cli.main import main
+
+    _, frames = _labelled_file(tmp_path)
+    renamed = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.info["REF_energy"] = atoms.info.pop("energy") + 1.0
+        atoms.arrays["REF_forces"] = atoms.arrays.pop("forces")
+        atoms.info.pop("stress", None)
+        renamed.append(atoms)
+    write(tmp_path / "ref.xyz", renamed, format="extxyz")
+    model = build_model("toy-pair", {"r_max": 3.0, "elements": [29, 47]}).double()
+    with torch.no_grad():
+        model.coeff.zero_()  # predicts E = 0, F = 0
+    save_model(model, tmp_path / "model.pt")
+    out = tmp_path / "r.json"
+    runner = CliRunner()
+    ok = runner.invoke(main, ["evaluate", str(tmp_path / "model.pt"), str(tmp_path / "ref.xyz"), "--out", str(out),
+                              "--key", "energy=REF_energy", "--key", "forces=REF_forces"])
+    assert ok.exit_code == 0, ok.output
+    got = json.loads(out.read_text())
+    ref_e = np.array([a.info["REF_energy"] for a in renamed])
+    assert got["energy_mae"] == pytest.approx(np.abs(ref_e).mean())
+    assert got["forces_mae"] == pytest.approx(np.abs(np.concatenate([a.arrays["REF_forces"] for a in renamed])).mean())
+    bad = runner.invoke(main, ["evaluate", str(tmp_path / "model.pt"), str(tmp_path / "ref.xyz"), "--out", str(out),
+                               "--key", "enrgy=REF_energy"])
+    assert bad.exit_code == 2 and "did you mean '--key energy'" in bad.output

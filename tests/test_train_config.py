@@ -55,6 +55,9 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
         (MINIMAL, ["loss.stage_two.energy_wieght=5"], "did you mean 'loss.stage_two.energy_weight'"),
         ({**MINIMAL, "outptu_dir": "x"}, [], "did you mean 'output_dir'"),
         (MINIMAL, ["model.r_mx=3.0"], "did you mean 'model.r_max'"),
+        (MINIMAL, ["data.keys.froces=REF_forces"], "did you mean 'data.keys.forces'"),
+        (MINIMAL, ["data.train=[{pth: a.xyz, head: omol}]"], "did you mean 'data.train[].path'"),
+        (MINIMAL, ["data.valid=[{path: a.xyz, wieght: 2}]"], "did you mean 'data.valid[].weight'"),
         ({"model": {"family": "toy-pai"}, "data": {"train": "x"}}, [], "did you mean 'toy-pair'"),
     ],
 )
@@ -75,6 +78,14 @@ def test_unknown_keys_name_the_nearest_valid_key(tmp_path, data, overrides, frag
         ("dtype=float16", "must be one of"),
         ("train.amp=maybe", "true/false"),
         ("optim", "key=value"),
+        ("data.train=[{head: omol}]", "has no 'path'"),
+        ("data.train=[{path: a.xyz, weight: -1}]", "weight must be a number >= 0"),
+        ("data.train=[3]", "expected a path"),
+        ("data.keys={energy: 5}", "names a key in the data files"),
+        ("data.e0s=isolate", "data.e0s must be"),
+        ("train.equivariance_check=sometimes", "equivariance_check"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("optim.betas=[0.9]", "two numbers"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(tmp_path, override, fragment):

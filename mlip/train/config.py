@@ -238,7 +238,40 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.cache_graphs must be auto, true or false, got {cfg.data.cache_graphs!r}")
     if cfg.data.train is None:
         raise ConfigError("data.train is required (a path, or a list of paths / {path, head, weight})")
+    for name in ("train", "valid", "test"):
+        _check_entries(getattr(cfg.data, name), f"data.{name}")
+    check_label_keys(cfg.data.keys)
     check_model_section(cfg.model)
+
+
+def _check_entries(value: Any, where: str) -> None:
+    """A data entry is a path or ``{path, head, weight}``; a list holds such entries."""
+    if value is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):
+            unknown = [k for k in item if k not in ("path", "head", "weight")]
+            if unknown:
+                raise _suggest(f"{where}[].{unknown[0]}", ["path", "head", "weight"], "")
+            if "path" not in item:
+                raise ConfigError(f"{where}: the entry {item!r} has no 'path'")
+            weight = item.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise ConfigError(f"{where}: weight must be a number >= 0, got {weight!r} in {item!r}")
+        elif not isinstance(item, (str, os.PathLike)):
+            raise ConfigError(f"{where}: expected a path or {{path, head, weight}}, got {item!r}")
+
+
+def check_label_keys(keys: dict) -> None:
+    """``data.keys`` maps canonical labels to the files' names (fields of ``LabelKeys``)."""
+    from mlip.data.formats import LabelKeys
+
+    names = [f.name for f in dataclasses.fields(LabelKeys)]
+    for key, value in keys.items():
+        if key not in names:
+            raise _suggest(f"data.keys.{key}", names, "")
+        if not isinstance(value, str):
+            raise ConfigError(f"data.keys.{key} names a key in the data files (a string), got {value!r}")
 
 
 def check_model_section(section: dict) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mlip.data.graph import AtomGraph
+from mlip.train.config import ConfigError
 
 
 @dataclass
@@ -112,7 +113,7 @@ def entries(value: Any, default_head: str, what: str) -> list[Entry]:
         if isinstance(item, dict):
             unknown = set(item) - {"path", "head", "weight"}
             if unknown or "path" not in item:
-                raise ValueError(f"data.{what}: an entry must be a path or {{path, head, weight}}, got {item!r}")
+                raise ConfigError(f"data.{what}: an entry must be a path or {{path, head, weight}}, got {item!r}")
             head = item.get("head", fallback)
             out.append(Entry(str(item["path"]), None if head is None else str(head), float(item.get("weight", 1.0))))
         else:
@@ -167,14 +168,14 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  #
     train_e = entries(d.train, d.head, "train")
     ds, n_atoms, n_edges = _open(train_e, cfg, r_max)
     if len(ds) == 0:
-        raise ValueError(f"data.train ({[e.path for e in train_e]}) holds no structures")
+        raise ConfigError(f"data.train ({[e.path for e in train_e]}) holds no structures")
     isolated = np.flatnonzero(n_atoms == 1)
     rest = np.flatnonzero(n_atoms != 1)
     order = rest[np.random.default_rng(d.split_seed).permutation(len(rest))]
     n_valid = int(round(d.valid_fraction * len(rest))) if d.valid is None else 0
     n_test = int(round(d.test_fraction * len(rest))) if d.test is None else 0
     if n_valid + n_test >= len(rest):
-        raise ValueError(f"data.train has {len(rest)} structures: too few to split off {n_valid} valid + {n_test} test")
+        raise ConfigError(f"data.train has {len(rest)} structures: too few to split off {n_valid} valid + {n_test} test")
     valid = Split(ds, np.sort(order[:n_valid]), n_atoms, n_edges) if n_valid else None
     test = Split(ds, np.sort(order[n_valid:n_valid + n_test]), n_atoms, n_edges) if n_test else None
     train = Split(ds, np.sort(np.concatenate([order[n_valid + n_test:], isolated])), n_atoms, n_edges)
@@ -242,7 +243,12 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
             if spec == "isolated" or (spec == "auto" and set(need) <= set(have)):
                 missing = set(need) - set(have)
                 if missing:
-                    raise ValueError(f"data.e0s: isolated: head {h!r} has no isolated-atom energy for Z={sorted(missing)}")
+                    from ase.data import chemical_symbols
+
+                    raise ConfigError(
+                        f"data.e0s: isolated: head {h!r} of data.train has no single-atom structure with an "
+                        f"energy for {[chemical_symbols[z] for z in sorted(missing)]}; add them, give data.e0s "
+                        f"as a mapping, or use fit")
                 e0s[h] = {z: have[z] for z in need}
                 how = "isolated atoms"
             else:
@@ -271,14 +277,14 @@ def _explicit_e0s(spec: dict, heads: list[str]) -> dict[str, dict[int, float]]:
         for k, v in t.items():
             z = atomic_numbers.get(k) if isinstance(k, str) and not k.isdigit() else int(k)
             if z is None:
-                raise ValueError(f"data.e0s: unknown element {k!r}")
+                raise ConfigError(f"data.e0s: unknown element {k!r}")
             out[int(z)] = float(v)
         return out
 
     if all(isinstance(v, dict) for v in spec.values()):
         missing = set(heads) - set(spec)
         if missing:
-            raise ValueError(f"data.e0s gives no table for head(s) {sorted(missing)}")
+            raise ConfigError(f"data.e0s gives no table for head(s) {sorted(missing)}")
         return {h: table(spec[h]) for h in heads}
     return {h: table(spec) for h in heads}
 

@@ -1,6 +1,7 @@
 """Exponential moving average of model weights (evaluated, checkpointed and exported).
 
-``shadow = decay * shadow + (1 - decay) * param`` after every optimiser step, with the
+``shadow = decay * shadow + (1 - decay) * param`` after every optimiser step (trainable
+parameters only; frozen ones and buffers are copied), with the
 warm-up ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated
 by the random initialisation.
 """
@@ -33,11 +34,18 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Blend the current weights into the shadow copy."""
+        """Blend the current trainable weights into the shadow copy; copy the rest.
+
+        Frozen parameters and buffers are copied, not blended, so they stay bitwise equal to
+        the model's (``d * x + (1 - d) * x`` need not round to ``x``).
+        """
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for name, value in self._tensors():
-            self.shadow[name].mul_(d).add_(value.detach(), alpha=1.0 - d)
+            if value.requires_grad:
+                self.shadow[name].lerp_(value.detach(), 1.0 - d)
+            else:
+                self.shadow[name].copy_(value.detach())
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[torch.nn.Module]:

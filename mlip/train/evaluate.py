@@ -30,11 +30,14 @@ def evaluate_split(
     n_rotations: int = 3,
     seed: int = 0,
     collect: dict[str, list] | None = None,
+    max_edges: int | None = None,
+    max_graphs: int | None = None,
 ) -> dict:
     """Metrics of ``model`` on every structure of ``split`` (a map-style dataset of AtomGraphs).
 
     Args:
-        max_atoms: atoms per evaluation batch.
+        max_atoms, max_edges, max_graphs: bounds of an evaluation batch (at least one; edges
+            need ``split.n_edges``).
         equivariance_structures: how many structures enter the rotation test (0 = skip).
         collect: if given, filled with ``energy_per_atom``, ``forces``, ``stress`` as lists of
             ``(reference, predicted)`` numpy arrays for parity plots.
@@ -52,7 +55,9 @@ def evaluate_split(
     # single atoms are reference points for E0s, not test data: reported apart from the metrics
     single = np.flatnonzero(n_atoms == 1)
     many = np.flatnonzero(n_atoms != 1)
-    sampler = BoundedBatchSampler(n_atoms[many], max_atoms=max_atoms)
+    n_edges = np.asarray(split.n_edges)[many] if max_edges is not None else None
+    sampler = BoundedBatchSampler(n_atoms[many], n_edges, max_atoms=max_atoms, max_edges=max_edges,
+                                  max_graphs=max_graphs)
     metrics = Metrics()
     for pos in sampler:
         idx = many[pos].tolist()

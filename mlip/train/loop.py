@@ -27,7 +27,7 @@ from mlip.models.base import MODELS, PotentialModel, _import_families, build_mod
 from mlip.models.outputs import predict
 from mlip.train import checkpoint as ckpt
 from mlip.train import distributed as ddp
-from mlip.train.config import TrainConfig, config_to_dict, save_config
+from mlip.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from mlip.train.data import Data, Split, build_data
 from mlip.train.ema import EMA
 from mlip.train.equivariance import equivariance_error, is_exact_by_construction
@@ -151,21 +151,29 @@ class RunState:
             "epoch_loss_steps": self.epoch_loss_steps,
             "best": self.best,
             "history": self.history,
+            "elapsed_s": time.time() - self.started,
             "config": config_to_dict(self.cfg),
             "model_family": self.model.family,
             "model_config": config_to_dict_any(self.model.config),
         }
 
     def load_checkpoint(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"], strict=True)
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as err:
+            raise ConfigError(f"{self.out / ckpt.LAST} does not fit the model the config builds (was the "
+                              f"model section changed since the run started?): {err}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.ema is not None:
             if state["ema"] is None:
-                raise ValueError("the checkpoint was written without EMA but the config enables it")
+                raise ConfigError(f"{self.out / ckpt.LAST} was written without EMA but the config sets "
+                                  f"optim.ema_decay={self.cfg.optim.ema_decay}")
             self.ema.load_state_dict(state["ema"])
         for key in ("epoch", "step", "step_in_epoch", "epoch_loss_sum", "epoch_loss_steps", "best", "history"):
             setattr(self, key, state[key])
+        # wall time continues across a resume (metrics' time_s, train.time_budget_s)
+        self.started = time.time() - float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
 
 
@@ -188,7 +196,7 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     if cfg.train.init_from:
         init = load_model(cfg.train.init_from)
         if init.family != family:
-            raise ValueError(f"--init-from {cfg.train.init_from} is a {init.family!r} model; the config asks for {family!r}")
+            raise ConfigError(f"--init-from {cfg.train.init_from} is a {init.family!r} model; the config asks for {family!r}")
         base = config_to_dict_any(init.config)
     base.update(section)
     if family not in MODELS:
@@ -231,7 +239,7 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
         hits = [n for n, p in model.named_parameters() if fnmatch(n, pattern) or n.startswith(pattern + ".")]
         if not hits:
             names = [n for n, _ in model.named_parameters()]
-            raise ValueError(f"train.freeze pattern {pattern!r} matches no parameter; names look like {names[:6]}")
+            raise ConfigError(f"train.freeze pattern {pattern!r} matches no parameter; names look like {names[:6]}")
         for n, p in model.named_parameters():
             if n in hits:
                 p.requires_grad_(False)
@@ -240,7 +248,7 @@ def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
 def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters (is everything frozen?)")
+        raise ConfigError("no trainable parameters (is everything frozen?)")
     o = cfg.optim
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, amsgrad=o.amsgrad)
@@ -293,6 +301,8 @@ def train_step(state: RunState, batch: GraphBatch, real: bool, weights: LossWeig
     global_counts = ddp.all_reduce_sum(torch.stack([counts[k] for k in keys]), info)
     # each rank divides by the global counts; DDP averages gradients, so scale by world size
     local, _ = combine(sums, dict(zip(keys, global_counts)), weights)
+    if "aux_loss" in pred:  # a model's own weighted term (learned-equivariance alignment loss), mean over ranks
+        local = local + (pred["aux_loss"] if real else 0.0 * pred["aux_loss"]) / info.world_size
     loss_value = float(ddp.all_reduce_sum(local.detach().reshape(1), info))
     # backward even for a non-finite loss: every DDP rank then runs the same gradient all-reduce
     (local * info.world_size).backward()
@@ -333,6 +343,8 @@ def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
     """Loss and metrics of the (EMA) model on ``split``, summed over ranks."""
     cfg, info = state.cfg, state.dist
     model = state.model
+    was_training = model.training
+    model.eval()  # deterministic: full frame averaging, no random rotations (restored below)
     metrics = Metrics()
     sums_t = torch.zeros(3, dtype=torch.float64)
     counts_t = torch.zeros(3, dtype=torch.float64)
@@ -361,6 +373,7 @@ def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
             batch = collate([split[i] for i in range(n)]).to(info.device, state.dtype)
             eq = equivariance_error(model, batch, n_rotations=2, seed=cfg.seed)
             out.update({f"equivariance_{k}": v for k, v in eq.items()})
+    model.train(was_training)
     return out
 
 
@@ -434,7 +447,8 @@ def _end_epoch(state: RunState, logger: "_MetricsLogger", last: bool) -> None:
     cfg, info, valid = state.cfg, state.dist, state.data.valid
     epoch = state.epoch
     row = {"epoch": epoch + 1, "step": state.step, "lr": state.schedule.lr(),
-           "train_loss": state.epoch_loss_sum / max(state.epoch_loss_steps, 1),
+           # an epoch whose every step was skipped has no training loss (not 0, which would rank best)
+           "train_loss": state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else math.nan,
            "skipped_steps": state.step_in_epoch - state.epoch_loss_steps}
     line = f"epoch {epoch + 1}: train loss {row['train_loss']:.4g}"
     if valid is not None and len(valid) and ((epoch + 1) % cfg.train.eval_every_epochs == 0 or last):
@@ -651,7 +665,9 @@ def _test_metrics(state: RunState, model_path: Path) -> None:
     from mlip.train.evaluate import evaluate_split
 
     model = load_model(model_path, map_location=state.dist.device)
-    result = evaluate_split(model, state.data.test, state.cfg.batch.valid_max_atoms or state.cfg.batch.max_atoms)
+    b = state.cfg.batch  # the validation batches' bounds
+    result = evaluate_split(model, state.data.test, b.valid_max_atoms or b.max_atoms, max_edges=b.max_edges,
+                            max_graphs=b.max_graphs)
     (state.out / "test_metrics.json").write_text(json.dumps(result, indent=2))
     log.info("test: %s", format_summary(result))
 
