@@ -20,6 +20,11 @@ Their wheels must be carried to an offline GPU machine (see the device README). 
 on inputs of the same sizes; their outputs are not compared with ours (layouts and path
 normalisations differ; correctness against e3nn is asserted in tests/test_kernels.py).
 
+With ``--spline`` (default on) two more rows time ``conv_tp_spline`` (the radial cubic spline
+folded into the kernels: 4 basis values per edge and a ``[16, P, C]`` table instead of
+``edge_weights [E, P, C]``), Triton and the torch reference, with gradients of node features,
+spherical harmonics and the spline values (the force path: ``dE/dr`` goes through them).
+
 FLOP and byte model (printed): forward FLOPs = E C (2 nnz_CG_weighted + 2 D_out), where
 ``nnz_CG_weighted`` counts non-zero CG entries; bytes = every input read once and the output
 written once (the ideal of a fused kernel). For the backward passes the same minimal-traffic model
@@ -55,7 +60,10 @@ def gpu_peak(name: str) -> tuple[str, float, float] | None:
     return None
 
 
-def model_counts(lmax: tuple[int, int, int], n_nodes: int, n_edges: int, c: int, itemsize: int) -> dict[str, float]:
+def model_counts(lmax: tuple[int, int, int], n_nodes: int, n_edges: int, c: int, itemsize: int,
+                 spline_knots: int | None = None) -> dict[str, float]:
+    """FLOPs and minimal bytes; with ``spline_knots``, the radial input is ``[E, 4]`` values, an
+    index and a ``[K, P, C]`` table (plus ``2 * 4`` FLOPs per weight to rebuild it)."""
     from mlip.kernels.reference import tp_out_dim
     from mlip.kernels.triton.conv import _paths
 
@@ -64,6 +72,10 @@ def model_counts(lmax: tuple[int, int, int], n_nodes: int, n_edges: int, c: int,
     d_in, d_sh, d_out, n_p = (lmax[0] + 1) ** 2, (lmax[1] + 1) ** 2, tp_out_dim(*lmax), len(paths)
     flops = n_edges * c * (2 * nnz + 2 * d_out)
     x, y, w, o, idx = n_nodes * c * d_in, n_edges * d_sh, n_edges * n_p * c, n_nodes * c * d_out, 2 * n_edges
+    if spline_knots:
+        flops += n_edges * n_p * c * 8
+        w = n_edges * 4 + spline_knots * n_p * c  # values and table (the knot index is counted below)
+        idx += n_edges
     fwd_bytes = (x + y + w + o) * itemsize + idx * 8
     bwd_bytes = (o + y + w + x) * itemsize + (x + o + y + w + y + w) * itemsize + 2 * idx * 8  # Bx + (BY, Bw)
     return {"flops_fwd": flops, "bytes_fwd": fwd_bytes, "bytes_bwd": bwd_bytes, "nnz": nnz}
@@ -213,9 +225,30 @@ def impl_oeq(lmax, n_nodes, sender, receiver, c, dtype):
     return conv
 
 
-def check_against_reference(lmax, x, y, w, sender, receiver, n_nodes, max_edges: int = 50_000) -> float:
+def spline_problem(lmax, n_edges, c, dtype, device, knots: int = 16, r_max: float = 6.0, seed=1):
+    """Spline inputs of ``conv_tp_spline``: values ``[E, 4]``, knot index ``[E]``, table ``[K, P, C]``."""
+    from mlip.kernels.reference import spline_coefficients, tp_paths
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = torch.rand(n_edges, generator=g, dtype=torch.float64) * r_max
+    vals, idx = spline_coefficients(r, r_max, knots)
+    table = torch.randn(knots, len(tp_paths(*lmax)), c, generator=g)
+    return vals.to(device=device, dtype=dtype), idx.to(device), table.to(device=device, dtype=dtype)
+
+
+def impl_spline(lmax, n_nodes, sender, receiver, idx, table, backend: str):
+    """``(x, y, vals) -> conv_tp_spline(...)`` with the knot index and the table held fixed."""
+    from mlip.kernels import get_backend
+
+    mod = get_backend(backend, "cuda")
+    return lambda x, y, v: mod.conv_tp_spline(x, y, v, idx, table, sender, receiver, n_nodes, *lmax)
+
+
+def check_against_reference(lmax, x, y, w, sender, receiver, n_nodes, max_edges: int = 50_000,
+                            spline: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """Max relative difference of Triton vs the torch reference (forward and input gradients) on the
-    first ``max_edges`` edges: no timing is printed for a kernel that disagrees."""
+    first ``max_edges`` edges: no timing is printed for a kernel that disagrees. With ``spline =
+    (idx, table)``, ``w`` holds the spline values and ``conv_tp_spline`` is checked."""
     from mlip.kernels import reference
     from mlip.kernels.triton import ops
 
@@ -223,7 +256,15 @@ def check_against_reference(lmax, x, y, w, sender, receiver, n_nodes, max_edges:
     args = (sender[:e], receiver[:e], n_nodes, *lmax)
     errs = []
     outs = []
-    for fn in (ops.conv_tp, reference.conv_tp):
+    pair = (ops.conv_tp, reference.conv_tp)
+    if spline is not None:
+        idx, table = spline
+
+        def with_table(f: Callable) -> Callable:
+            return lambda x_, y_, v_, *rest: f(x_, y_, v_, idx[:e], table, *rest)
+
+        pair = (with_table(ops.conv_tp_spline), with_table(reference.conv_tp_spline))
+    for fn in pair:
         xs, ys, ws = (t.detach().clone().requires_grad_(True) for t in (x, y[:e], w[:e]))
         out = fn(xs, ys, ws, *args)
         grads = torch.autograd.grad(out, (xs, ys, ws), torch.ones_like(out))
@@ -252,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--peers", nargs="*", default=["torch", "e3nn", "cueq", "oeq"])
+    ap.add_argument("--spline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time conv_tp_spline (radial spline fused), triton and torch")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tp_kernels: no CUDA device; the Triton kernels need a GPU to be timed (CPU correctness: tests/test_kernels.py).")
@@ -276,16 +319,30 @@ def main(argv: list[str] | None = None) -> int:
             if not err <= tol:
                 print("# triton disagrees with the reference: not timing this shape")
                 continue
-            impls: list[tuple[str, Callable]] = [("triton", impl_ours(lmax, n_nodes, sender, receiver, "triton"))]
+            # (label, conv, radial input, counts): peers take edge_weights, the spline rows spline values
+            impls: list[tuple[str, Callable, torch.Tensor, dict]] = [
+                ("triton", impl_ours(lmax, n_nodes, sender, receiver, "triton"), w, counts)]
             builders = peer_builders(lmax, n_nodes, sender, receiver, args.channels, dtype)
             for peer in args.peers:
                 try:
                     fn, how = builders[peer]()
-                    impls.append((f"{peer} ({how})", fn))
+                    impls.append((f"{peer} ({how})", fn, w, counts))
                 except Exception as err:  # noqa: BLE001 - optional peers: report and go on
                     print(f"{L:>4} {n_edges:>8} {peer:>22} skipped: {type(err).__name__}: {str(err)[:120]}")
-            for label, fn in impls:
-                for pname, work in passes(fn, x, y, w).items():
+            if args.spline:
+                vals, idx, table = spline_problem(lmax, n_edges, args.channels, dtype, "cuda")
+                s_err = check_against_reference(lmax, x, y, vals, sender, receiver, n_nodes, spline=(idx, table))
+                print(f"# lmax {L}, {n_edges} edges: triton spline vs torch reference, max relative error {s_err:.1e}")
+                s_counts = model_counts(lmax, n_nodes, n_edges, args.channels, x.element_size(), table.shape[0])
+                if s_err <= tol:
+                    impls.append(("triton spline", impl_spline(lmax, n_nodes, sender, receiver, idx, table, "triton"),
+                                  vals, s_counts))
+                else:
+                    print("# triton spline disagrees with the reference: not timing it")
+                impls.append(("torch spline", impl_spline(lmax, n_nodes, sender, receiver, idx, table, "torch"),
+                              vals, s_counts))
+            for label, fn, radial, counts_i in impls:
+                for pname, work in passes(fn, x, y, radial).items():
                     try:
                         ms, mib = time_ms(work, args.repeats)
                     except torch.cuda.OutOfMemoryError:
@@ -295,15 +352,17 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as err:  # noqa: BLE001
                         print(f"{L:>4} {n_edges:>8} {label:>22} {pname:>12} failed: {type(err).__name__}: {str(err)[:100]}")
                         continue
-                    tflops = counts["flops_fwd"] / (ms * 1e-3) / 1e12 if pname == "fwd" else float("nan")
-                    nbytes = counts["bytes_fwd"] + (counts["bytes_bwd"] if pname != "fwd" else 0)
+                    tflops = counts_i["flops_fwd"] / (ms * 1e-3) / 1e12 if pname == "fwd" else float("nan")
+                    nbytes = counts_i["bytes_fwd"] + (counts_i["bytes_bwd"] if pname != "fwd" else 0)
                     gbs = nbytes / (ms * 1e-3) / 1e9
                     pf = f"{100 * tflops / peak[1]:6.1f}" if peak and not math.isnan(tflops) else "     -"
                     pb = f"{100 * gbs / 1e3 / peak[2]:6.1f}" if peak else "     -"
                     tf = f"{tflops:8.2f}" if not math.isnan(tflops) else "       -"
                     print(f"{L:>4} {n_edges:>8} {label:>22} {pname:>12} {ms:9.3f} {mib:8.0f} {tf} {gbs:8.0f} {pf} {pb}")
                     sys.stdout.flush()
+            impls.clear()
             del x, y, w, sender, receiver
+            vals = idx = table = None  # free the GPU memory of this shape
             torch.cuda.empty_cache()
     print("# TFLOP/s is given for the forward only (FLOP model in the module docstring); GB/s counts the minimal traffic")
     print("# of a fused kernel (inputs read once, outputs written once), so unfused peers show an optimistic GB/s.")

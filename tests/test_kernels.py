@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 
 # Triton's interpreter works only if this is set before triton is first imported (its own
 # helpers such as tl.sum are jitted at import); tests run the kernels on CPU tensors.
+# tests/conftest.py sets it first for the whole session (e3nn imports triton too); this line
+# covers running the module on its own without that conftest.
 _TRITON_WAS_IMPORTED = "triton" in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the triton extra is not installed (pip install 'mlip[gpu]')")
+# The [test] extra installs triton where wheels exist (Linux x86_64): there, a missing triton is an
+# install error to report, not a reason to skip every kernel test. Elsewhere the module is skipped.
+if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "tests/test_kernels.py needs triton on Linux x86_64; install the test extra: pip install -e '.[test]'"
+        ) from err
+else:
+    pytest.importorskip("triton", reason="no triton wheel for this platform (the [test] extra skips it)")
 
 from mlip.kernels import reference as ref
 from mlip.kernels import reference_grid as refgrid
@@ -73,6 +86,15 @@ def _inputs(lmax: tuple[int, int, int], dtype: torch.dtype, n: int = 5, e: int =
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture
+def big_blocks(monkeypatch):
+    """Blocks covering a receiver's edges and all channels at once, for the slow tests (gradcheck,
+    whole models): the block walk is tested at small blocks against the reference, first and second
+    derivatives included; here small blocks would only make the interpreter several times slower."""
+    monkeypatch.setitem(conv.INTERPRET_BLOCKS, "BLOCK_E", 32)
+    monkeypatch.setitem(conv.INTERPRET_BLOCKS, "BLOCK_C", 4)
 
 
 def _e3nn_conv(x, y, w, sender, receiver, n, lmax):
@@ -142,6 +164,9 @@ ks = conv.compile_for_target((1, 1, 1), torch.float64, arch=90)
 assert all(len(k.asm["cubin"]) > 0 for k in ks.values()), "no cubin"
 consts = re.findall(r"arith.constant dense<([0-9.e+-]+)> : tensor<[0-9x]+xf64>", ks["fwd"].asm["ttir"])
 assert any(c.startswith("0.577350269189625") for c in consts), consts  # sqrt(1/3) kept in float64
+ks = conv.compile_for_target((1, 2, 1), torch.float32, arch=90, spline=True)
+assert all(len(k.asm["cubin"]) > 0 for k in ks.values()), "no spline cubin"
+assert "atom" in ks["bwd_edge"].asm["ptx"]  # the table gradient is summed with atomics
 assert len(grid.compile_for_target(4, 4, 8, torch.float32).asm["cubin"]) > 0
 print("compiled")
 """
@@ -176,12 +201,14 @@ def test_conv_forward_matches_reference_and_e3nn(lmax, dtype):
     assert torch.equal(out, ops.conv_tp(x, y, w, sender, receiver, 5, *lmax))  # deterministic (no atomics)
 
 
-def test_conv_forward_lmax3_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_forward_lmax3_matches_reference_and_e3nn(dtype):
     ops = _ops()
     sender, receiver = _graph(n=4, e=6)
-    x, y, w = _inputs((3, 3, 3), torch.float64, n=4, e=6, c=2)
+    x, y, w = _inputs((3, 3, 3), dtype, n=4, e=6, c=2)
     out = ops.conv_tp(x, y, w, sender, receiver, 4, 3, 3, 3)
-    torch.testing.assert_close(out, ref.conv_tp(x, y, w, sender, receiver, 4, 3, 3, 3), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref.conv_tp(x, y, w, sender, receiver, 4, 3, 3, 3), **_tol(dtype))
+    torch.testing.assert_close(out, _e3nn_conv(x, y, w, sender, receiver, 4, (3, 3, 3)), **_tol(dtype))
 
 
 @pytest.mark.parametrize("lmax,dtype", [((1, 1, 1), torch.float32), ((2, 2, 2), torch.float64), ((1, 2, 1), torch.float64)])
@@ -218,7 +245,7 @@ def test_conv_gradients_of_a_subset_of_inputs_and_non_contiguous_inputs(needs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_gradcheck_and_gradgradcheck_float64():
+def test_conv_gradcheck_and_gradgradcheck_float64(big_blocks):
     ops = _ops()
     sender, receiver = _graph(n=4, e=8)
     x, y, w = _inputs((1, 1, 1), torch.float64, n=4, e=8, c=2, requires_grad=True)
@@ -265,6 +292,114 @@ def test_registry_validate(monkeypatch):
     x, y, w = _inputs((1, 1, 1), torch.float32)
     with pytest.raises(RuntimeError, match="CUDA"):
         ops.conv_tp(x, y, w, sender, receiver, 5, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# conv_tp_spline: the radial spline folded into the convolution
+# --------------------------------------------------------------------------------------------
+def _spline_inputs(lmax, dtype, n=5, e=12, c=3, k=6, seed=0, requires_grad=False):
+    """Node/edge inputs plus spline values of random lengths in [0, r_max=3] (several edges share
+    table rows, so the atomic table gradient sums duplicates) and a ``[k, P, c]`` table."""
+    x, y, _ = _inputs(lmax, dtype, n=n, e=e, c=c, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    r = torch.rand(e, generator=g, dtype=torch.float64) * 3.0
+    r[:1] = 3.0  # the last knot: rows beyond the table are masked
+    vals, idx = ref.spline_coefficients(r, 3.0, k)
+    table = torch.randn(k, len(ref.tp_paths(*lmax)), c, generator=g, dtype=torch.float64)
+    ins = [x, y, vals.to(dtype), table.to(dtype)]
+    return [t.requires_grad_(requires_grad) for t in ins], idx
+
+
+def test_spline_coefficients_are_the_models_spline_basis():
+    from mlip.nn.radial import SplineBasis
+
+    r = torch.cat([torch.rand(300, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3.0,
+                   torch.tensor([0.0, 0.375, 1.5, 3.0], dtype=torch.float64)])  # knots h = 3/8 included
+    dense = SplineBasis(3.0, 9)(r)  # [n_edges, 9]
+    vals, idx = ref.spline_coefficients(r, 3.0, 9)
+    rows = idx[:, None] + torch.arange(4)
+    rebuilt = torch.zeros_like(dense)
+    valid = (rows >= 0) & (rows < 9)
+    rebuilt[torch.arange(len(r))[:, None].expand_as(rows)[valid], rows[valid]] = vals[valid]
+    torch.testing.assert_close(rebuilt, dense, rtol=0, atol=1e-15)
+    table = torch.randn(9, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ref.spline_weights(vals, idx, table), (dense @ table.view(9, -1)).view(-1, 2, 3),
+                               rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("lmax", [(1, 1, 1), (2, 2, 2), (1, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_spline_forward_matches_reference(lmax, dtype):
+    ops = _ops()
+    sender, receiver = _graph()
+    (x, y, v, t), idx = _spline_inputs(lmax, dtype)
+    out = ops.conv_tp_spline(x, y, v, idx, t, sender, receiver, 5, *lmax)
+    expected = ref.conv_tp_spline(x, y, v, idx, t, sender, receiver, 5, *lmax)
+    assert out.shape == (5, 3, ref.tp_out_dim(*lmax)) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, **_tol(dtype))
+    w = ref.spline_weights(v, idx, t)  # the same as the unfused kernel on materialised weights
+    torch.testing.assert_close(out, ops.conv_tp(x, y, w, sender, receiver, 5, *lmax), **_tol(dtype))
+
+
+@pytest.mark.parametrize("lmax,dtype", [((1, 1, 1), torch.float32), ((1, 2, 1), torch.float64)])
+def test_conv_spline_first_and_second_derivatives_match_reference(lmax, dtype):
+    ops = _ops()
+    sender, receiver = _graph()
+    outs = {}
+    for name, fn in (("triton", ops.conv_tp_spline), ("torch", ref.conv_tp_spline)):
+        (x, y, v, t), idx = _spline_inputs(lmax, dtype, requires_grad=True)
+        out = fn(x, y, v, idx, t, sender, receiver, 5, *lmax)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, (x, y, v, t), g, create_graph=True)
+        cot = [torch.randn(q.shape, generator=torch.Generator().manual_seed(2 + i), dtype=torch.float64).to(dtype)
+               for i, q in enumerate(grads)]
+        second = torch.autograd.grad(grads, (x, y, v, t), cot)
+        outs[name] = [q.detach() for q in grads] + list(second)
+    for a, b in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a, b, **_tol(dtype))
+
+
+def test_conv_spline_gradcheck_and_gradgradcheck_float64(big_blocks):
+    ops = _ops()
+    sender, receiver = _graph(n=4, e=6)
+    (x, y, v, t), idx = _spline_inputs((1, 1, 1), torch.float64, n=4, e=6, c=2, k=4, requires_grad=True)
+    fn = lambda x, y, v, t: ops.conv_tp_spline(x, y, v, idx, t, sender, receiver, 4, 1, 1, 1)
+    assert torch.autograd.gradcheck(fn, (x, y, v, t), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, y, v, t), fast_mode=True)
+
+
+def test_conv_spline_forces_through_edge_lengths_match_reference():
+    """The force path: d/dr through the spline values (spline_coefficients is differentiable in r)."""
+    ops = _ops()
+    sender, receiver = _graph()
+    (x, y, _, t), _ = _spline_inputs((1, 1, 1), torch.float64)
+    r0 = torch.rand(12, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3.0
+    grads = []
+    for fn in (ops.conv_tp_spline, ref.conv_tp_spline):
+        r = r0.clone().requires_grad_()
+        vals, idx = ref.spline_coefficients(r, 3.0, 6)
+        out = fn(x, y, vals, idx, t, sender, receiver, 5, 1, 1, 1)
+        grads.append(torch.autograd.grad((out * out).sum(), r)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert float(grads[1].abs().max()) > 1e-3
+
+
+def test_conv_spline_edge_cases_and_errors():
+    ops = _ops()
+    (x, y, v, t), idx = _spline_inputs((1, 1, 1), torch.float64, e=0)
+    empty = torch.zeros(0, dtype=torch.long)
+    out = ops.conv_tp_spline(x, y, v, idx, t, empty, empty, 5, 1, 1, 1)
+    assert out.shape == (5, 3, 8) and torch.all(out == 0)
+    sender, receiver = _graph()
+    (x, y, v, t), idx = _spline_inputs((1, 1, 1), torch.float64)
+    with pytest.raises(ValueError, match="table"):
+        ops.conv_tp_spline(x, y, v, idx, t[:, :3], sender, receiver, 5, 1, 1, 1)
+    with pytest.raises(ValueError, match="spline_vals"):
+        ops.conv_tp_spline(x, y, v[:, :3], idx, t, sender, receiver, 5, 1, 1, 1)
+    with pytest.raises(TypeError, match="spline_idx"):
+        ops.conv_tp_spline(x, y, v, idx.int(), t, sender, receiver, 5, 1, 1, 1)
+    with pytest.raises(TypeError, match="table"):
+        ops.conv_tp_spline(x, y, v, idx, t.float(), sender, receiver, 5, 1, 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,11 +467,11 @@ def test_grid_product_gradcheck_and_gradgradcheck_float64():
 # --------------------------------------------------------------------------------------------
 # whole model and the load-time check
 # --------------------------------------------------------------------------------------------
-def _model(kernel: str, dtype: torch.dtype):
+def _model(kernel: str, dtype: torch.dtype, radial: str = "spline"):
     from mlip.models.base import build_model
 
     cfg = {"r_max": 3.0, "elements": [1, 8], "num_channels": 4, "lmax": 1, "num_layers": 2, "correlation": 2,
-           "avg_num_neighbors": 10.0, "kernel": kernel}
+           "avg_num_neighbors": 10.0, "kernel": kernel, "radial": radial, "spline_knots": 6}
     return build_model("equivariant", cfg).to(dtype)
 
 
@@ -348,14 +483,20 @@ def _batch(dtype: torch.dtype):
     return collate([atoms_to_graph(atoms, 3.0)]).to(dtype=dtype)
 
 
-def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals_torch():
+@pytest.mark.parametrize("radial", ["spline", "mlp"])  # fused spline (conv_tp_spline) | weights from an MLP (conv_tp)
+def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals_torch(radial, big_blocks, monkeypatch):
     pytest.importorskip("mlip.models.equivariant")
     from mlip.models.outputs import predict
 
+    ops = _ops()
+    unused = "conv_tp" if radial == "spline" else "conv_tp_spline"
+    monkeypatch.setattr(ops, unused, None)  # the model must take the path named by `radial`
     dtype = torch.float64
     batch = _batch(dtype)
-    fast, slow = _model("triton", dtype), _model("torch", dtype)
+    fast, slow = _model("triton", dtype, radial), _model("torch", dtype, radial)
     slow.load_state_dict(fast.state_dict())
+    # skip the first-forward load-time check (tested below): this test compares more than it does
+    fast.__dict__[validate._CHECKED] = {("cpu", dtype)}
     a = predict(fast, batch, forces=True, stress=True, create_graph=True)
     b = predict(slow, batch, forces=True, stress=True, create_graph=True)
     assert batch.n_edges > 40  # several edges per receiver: the CSR walk is exercised
@@ -378,38 +519,154 @@ def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals
     assert radial and n_checked > len(radial)  # radial weights (edge_weights) and node-side parameters
 
 
-def test_check_backend_accepts_triton_and_refuses_a_wrong_kernel(monkeypatch):
+def test_check_backend_accepts_triton_and_refuses_a_wrong_kernel(monkeypatch, big_blocks):
     pytest.importorskip("mlip.models.equivariant")
     model = _model("triton", torch.float32)
     check = validate.check_backend(model)
     assert check is not None and check.ok and check.backend == "triton" and check.dtype == torch.float32
     assert validate.check_backend(_model("torch", torch.float32)) is None  # nothing to check
 
-    ops = _ops()
-    wrong = lambda *args: ref.conv_tp(*args) * 1.001
-    monkeypatch.setattr(ops, "conv_tp", wrong)
+    _counting_exact_kernel(monkeypatch, factor=1.001)  # kernels 0.1% off
     with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
         validate.check_backend(_model("triton", torch.float64))
 
 
 def test_ensure_checked_runs_once_per_device_and_dtype(monkeypatch):
     pytest.importorskip("mlip.models.equivariant")
-    ops = _ops()
-    calls = []
-
-    def counted(*args):
-        calls.append(1)
-        return ref.conv_tp(*args)  # an exact "accelerated" kernel: the check passes
-
-    monkeypatch.setattr(ops, "conv_tp", counted)
+    calls = _counting_exact_kernel(monkeypatch)  # an exact "accelerated" kernel: the check passes
     model = _model("triton", torch.float64)
     validate.ensure_checked(model, "cpu", torch.float64)
     n = len(calls)
     assert n > 0  # the check evaluated the model with its backend
     validate.ensure_checked(model, "cpu", torch.float64)
     assert len(calls) == n  # cached for (cpu, float64)
-    monkeypatch.setattr(ops, "conv_tp", lambda *args: ref.conv_tp(*args) * 1.001)
+    _counting_exact_kernel(monkeypatch, factor=1.001)
     with pytest.raises(validate.BackendMismatchError):
         validate.ensure_checked(model, "cpu", torch.float32)  # another dtype: checked again, and refused
     with pytest.raises(validate.BackendMismatchError):
         validate.ensure_checked(model, "cpu", torch.float32)  # a failed check is not remembered
+
+
+def _counting_exact_kernel(monkeypatch, factor: float = 1.0) -> list[int]:
+    """Replace the Triton ``conv_tp`` and ``conv_tp_spline`` by the reference times ``factor`` (1: an
+    exact "accelerated" kernel, fast; else a wrong one) and count their calls: tests of where the
+    check is wired."""
+    ops = _ops()
+    calls: list[int] = []
+
+    def counted(reference_op):
+        def patched(*args):
+            calls.append(1)
+            return reference_op(*args) * factor
+
+        return patched
+
+    monkeypatch.setattr(ops, "conv_tp", counted(ref.conv_tp))
+    monkeypatch.setattr(ops, "conv_tp_spline", counted(ref.conv_tp_spline))
+    return calls
+
+
+def test_loading_a_model_checks_its_accelerated_backend_and_refuses_a_mismatch(tmp_path, monkeypatch):
+    """load_model, mlip.load and MLIPCalculator(path) run the check before returning a model."""
+    import mlip
+    from mlip.calculator import MLIPCalculator
+    from mlip.models.base import load_model, save_model
+
+    pytest.importorskip("mlip.models.equivariant")
+    path = tmp_path / "triton.pt"
+    save_model(_model("triton", torch.float64), path)
+    calls = _counting_exact_kernel(monkeypatch)
+    model = load_model(path)
+    assert calls, "load_model did not evaluate the accelerated backend"
+    assert ("cpu", torch.float64) in model.__dict__[validate._CHECKED]
+    n = len(calls)
+    from mlip.models.outputs import predict
+
+    predict(model, _batch(torch.float64), forces=True)  # already checked at load: only the model's own calls
+    assert len(calls) == n + 2  # two layers, one conv each
+
+    _counting_exact_kernel(monkeypatch, factor=1.001)  # a kernel 0.1% off
+    for load in (load_model, mlip.load, lambda p: MLIPCalculator(p, device="cpu", dtype="float64")):
+        with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
+            load(path)
+
+    # kernel "auto" on the CPU resolves to the reference: nothing to check, the kernel is never called
+    auto = tmp_path / "auto.pt"
+    save_model(_model("auto", torch.float64), auto)
+    calls = _counting_exact_kernel(monkeypatch, factor=1.001)
+    assert validate.check_loaded(load_model(auto)) is None and not calls
+    # a kernel the load device cannot run (interpreter off: CPU is not CUDA) is not refused at load
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert validate.check_loaded(load_model(path)) is None and not calls
+
+
+def test_first_forward_checks_a_built_or_cast_model_and_refuses_a_mismatch(monkeypatch):
+    """A model never loaded (built, or cast after loading) is checked by its first forward on each dtype."""
+    from mlip.models.outputs import predict
+
+    pytest.importorskip("mlip.models.equivariant")
+    model = _model("triton", torch.float64)
+    _counting_exact_kernel(monkeypatch, factor=1.001)
+    for _ in range(2):  # refused on every call: a failed check is not remembered
+        with pytest.raises(validate.BackendMismatchError):
+            predict(model, _batch(torch.float64), forces=True)
+
+    calls = _counting_exact_kernel(monkeypatch)
+    predict(model, _batch(torch.float64), forces=True)
+    n_first = len(calls)
+    assert n_first > 2  # the check's own evaluation (with forces) plus the model's two convolutions
+    predict(model, _batch(torch.float64), forces=True)
+    assert len(calls) == n_first + 2  # checked once for (cpu, float64)
+    model.float()
+    _counting_exact_kernel(monkeypatch, factor=1.001)
+    with pytest.raises(validate.BackendMismatchError, match="float32"):
+        predict(model, _batch(torch.float32), forces=True)  # a new dtype is checked again
+
+
+# --------------------------------------------------------------------------------------------
+# GPU benchmarks: the parts that run without a GPU
+# --------------------------------------------------------------------------------------------
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_kernel_benchmarks_without_cuda_say_so_and_exit_0(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("tp_kernels", "md_step_kernels"):
+        assert _bench(name).main([]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_tp_kernels_benchmark_workloads_and_reference_check_on_cpu(big_blocks):
+    """The benchmark's problem, its three timed workloads and its pre-timing correctness gate, run on
+    CPU tensors (the interpreter) at a tiny size: what the GPU run times is what the tests check."""
+    bench = _bench("tp_kernels")
+    lmax, n_nodes = (1, 1, 1), 4
+    x, y, w, sender, receiver = bench.random_problem(lmax, n_nodes, 10, 2, torch.float64, "cpu")
+    assert bench.check_against_reference(lmax, x, y, w, sender, receiver, n_nodes) < 1e-12
+    ours = bench.impl_ours(lmax, n_nodes, sender, receiver, "triton")
+    theirs = bench.impl_ours(lmax, n_nodes, sender, receiver, "torch")
+    for (name, work), (_, ref_work) in zip(bench.passes(ours, x, y, w).items(), bench.passes(theirs, x, y, w).items()):
+        got, expected = work(), ref_work()
+        for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    counts = bench.model_counts(lmax, n_nodes, 10, 2, 8)
+    assert counts["nnz"] == 10 and counts["flops_fwd"] == 10 * 2 * (2 * 10 + 2 * 8)
+    # the fused-spline rows: their gate and their workloads (inputs x, y and the spline values)
+    vals, idx, table = bench.spline_problem(lmax, 10, 2, torch.float64, "cpu", knots=5, r_max=3.0)
+    assert bench.check_against_reference(lmax, x, y, vals, sender, receiver, n_nodes, spline=(idx, table)) < 1e-12
+    fused = bench.impl_spline(lmax, n_nodes, sender, receiver, idx, table, "triton")
+    plain = bench.impl_ours(lmax, n_nodes, sender, receiver, "torch")
+    w_spline = ref.spline_weights(vals, idx, table)
+    torch.testing.assert_close(bench.passes(fused, x, y, vals)["fwd"](), plain(x, y, w_spline), rtol=1e-12, atol=1e-12)
+    grads = bench.passes(fused, x, y, vals)["fwd+bwd+dbl"]()
+    assert len(grads) == 3 and grads[2] is not None and grads[2].shape == vals.shape

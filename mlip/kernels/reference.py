@@ -19,7 +19,7 @@ import math
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tp_paths(lmax_in: int, lmax_sh: int, lmax_out: int) -> tuple[tuple[int, int, int], ...]:
     """All parity-preserving paths ``(l1, l2, l3)``, ordered by ``l3`` then ``l1`` then ``l2``.
 
@@ -41,7 +41,7 @@ def tp_out_dim(lmax_in: int, lmax_sh: int, lmax_out: int) -> int:
     return sum(2 * l3 + 1 for _, _, l3 in tp_paths(lmax_in, lmax_sh, lmax_out))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cg_cpu(l1: int, l2: int, l3: int) -> torch.Tensor:
     from e3nn import o3
 
@@ -98,7 +98,7 @@ def conv_tp(
     return out.index_add_(0, receiver, msg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_coupling_cpu(lmax_in: int, lmax_sh: int, lmax_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``U [(lmax_sh+1)^2, (lmax_in+1)^2 * D_out]`` (float64) and the path of each output column."""
     paths = tp_paths(lmax_in, lmax_sh, lmax_out)
@@ -150,3 +150,83 @@ def conv_tp_per_path(
     msg = torch.cat(msgs, dim=-1)  # [n_edges, C, D_out]
     out = torch.zeros((n_nodes,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
     return out.index_add_(0, receiver, msg)
+
+
+# --------------------------------------------------------------------------------------------
+# convolution with the radial spline folded in (the fused-spline kernel's specification)
+# --------------------------------------------------------------------------------------------
+#: table rows that one edge touches: the 4 non-zero uniform cubic B-spline basis functions
+SPLINE_ROWS = 4
+#: models keep ``basis @ W`` (one matmul) on this backend; ``conv_tp_spline`` here is the specification
+FUSES_SPLINE = False
+
+
+def spline_coefficients(r: torch.Tensor, r_max: float, num_knots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4 non-zero values of the uniform cubic B-spline basis at ``r`` and the first knot they belong to.
+
+    Same basis as :class:`mlip.nn.radial.SplineBasis` (knot ``k`` at ``k h``, ``h = r_max / (K - 1)``):
+    ``SplineBasis(r)[e, idx[e] + j] == vals[e, j]`` for the knots ``idx[e] + j`` inside ``0..K-1``,
+    and every other basis value is zero. Differentiable in ``r`` (``idx`` is piecewise constant).
+
+    Shapes:
+        r [n_edges] Å -> vals [n_edges, 4], idx [n_edges] (int64, from -1 to K - 1).
+    """
+    h = float(r_max) / (int(num_knots) - 1)
+    u = r / h
+    i = torch.floor(u.detach())
+    t = u - i  # [n_edges], in [0, 1)
+    s = 1.0 - t
+    vals = torch.stack(
+        [s * s * s / 6.0, 2.0 / 3.0 - t * t + 0.5 * t * t * t, 2.0 / 3.0 - s * s + 0.5 * s * s * s, t * t * t / 6.0],
+        dim=-1,
+    )
+    return vals, i.to(torch.int64) - 1
+
+
+def spline_weights(spline_vals: torch.Tensor, spline_idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-edge radial weights ``w[e, p, c] = sum_j vals[e, j] table[idx[e] + j, p, c]`` (rows outside
+    ``0..K-1`` count as zero): what the fused kernel rebuilds in registers.
+
+    Shapes:
+        spline_vals [n_edges, 4], spline_idx [n_edges], table [K, n_paths, C] -> [n_edges, n_paths, C].
+    """
+    k = table.shape[0]
+    w = None
+    for j in range(SPLINE_ROWS):
+        rows = spline_idx + j
+        valid = (rows >= 0) & (rows < k)
+        term = table.index_select(0, rows.clamp(0, k - 1)) * (spline_vals[:, j] * valid)[:, None, None]
+        w = term if w is None else w + term
+    return w
+
+
+def conv_tp_spline(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    spline_vals: torch.Tensor,
+    spline_idx: torch.Tensor,
+    table: torch.Tensor,
+    sender: torch.Tensor,
+    receiver: torch.Tensor,
+    n_nodes: int,
+    lmax_in: int,
+    lmax_sh: int,
+    lmax_out: int,
+) -> torch.Tensor:
+    """:func:`conv_tp` with radial weights from a cubic-spline table: ``conv_tp(..., spline_weights(...), ...)``.
+
+    With ``vals, idx = spline_coefficients(r, r_max, K)`` scaled by the envelope and ``table`` the
+    ``[K, P, C]`` view of :class:`mlip.nn.radial.SplineRadial`'s weight, this is the model's
+    convolution; the Triton twin never writes the per-edge weights ``[n_edges, P, C]`` to memory.
+
+    Args:
+        spline_vals: ``[n_edges, 4]`` basis values (times the envelope).
+        spline_idx: ``[n_edges]`` int64, first table row of each edge.
+        table: ``[K, n_paths, C]`` spline coefficients per path and channel.
+        (other arguments as :func:`conv_tp`)
+
+    Returns:
+        ``[n_nodes, C, tp_out_dim(...)]``.
+    """
+    w = spline_weights(spline_vals, spline_idx, table)
+    return conv_tp(node_feats, edge_attrs, w, sender, receiver, n_nodes, lmax_in, lmax_sh, lmax_out)

@@ -3,7 +3,11 @@
 Accelerated tensor-product paths in other libraries have shipped silently different energies.
 :func:`check_backend` evaluates energy and forces of a small built-in periodic structure twice,
 once with the model's backend and once with ``kernel="torch"`` (same weights), and raises
-:class:`BackendMismatchError` beyond the dtype's tolerance.
+:class:`BackendMismatchError` beyond the dtype's tolerance. It is wired into the model's life
+cycle twice: :func:`check_loaded` runs it when :func:`mlip.models.base.load_model` (hence
+``mlip.load`` and ``MLIPCalculator``) restores a model whose backend runs where it was loaded, and
+:func:`ensure_checked` runs it on the first forward on each ``(device, dtype)`` (a model moved to
+a GPU or cast after loading), so no accelerated path computes an energy before it was compared.
 """
 from __future__ import annotations
 
@@ -74,7 +78,14 @@ def _rebuild(model: torch.nn.Module, kernel: str, device: torch.device, dtype: t
 
     twin = build_model(model.family, dataclasses.replace(model.config, kernel=kernel))
     twin.load_state_dict(model.state_dict(), strict=True)
+    twin.__dict__[_CHECKING] = True  # a throw-away twin: its forward must not start a check of its own
     return twin.to(device=device, dtype=dtype).train(model.training)
+
+
+#: attributes kept in the model's ``__dict__`` (not in its state_dict): the ``(device, dtype)``
+#: pairs already checked, and a flag set while a check evaluates the model (re-entrancy guard)
+_CHECKED = "_mlip_backend_checked"
+_CHECKING = "_mlip_backend_checking"
 
 
 def check_backend(
@@ -124,8 +135,13 @@ def check_backend(
     same = p is None or (p.device == device and p.dtype == dtype)
     model_dev = model if same else _rebuild(model, kernel, device, dtype)  # never cast the caller's model
     twin = _rebuild(model, "torch", device, dtype)
-    fast = predict(model_dev, batch, forces=True)
-    ref = predict(twin, batch, forces=True)
+    was_checking = model.__dict__.get(_CHECKING, False)
+    model.__dict__[_CHECKING] = True  # the model's forward (ensure_checked) must not re-enter this check
+    try:
+        fast = predict(model_dev, batch, forces=True)
+        ref = predict(twin, batch, forces=True)
+    finally:
+        model.__dict__[_CHECKING] = was_checking
     e_rtol, e_atol, f_rtol, f_atol = TOLERANCES[dtype]
     e_ref = ref["energy"].detach()
     f_ref = ref["forces"].detach()
@@ -134,7 +150,9 @@ def check_backend(
     e_tol = e_rtol * float(e_ref.abs().max()) + e_atol * batch.n_atoms
     f_tol = f_rtol * float(f_ref.abs().max()) + f_atol
     check = BackendCheck(resolved, dtype, str(device), batch.n_atoms, batch.n_edges, e_err, e_tol, f_err, f_tol)
-    if not check.ok and raise_on_mismatch:
+    if check.ok:
+        model.__dict__.setdefault(_CHECKED, set()).add((_device_key(device), dtype))
+    elif raise_on_mismatch:
         raise BackendMismatchError(
             f"kernel backend {resolved!r} ({dtype}, {device}) disagrees with the torch reference on the built-in "
             f"{batch.n_atoms}-atom structure: |dE| = {e_err:.3e} eV (tolerance {e_tol:.1e}), "
@@ -144,23 +162,66 @@ def check_backend(
     return check
 
 
-def ensure_checked(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+def ensure_checked(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> BackendCheck | None:
     """:func:`check_backend` once per ``(device, dtype)`` of ``model``; a no-op afterwards.
 
-    Meant for the first forward of a model on a device (e.g. where it resolves its kernel
-    backend), so a model moved to a GPU after loading is still checked. Re-entrant: the
-    evaluations inside the check do not trigger another check.
+    Called by the model's forward where it resolves an accelerated kernel backend
+    (``EquivariantModel.backend``), so a model built, moved to a GPU or cast after loading is
+    checked before its first result. Re-entrant: the evaluations inside the check do not start
+    another check. Skipped while ``torch.compile`` traces (the eager first call has checked).
+
+    Returns:
+        The :class:`BackendCheck` when a check ran, else ``None`` (already checked, or nothing to check).
 
     Raises:
-        BackendMismatchError: as :func:`check_backend`; the pair is then not marked as checked.
+        BackendMismatchError: as :func:`check_backend`; the pair is then not marked as checked,
+            so every later forward refuses again.
     """
-    key = (str(torch.device(device)), dtype)
-    done = model.__dict__.setdefault("_mlip_backend_checked", set())
-    if key in done or model.__dict__.get("_mlip_backend_checking", False):
-        return
-    model.__dict__["_mlip_backend_checking"] = True
+    key = (_device_key(device), dtype)
+    if key in model.__dict__.get(_CHECKED, ()) or model.__dict__.get(_CHECKING, False):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    return check_backend(model, dtype=dtype, device=device)
+
+
+def _device_key(device: torch.device | str) -> str:
+    """``"cuda"`` and ``"cuda:0"`` (the current device) are the same key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def check_loaded(model: torch.nn.Module, device: torch.device | str | None = None) -> BackendCheck | None:
+    """The load-time check: :func:`ensure_checked` on ``device`` in the model's dtype.
+
+    Args:
+        model: a freshly loaded model (left where it is: the check evaluates a twin on ``device``).
+        device: where the model is meant to run, e.g. ``load_model``'s ``map_location``
+            (default: where its parameters are).
+
+    Runs only when the model's ``kernel`` resolves to an accelerated backend that can run there
+    (:func:`mlip.kernels.validate_backend`); e.g. a ``kernel: triton`` model loaded onto the CPU to
+    be moved to a GPU later is not refused at load, and is checked by its first forward on the GPU.
+
+    Returns:
+        The :class:`BackendCheck`, or ``None`` when nothing was checked.
+
+    Raises:
+        BackendMismatchError: the accelerated backend disagrees with the torch reference.
+    """
+    from mlip.kernels import validate_backend
+
+    kernel = getattr(getattr(model, "config", None), "kernel", None)
+    p = next(iter(model.parameters()), None)
+    if kernel is None or p is None:
+        return None
+    device = torch.device(device) if device is not None else p.device
     try:
-        check_backend(model, dtype=dtype, device=device)
-        done.add(key)
-    finally:
-        model.__dict__["_mlip_backend_checking"] = False
+        resolved = validate_backend(kernel, device, p.dtype)
+    except (ValueError, RuntimeError):  # cannot run there (CPU, dtype, triton missing): nothing runs there either
+        return None
+    if resolved == "torch":
+        return None
+    return ensure_checked(model, device, p.dtype)

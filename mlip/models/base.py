@@ -147,7 +147,12 @@ def save_model(model: PotentialModel, path: str | os.PathLike) -> None:
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PotentialModel:
-    """Restore a model written by :func:`save_model` (``weights_only=True``, ``strict=True``)."""
+    """Restore a model written by :func:`save_model` (``weights_only=True``, ``strict=True``).
+
+    A model whose kernel backend is accelerated where it would run (``map_location``) is first
+    compared with the torch reference (:func:`mlip.kernels.validate.check_loaded`); a mismatch
+    raises :class:`~mlip.kernels.validate.BackendMismatchError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
@@ -164,4 +169,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     # cast before loading: loading float64 weights into float32 parameters would round them
     model = model.to(dtype=dtype)
     model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()
+    model = model.eval()
+    # an accelerated kernel backend that would run on map_location is compared with the torch
+    # reference now, and a mismatch refuses the model (issue 6); kernel "torch"/CPU returns at once
+    from mlip.kernels.validate import check_loaded
+
+    check_loaded(model, map_location if isinstance(map_location, (str, torch.device)) else None)
+    return model

@@ -156,3 +156,143 @@ def conv_tp_autograd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, graph: c
                      lmax: tuple[int, int, int]) -> torch.Tensor:
     """Differentiable (to any order) fused convolution on a prepared :class:`~conv.CSRGraph`."""
     return ConvFwd.apply(_c(x), _c(y), _c(w), graph, lmax)
+
+
+# --------------------------------------------------------------------------------------------
+# convolution with the radial spline folded in: T(x, Y, v, t, g), t the [K, P, C] table
+# --------------------------------------------------------------------------------------------
+# The weights w[e] = sum_j v[e, j] t[idx[e] + j] are linear in v and in t, so the form is
+# multilinear in five arguments and the argument above applies unchanged: with
+#   S(x, Y, v, t) = dT/dg,  Sx(g, Y, v, t) = dT/dx,  (SY, Sv, St)(x, Y, v, t, g) = (dT/dY, dT/dv, dT/dt),
+# backward of S  with g:          x̄ = Sx(g, Y, v, t);  (Ȳ, v̄, t̄) = SE(x, Y, v, t, g)
+# backward of Sx with u:          ḡ = S(u, Y, v, t);   (Ȳ, v̄, t̄) = SE(u, Y, v, t, g)
+# backward of SE with (aY, av, at):
+#   x̄ = Sx(g, aY, v, t) + Sx(g, Y, av, t) + Sx(g, Y, v, at),  ḡ = S(x, aY, v, t) + S(x, Y, av, t) + S(x, Y, v, at)
+#   Ȳ = SY(x, Y, av, t, g) + SY(x, Y, v, at, g),  v̄ = Sv(x, aY, v, t, g) + Sv(x, Y, v, at, g),
+#   t̄ = St(x, aY, v, t, g) + St(x, Y, av, t, g)
+def _register_spline_ops():
+    try:
+        from torch.library import triton_op, wrap_triton
+    except ImportError:  # torch < 2.6: launch directly
+        fwd = lambda x, y, v, k, t, s, p, r, a, b, c: conv.launch_spline_fwd(x, y, v, k, t, s, p, r, (a, b, c))
+        bx = lambda g, y, v, k, t, r, p, rp, a, b, c: conv.launch_spline_bwd_x(g, y, v, k, t, r, p, rp, (a, b, c))
+        be = lambda x, y, v, k, t, g, s, r, a, b, c, cy, cv, ct: conv.launch_spline_bwd_edge(
+            x, y, v, k, t, g, s, r, (a, b, c), cy, cv, ct)
+        return fwd, bx, be
+
+    @triton_op(f"{_NS}::conv_tp_spline_fwd", mutates_args=())
+    def spline_fwd(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                   sender: torch.Tensor, perm_rcv: torch.Tensor, rowptr_rcv: torch.Tensor, lmax_in: int,
+                   lmax_sh: int, lmax_out: int) -> torch.Tensor:
+        return conv.launch_spline_fwd(x, y, v, k, t, sender, perm_rcv, rowptr_rcv, (lmax_in, lmax_sh, lmax_out),
+                                      wrap=wrap_triton)
+
+    @triton_op(f"{_NS}::conv_tp_spline_bwd_x", mutates_args=())
+    def spline_bwd_x(g: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                     receiver: torch.Tensor, perm_snd: torch.Tensor, rowptr_snd: torch.Tensor, lmax_in: int,
+                     lmax_sh: int, lmax_out: int) -> torch.Tensor:
+        return conv.launch_spline_bwd_x(g, y, v, k, t, receiver, perm_snd, rowptr_snd, (lmax_in, lmax_sh, lmax_out),
+                                        wrap=wrap_triton)
+
+    @triton_op(f"{_NS}::conv_tp_spline_bwd_edge", mutates_args=())
+    def spline_bwd_edge(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                        g: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, lmax_in: int, lmax_sh: int,
+                        lmax_out: int, compute_y: bool, compute_v: bool,
+                        compute_t: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return conv.launch_spline_bwd_edge(x, y, v, k, t, g, sender, receiver, (lmax_in, lmax_sh, lmax_out),
+                                           compute_y, compute_v, compute_t, wrap=wrap_triton)
+
+    return spline_fwd, spline_bwd_x, spline_bwd_edge
+
+
+_OP_S_FWD, _OP_S_BWD_X, _OP_S_BWD_EDGE = _register_spline_ops()
+
+
+class SplineFwd(torch.autograd.Function):
+    """``S(x, Y, v, t)``: the fused convolution with spline radial weights (``conv_tp_spline``)."""
+
+    @staticmethod
+    def forward(ctx, x, y, v, t, idx, graph: conv.CSRGraph, lmax: tuple[int, int, int]):  # type: ignore[override]
+        ctx.graph, ctx.lmax = graph, lmax
+        ctx.save_for_backward(x, y, v, t, idx)
+        return _OP_S_FWD(x, y, v, idx, t, graph.sender, graph.perm_rcv, graph.rowptr_rcv, *lmax)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, y, v, t, idx = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = _c(g)
+        gx = SplineBwdX.apply(g, y, v, t, idx, ctx.graph, ctx.lmax) if need[0] else None
+        gy = gv = gt = None
+        if need[1] or need[2] or need[3]:
+            gy, gv, gt = SplineBwdEdge.apply(x, y, v, t, g, idx, ctx.graph, ctx.lmax, need[1], need[2], need[3])
+        return (gx, gy if need[1] else None, gv if need[2] else None, gt if need[3] else None, None, None, None)
+
+
+class SplineBwdX(torch.autograd.Function):
+    """``Sx(g, Y, v, t) = dT/dx``: the spline convolution over the transposed graph."""
+
+    @staticmethod
+    def forward(ctx, g, y, v, t, idx, graph: conv.CSRGraph, lmax: tuple[int, int, int]):  # type: ignore[override]
+        ctx.graph, ctx.lmax = graph, lmax
+        ctx.save_for_backward(g, y, v, t, idx)
+        return _OP_S_BWD_X(g, y, v, idx, t, graph.receiver, graph.perm_snd, graph.rowptr_snd, *lmax)
+
+    @staticmethod
+    def backward(ctx, u):  # type: ignore[override]
+        g, y, v, t, idx = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        u = _c(u)
+        gg = SplineFwd.apply(u, y, v, t, idx, ctx.graph, ctx.lmax) if need[0] else None
+        gy = gv = gt = None
+        if need[1] or need[2] or need[3]:
+            gy, gv, gt = SplineBwdEdge.apply(u, y, v, t, g, idx, ctx.graph, ctx.lmax, need[1], need[2], need[3])
+        return (gg, gy if need[1] else None, gv if need[2] else None, gt if need[3] else None, None, None, None)
+
+
+class SplineBwdEdge(torch.autograd.Function):
+    """``(SY, Sv, St)(x, Y, v, t, g)``: gradients of the edge inputs and the table; one not asked for is ``[0]``."""
+
+    @staticmethod
+    def forward(ctx, x, y, v, t, g, idx, graph: conv.CSRGraph, lmax: tuple[int, int, int], compute_y: bool,
+                compute_v: bool, compute_t: bool):  # type: ignore[override]
+        ctx.graph, ctx.lmax = graph, lmax
+        ctx.flags = (bool(compute_y), bool(compute_v), bool(compute_t))
+        ctx.save_for_backward(x, y, v, t, g, idx)
+        ctx.set_materialize_grads(False)
+        return _OP_S_BWD_EDGE(x, y, v, idx, t, g, graph.sender, graph.receiver, *lmax, *ctx.flags)
+
+    @staticmethod
+    def backward(ctx, a_y, a_v, a_t):  # type: ignore[override]
+        x, y, v, t, g, idx = ctx.saved_tensors
+        graph, lmax = ctx.graph, ctx.lmax
+        a_y = _c(a_y) if ctx.flags[0] and a_y is not None else None
+        a_v = _c(a_v) if ctx.flags[1] and a_v is not None else None
+        a_t = _c(a_t) if ctx.flags[2] and a_t is not None else None
+        need = ctx.needs_input_grad
+        gx = gy = gv = gt = gg = None
+        # <a_i, S_i> is T with argument i of (Y, v, t) replaced by a_i: its derivatives are the ops
+        # with that replacement, and its derivative in argument i itself is zero (T is linear in it)
+        for i, a in enumerate((a_y, a_v, a_t)):
+            if a is None:
+                continue
+            args = [y, v, t]
+            args[i] = a
+            ys, vs, ts = args
+            if need[0]:
+                gx = _add(gx, SplineBwdX.apply(g, ys, vs, ts, idx, graph, lmax))
+            if need[4]:
+                gg = _add(gg, SplineFwd.apply(x, ys, vs, ts, idx, graph, lmax))
+            want = tuple(bool(need[1 + j]) and j != i for j in range(3))
+            if any(want):
+                dy, dv, dt = SplineBwdEdge.apply(x, ys, vs, ts, g, idx, graph, lmax, *want)
+                gy = _add(gy, dy) if want[0] else gy
+                gv = _add(gv, dv) if want[1] else gv
+                gt = _add(gt, dt) if want[2] else gt
+        return gx, gy, gv, gt, gg, None, None, None, None, None, None
+
+
+def conv_tp_spline_autograd(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, t: torch.Tensor,
+                            graph: conv.CSRGraph, lmax: tuple[int, int, int]) -> torch.Tensor:
+    """Differentiable (to any order) fused spline convolution on a prepared :class:`~conv.CSRGraph`."""
+    return SplineFwd.apply(_c(x), _c(y), _c(v), _c(t), _c(idx), graph, lmax)

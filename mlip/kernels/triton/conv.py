@@ -16,6 +16,11 @@ with respect to ``g``; its gradients are the derivatives with respect to ``x``, 
 * ``conv_bwd_edge`` ``dT/dY`` and ``dT/dw``: one program per block of edges, looping over
   channel blocks; ``dT/dY`` is reduced over channels in registers.
 
+The ``spline_*`` variants (``generate_source(..., spline=True)``) are the same three kernels for
+:func:`mlip.kernels.reference.conv_tp_spline`: the radial-weight tile is rebuilt in registers
+from 4 cubic B-spline values per edge and 4 rows of a ``[K, P, C]`` table, and the per-edge
+gradient becomes the gradient of those values (plus the table's, by atomic adds).
+
 No kernel stores a per-edge message ``[n_edges, C, D_out]``. The Clebsch-Gordan
 contractions are unrolled at code-generation time: only non-zero coefficients appear, as
 literals, in a Python/Triton source file generated per ``(lmax_in, lmax_sh, lmax_out)`` and
@@ -34,7 +39,7 @@ from types import ModuleType
 
 import torch
 
-from mlip.kernels.reference import clebsch_gordan, tp_out_dim, tp_paths
+from mlip.kernels.reference import SPLINE_ROWS, clebsch_gordan, tp_out_dim, tp_paths
 
 #: coefficients smaller than this (in absolute value) are structural zeros of the CG tensors
 _CG_ZERO = 1e-12
@@ -111,11 +116,49 @@ N_PATHS = tl.constexpr({n_paths})
 '''
 
 
-def _gen_fwd(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int) -> str:
+def _spline_edge_lines(indent: str, eid: str) -> list[str]:
+    """``spline`` kernels: per-edge basis values ``sv{j}`` [BLOCK_E] and valid table rows ``kr{j}``."""
+    L = [f"{indent}k0 = tl.load(k_ptr + {eid}, mask=mask_e, other=0).to(tl.int64)"]
+    for j in range(SPLINE_ROWS):
+        L += [
+            f"{indent}sv{j} = tl.load(v_ptr + {eid} * {SPLINE_ROWS} + {j}, mask=mask_e, other=0.0)",
+            f"{indent}ok{j} = mask_e & (k0 + {j} >= 0) & (k0 + {j} < K)",
+            f"{indent}kr{j} = tl.where(ok{j}, k0 + {j}, 0)",
+        ]
+    return L
+
+
+def _spline_tile_lines(indent: str) -> list[str]:
+    """``spline`` kernels: masks ``mt{j}`` and offsets ``to{j}`` of the table tiles of one channel block."""
+    L = []
+    for j in range(SPLINE_ROWS):
+        L += [
+            f"{indent}mt{j} = ok{j}[:, None] & (offs_c < C)[None, :]",
+            f"{indent}to{j} = (kr{j} * N_PATHS * C)[:, None] + offs_c[None, :]",
+        ]
+    return L
+
+
+def _w_line(path: _Path, indent: str, spline: bool) -> str:
+    """The ``[BLOCK_E, BLOCK_C]`` radial-weight tile of one path: loaded, or (``spline``) rebuilt
+    from the edge's 4 basis values and 4 rows of the ``[K, P, C]`` table (never stored)."""
+    p = path.index
+    if not spline:
+        return f"{indent}w{p} = tl.load(wb + {p} * C, mask=m2, other=0.0)"
+    terms = " + ".join(f"sv{j}[:, None] * tl.load(t_ptr + to{j} + {p} * C, mask=mt{j}, other=0.0)"
+                       for j in range(SPLINE_ROWS))
+    return f"{indent}w{p} = {terms}"
+
+
+def _gen_fwd(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int, spline: bool = False) -> str:
     I1, I2 = " " * 4, " " * 8
-    L = [
-        "def conv_fwd(x_ptr, y_ptr, w_ptr, out_ptr, snd_ptr, perm_ptr, rowptr_ptr, C,",
-        "             BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):",
+    if spline:
+        head = ["def spline_fwd(x_ptr, y_ptr, v_ptr, k_ptr, t_ptr, out_ptr, snd_ptr, perm_ptr, rowptr_ptr, C, K,",
+                "               BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):"]
+    else:
+        head = ["def conv_fwd(x_ptr, y_ptr, w_ptr, out_ptr, snd_ptr, perm_ptr, rowptr_ptr, C,",
+                "             BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):"]
+    L = head + [
         f'{I1}"""out[n, c, :] = sum over edges e with receiver n (CSR order) of the weighted TP."""',
         f"{I1}node = tl.program_id(0).to(tl.int64)",
         f"{I1}offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)",
@@ -133,15 +176,18 @@ def _gen_fwd(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int)
         f"{I2}src = tl.load(snd_ptr + eid, mask=mask_e, other=0).to(tl.int64)",
         f"{I2}m2 = mask_e[:, None] & mask_c[None, :]",
         f"{I2}xb = x_ptr + (src * C * D_IN)[:, None] + (offs_c * D_IN)[None, :]",
-        f"{I2}wb = w_ptr + (eid * N_PATHS * C)[:, None] + offs_c[None, :]",
-        f"{I2}yb = y_ptr + eid * D_SH",
     ]
+    if spline:
+        L += _spline_edge_lines(I2, "eid") + _spline_tile_lines(I2)
+    else:
+        L.append(f"{I2}wb = w_ptr + (eid * N_PATHS * C)[:, None] + offs_c[None, :]")
+    L.append(f"{I2}yb = y_ptr + eid * D_SH")
     L += [f"{I2}x{i} = tl.load(xb + {i}, mask=m2, other=0.0)" for i in range(d_in)]
     L += [f"{I2}y{j} = tl.load(yb + {j}, mask=mask_e, other=0.0)" for j in range(d_sh)]
     for path in paths:
         if not path.nnz:
             continue
-        L.append(f"{I2}w{path.index} = tl.load(wb + {path.index} * C, mask=m2, other=0.0)")
+        L.append(_w_line(path, I2, spline))
         L += _emit_a(path, I2)
         by_k: dict[int, list[int]] = {}
         for i, k in sorted(_a_tables(path)):
@@ -154,11 +200,15 @@ def _gen_fwd(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int)
     return "\n".join(L) + "\n"
 
 
-def _gen_bwd_x(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int) -> str:
+def _gen_bwd_x(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int, spline: bool = False) -> str:
     I1, I2 = " " * 4, " " * 8
-    L = [
-        "def conv_bwd_x(g_ptr, y_ptr, w_ptr, gx_ptr, rcv_ptr, perm_ptr, rowptr_ptr, C,",
-        "               BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):",
+    if spline:
+        head = ["def spline_bwd_x(g_ptr, y_ptr, v_ptr, k_ptr, t_ptr, gx_ptr, rcv_ptr, perm_ptr, rowptr_ptr, C, K,",
+                "                 BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):"]
+    else:
+        head = ["def conv_bwd_x(g_ptr, y_ptr, w_ptr, gx_ptr, rcv_ptr, perm_ptr, rowptr_ptr, C,",
+                "               BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):"]
+    L = head + [
         f'{I1}"""gx[n, c, :] = sum over edges e with sender n (CSR order) of the transposed TP of g[receiver]."""',
         f"{I1}node = tl.program_id(0).to(tl.int64)",
         f"{I1}offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)",
@@ -176,15 +226,18 @@ def _gen_bwd_x(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: in
         f"{I2}dst = tl.load(rcv_ptr + eid, mask=mask_e, other=0).to(tl.int64)",
         f"{I2}m2 = mask_e[:, None] & mask_c[None, :]",
         f"{I2}gb = g_ptr + (dst * C * D_OUT)[:, None] + (offs_c * D_OUT)[None, :]",
-        f"{I2}wb = w_ptr + (eid * N_PATHS * C)[:, None] + offs_c[None, :]",
-        f"{I2}yb = y_ptr + eid * D_SH",
     ]
+    if spline:
+        L += _spline_edge_lines(I2, "eid") + _spline_tile_lines(I2)
+    else:
+        L.append(f"{I2}wb = w_ptr + (eid * N_PATHS * C)[:, None] + offs_c[None, :]")
+    L.append(f"{I2}yb = y_ptr + eid * D_SH")
     L += [f"{I2}y{j} = tl.load(yb + {j}, mask=mask_e, other=0.0)" for j in range(d_sh)]
     terms: dict[int, list[str]] = {}
     for path in paths:
         if not path.nnz:
             continue
-        L.append(f"{I2}w{path.index} = tl.load(wb + {path.index} * C, mask=m2, other=0.0)")
+        L.append(_w_line(path, I2, spline))
         ks = sorted({k for _, _, k, _ in path.nnz})
         for k in ks:
             L.append(f"{I2}u{path.index}_{k} = w{path.index} * tl.load(gb + {path.out_off + k}, mask=m2, other=0.0)")
@@ -198,13 +251,23 @@ def _gen_bwd_x(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: in
     return "\n".join(L) + "\n"
 
 
-def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int) -> str:
-    I1, I2, I3 = " " * 4, " " * 8, " " * 12
-    L = [
-        "def conv_bwd_edge(x_ptr, y_ptr, w_ptr, g_ptr, gy_ptr, gw_ptr, snd_ptr, rcv_ptr, E, C,",
-        "                  COMPUTE_Y: tl.constexpr, COMPUTE_W: tl.constexpr,",
-        "                  BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):",
-        f'{I1}"""Per-edge gradients: gy[e, :] (reduced over channels) and gw[e, p, c]."""',
+def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths: int, spline: bool = False) -> str:
+    I1, I2, I3, I4 = " " * 4, " " * 8, " " * 12, " " * 16
+    if spline:
+        head = [
+            "def spline_bwd_edge(x_ptr, y_ptr, v_ptr, k_ptr, t_ptr, g_ptr, gy_ptr, gv_ptr, gt_ptr, snd_ptr, rcv_ptr,",
+            "                    E, C, K, COMPUTE_Y: tl.constexpr, COMPUTE_V: tl.constexpr, COMPUTE_T: tl.constexpr,",
+            "                    COMPUTE_VT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):",
+            f'{I1}"""Per-edge gradients gy[e, :], gv[e, :] (reduced over channels); table gradient gt by atomics."""',
+        ]
+    else:
+        head = [
+            "def conv_bwd_edge(x_ptr, y_ptr, w_ptr, g_ptr, gy_ptr, gw_ptr, snd_ptr, rcv_ptr, E, C,",
+            "                  COMPUTE_Y: tl.constexpr, COMPUTE_W: tl.constexpr,",
+            "                  BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):",
+            f'{I1}"""Per-edge gradients: gy[e, :] (reduced over channels) and gw[e, p, c]."""',
+        ]
+    L = head + [
         f"{I1}offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)",
         f"{I1}mask_e = offs_e < E",
         f"{I1}src = tl.load(snd_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)",
@@ -214,14 +277,20 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
     ]
     L += [f"{I1}y{j} = tl.load(yb + {j}, mask=mask_e, other=0.0)" for j in range(d_sh)]
     L += [f"{I1}gy{j} = tl.zeros([BLOCK_E], dtype=dt)" for j in range(d_sh)]
+    if spline:
+        L += _spline_edge_lines(I1, "offs_e")
+        L += [f"{I1}gv{j} = tl.zeros([BLOCK_E], dtype=dt)" for j in range(SPLINE_ROWS)]
     L += [
         f"{I1}for c0 in range(0, C, BLOCK_C):",
         f"{I2}offs_c = c0 + tl.arange(0, BLOCK_C)",
         f"{I2}m2 = mask_e[:, None] & (offs_c < C)[None, :]",
         f"{I2}xb = x_ptr + (src * C * D_IN)[:, None] + (offs_c * D_IN)[None, :]",
         f"{I2}gb = g_ptr + (dst * C * D_OUT)[:, None] + (offs_c * D_OUT)[None, :]",
-        f"{I2}wb = (offs_e * N_PATHS * C)[:, None] + offs_c[None, :]",
     ]
+    if spline:
+        L += _spline_tile_lines(I2)
+    else:
+        L.append(f"{I2}wb = (offs_e * N_PATHS * C)[:, None] + offs_c[None, :]")
     L += [f"{I2}x{i} = tl.load(xb + {i}, mask=m2, other=0.0)" for i in range(d_in)]
 
     def load_g(path: _Path, indent: str) -> list[str]:
@@ -229,22 +298,46 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
         # ~2l3+1 (not D_out) gradient tiles live at a time (lmax 3: 99 -> 7)
         ks = sorted({k for _, _, k, _ in path.nnz})
         return [f"{indent}g{path.out_off + k} = tl.load(gb + {path.out_off + k}, mask=m2, other=0.0)" for k in ks]
-    # dT/dw[e, p, c] = sum_m3 g_m3 * sum_m1 x_m1 a[m1, m3]
-    L.append(f"{I2}if COMPUTE_W:")
-    for path in paths:
-        if not path.nnz:
-            L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, tl.zeros([BLOCK_E, BLOCK_C], dtype=dt), mask=m2)")
-            continue
-        L += load_g(path, I3)
-        L += _emit_a(path, I3)
+
+    def gw_expr(path: _Path) -> str:
+        # dT/dw[e, p, c] = sum_m3 g_m3 * sum_m1 x_m1 a[m1, m3]
         by_k: dict[int, list[int]] = {}
         for i, k in sorted(_a_tables(path)):
             by_k.setdefault(k, []).append(i)
-        t = " + ".join(
+        return " + ".join(
             f"g{path.out_off + k} * ({' + '.join(f'x{path.in_off + i} * a{path.index}_{i}_{k}' for i in ins)})"
             for k, ins in sorted(by_k.items())
         )
-        L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, {t}, mask=m2)")
+
+    if spline:
+        # dT/dv[e, j] = sum_{p,c} dT/dw[e,p,c] table[k0+j, p, c];  dT/dtable[k0+j, p, c] += v[e, j] dT/dw[e,p,c]
+        L.append(f"{I2}if COMPUTE_VT:")
+        L.append(f"{I3}if COMPUTE_V:")
+        L += [f"{I4}zv{j} = tl.zeros([BLOCK_E, BLOCK_C], dtype=dt)" for j in range(SPLINE_ROWS)]
+        for path in paths:
+            if not path.nnz:
+                continue
+            p = path.index
+            L += load_g(path, I3)
+            L += _emit_a(path, I3)
+            L.append(f"{I3}gw{p} = {gw_expr(path)}")
+            L.append(f"{I3}if COMPUTE_V:")
+            L += [f"{I4}zv{j} += gw{p} * tl.load(t_ptr + to{j} + {p} * C, mask=mt{j}, other=0.0)"
+                  for j in range(SPLINE_ROWS)]
+            L.append(f"{I3}if COMPUTE_T:")
+            L += [f"{I4}tl.atomic_add(gt_ptr + to{j} + {p} * C, sv{j}[:, None] * gw{p}, mask=mt{j})"
+                  for j in range(SPLINE_ROWS)]
+        L.append(f"{I3}if COMPUTE_V:")
+        L += [f"{I4}gv{j} += tl.sum(zv{j}, axis=1)" for j in range(SPLINE_ROWS)]
+    else:
+        L.append(f"{I2}if COMPUTE_W:")
+        for path in paths:
+            if not path.nnz:
+                L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, tl.zeros([BLOCK_E, BLOCK_C], dtype=dt), mask=m2)")
+                continue
+            L += load_g(path, I3)
+            L += _emit_a(path, I3)
+            L.append(f"{I3}tl.store(gw_ptr + wb + {path.index} * C, {gw_expr(path)}, mask=m2)")
     # dT/dY[e, m2] = sum_c sum_p w_p sum_{m1 m3} CG[m1, m2, m3] x_m1 g_m3
     L.append(f"{I2}if COMPUTE_Y:")
     # per path, accumulate into one [BLOCK_E, BLOCK_C] tile per Y component and reduce over channels
@@ -254,7 +347,8 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
     for path in paths:
         if not path.nnz:
             continue
-        L.append(f"{I3}w{path.index} = tl.load(w_ptr + wb + {path.index} * C, mask=m2, other=0.0)")
+        w_line = _w_line(path, I3, spline)
+        L.append(w_line if spline else f"{I3}w{path.index} = tl.load(w_ptr + wb + {path.index} * C, mask=m2, other=0.0)")
         L += load_g(path, I3)
         tab: dict[tuple[int, int], list[tuple[int, float]]] = {}
         for i, j, k, v in path.nnz:
@@ -268,16 +362,24 @@ def _gen_bwd_edge(paths: list[_Path], d_in: int, d_sh: int, d_out: int, n_paths:
     L += [f"{I3}gy{j} += tl.sum(z{j}, axis=1)" for j in used_j]
     L.append(f"{I1}if COMPUTE_Y:")
     L += [f"{I2}tl.store(gy_ptr + offs_e * D_SH + {j}, gy{j}, mask=mask_e)" for j in range(d_sh)]
+    if spline:
+        L.append(f"{I1}if COMPUTE_V:")
+        L += [f"{I2}tl.store(gv_ptr + offs_e * {SPLINE_ROWS} + {j}, gv{j}, mask=mask_e)" for j in range(SPLINE_ROWS)]
     return "\n".join(L) + "\n"
 
 
-def generate_source(lmax_in: int, lmax_sh: int, lmax_out: int) -> str:
-    """Triton source of the three convolution kernels for one ``(lmax_in, lmax_sh, lmax_out)``."""
+def generate_source(lmax_in: int, lmax_sh: int, lmax_out: int, spline: bool = False) -> str:
+    """Triton source of the three convolution kernels for one ``(lmax_in, lmax_sh, lmax_out)``.
+
+    With ``spline``, the ``spline_*`` kernels of :func:`mlip.kernels.reference.conv_tp_spline`:
+    radial weights rebuilt per edge from 4 cubic B-spline values and a ``[K, P, C]`` table.
+    """
     paths = _paths(lmax_in, lmax_sh, lmax_out)
     dims = ((lmax_in + 1) ** 2, (lmax_sh + 1) ** 2, tp_out_dim(lmax_in, lmax_sh, lmax_out), len(paths))
     head = _HEADER.format(lin=lmax_in, lsh=lmax_sh, lout=lmax_out, d_in=dims[0], d_sh=dims[1], d_out=dims[2],
                           n_paths=dims[3])
-    return "\n\n".join([head, _gen_fwd(paths, *dims), _gen_bwd_x(paths, *dims), _gen_bwd_edge(paths, *dims)])
+    return "\n\n".join([head, _gen_fwd(paths, *dims, spline=spline), _gen_bwd_x(paths, *dims, spline=spline),
+                        _gen_bwd_edge(paths, *dims, spline=spline)])
 
 
 def _cache_dir() -> Path:
@@ -310,11 +412,11 @@ def _interpreting() -> bool:
 
 
 @functools.cache
-def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int) -> ModuleType:
+def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int, spline: bool = False) -> ModuleType:
     """Write (once) and import the generated source; its functions are still undecorated."""
-    src = generate_source(lmax_in, lmax_sh, lmax_out)
+    src = generate_source(lmax_in, lmax_sh, lmax_out, spline=spline)
     digest = hashlib.sha1(src.encode()).hexdigest()[:12]
-    name = f"mlip_conv_{lmax_in}{lmax_sh}{lmax_out}_{digest}"
+    name = f"mlip_{'spline' if spline else 'conv'}_{lmax_in}{lmax_sh}{lmax_out}_{digest}"
     path = _cache_dir() / f"{name}.py"
     if not path.is_file() or path.read_text() != src:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
@@ -350,18 +452,27 @@ def _autotune_cache_kw() -> dict[str, bool]:
 
 
 @functools.cache
-def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool) -> dict[str, object]:
-    """The jitted kernels ``{"fwd", "bwd_x", "bwd_edge"}`` (autotuned on the GPU)."""
+def kernels(lmax_in: int, lmax_sh: int, lmax_out: int, interpret: bool, spline: bool = False) -> dict[str, object]:
+    """The jitted kernels ``{"fwd", "bwd_x", "bwd_edge"}`` (autotuned on the GPU); ``spline``: the
+    ``spline_*`` kernels of :func:`mlip.kernels.reference.conv_tp_spline`."""
     import triton
 
-    mod = _generated_module(lmax_in, lmax_sh, lmax_out)
+    mod = _generated_module(lmax_in, lmax_sh, lmax_out, spline)
+    prefix = "spline" if spline else "conv"
     out = {}
-    for key, fn in (("fwd", mod.conv_fwd), ("bwd_x", mod.conv_bwd_x), ("bwd_edge", mod.conv_bwd_edge)):
-        jitted = triton.jit(fn)
+    for key in ("fwd", "bwd_x", "bwd_edge"):
+        jitted = triton.jit(getattr(mod, f"{prefix}_{key}"))
         if not interpret:
             configs = [triton.Config({"BLOCK_E": be, "BLOCK_C": bc}, num_warps=nw) for be, bc, nw in GPU_CONFIGS[key]]
-            key_args = ["C", "COMPUTE_Y", "COMPUTE_W"] if key == "bwd_edge" else ["C"]
-            jitted = triton.autotune(configs=configs, key=key_args, **_autotune_cache_kw())(jitted)
+            extra = {}
+            if key != "bwd_edge":
+                key_args = ["C"]
+            elif spline:
+                key_args = ["C", "COMPUTE_Y", "COMPUTE_V", "COMPUTE_T"]
+                extra = {"reset_to_zero": ["gt_ptr"]}  # atomics: every tuning run must start from zeros
+            else:
+                key_args = ["C", "COMPUTE_Y", "COMPUTE_W"]
+            jitted = triton.autotune(configs=configs, key=key_args, **extra, **_autotune_cache_kw())(jitted)
         out[key] = jitted
     return out
 
@@ -508,17 +619,88 @@ def launch_bwd_edge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, g: torch.
     return gy, gw
 
 
+def launch_spline_fwd(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                      sender: torch.Tensor, perm_rcv: torch.Tensor, rowptr_rcv: torch.Tensor,
+                      lmax: tuple[int, int, int], wrap=None) -> torch.Tensor:
+    """``conv_tp_spline`` forward: ``[n_nodes, C, D_out]``; ``v [E, 4]``, ``k [E]``, ``t [K, P, C]``."""
+    import triton
+
+    interpret = _interpreting()
+    kern = kernels(*lmax, interpret, True)["fwd"]
+    kern = wrap(kern) if wrap is not None else kern
+    n, c = rowptr_rcv.shape[0] - 1, x.shape[1]
+    out = torch.empty((n, c, tp_out_dim(*lmax)), dtype=x.dtype, device=x.device)
+    if n == 0 or c == 0:
+        return out.zero_()
+    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))
+    kern[grid](x, y, v, k, t, out, sender, perm_rcv, rowptr_rcv, c, t.shape[0], **_launch_meta(interpret))
+    return out
+
+
+def launch_spline_bwd_x(g: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                        receiver: torch.Tensor, perm_snd: torch.Tensor, rowptr_snd: torch.Tensor,
+                        lmax: tuple[int, int, int], wrap=None) -> torch.Tensor:
+    """``dT/dx`` of ``conv_tp_spline``: ``[n_nodes, C, D_in]``."""
+    import triton
+
+    interpret = _interpreting()
+    kern = kernels(*lmax, interpret, True)["bwd_x"]
+    kern = wrap(kern) if wrap is not None else kern
+    n, c = rowptr_snd.shape[0] - 1, g.shape[1]
+    gx = torch.empty((n, c, (lmax[0] + 1) ** 2), dtype=g.dtype, device=g.device)
+    if n == 0 or c == 0:
+        return gx.zero_()
+    grid = lambda meta: (n, triton.cdiv(c, meta["BLOCK_C"]))
+    kern[grid](g, y, v, k, t, gx, receiver, perm_snd, rowptr_snd, c, t.shape[0], **_launch_meta(interpret))
+    return gx
+
+
+def launch_spline_bwd_edge(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+                           g: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, lmax: tuple[int, int, int],
+                           compute_y: bool = True, compute_v: bool = True, compute_t: bool = True,
+                           wrap=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dT/dY [E, D_sh], dT/dv [E, 4], dT/dt [K, P, C])`` of ``conv_tp_spline``; one not asked for is ``[0]``.
+
+    ``dT/dt`` sums over all edges with atomic adds (its summation order is not fixed).
+    """
+    import triton
+
+    interpret = _interpreting()
+    kern = kernels(*lmax, interpret, True)["bwd_edge"]
+    kern = wrap(kern) if wrap is not None else kern
+    e, c = sender.shape[0], x.shape[1]
+    gy = torch.empty((e, (lmax[1] + 1) ** 2) if compute_y else (0,), dtype=x.dtype, device=x.device)
+    gv = torch.empty((e, SPLINE_ROWS) if compute_v else (0,), dtype=x.dtype, device=x.device)
+    gt = torch.zeros(tuple(t.shape) if compute_t else (0,), dtype=x.dtype, device=x.device)
+    if e == 0 or not (compute_y or compute_v or compute_t):
+        return gy.zero_(), gv.zero_(), gt
+    if c == 0:
+        return gy.zero_(), gv.zero_(), gt
+    grid = lambda meta: (triton.cdiv(e, meta["BLOCK_E"]),)
+    kern[grid](x, y, v, k, t, g, gy, gv, gt, sender, receiver, e, c, t.shape[0], COMPUTE_Y=compute_y,
+               COMPUTE_V=compute_v, COMPUTE_T=compute_t, COMPUTE_VT=compute_v or compute_t,
+               **_launch_meta(interpret))
+    return gy, gv, gt
+
+
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compilation (no GPU needed): CI checks and register/spill inspection
 # --------------------------------------------------------------------------------------------
-def _signature(kind: str, ptr: str) -> dict[str, str]:
+def _signature(kind: str, ptr: str, spline: bool = False) -> dict[str, str]:
     p = f"*{ptr}"
+    radial = [("v_ptr", p), ("k_ptr", "*i64"), ("t_ptr", p)] if spline else [("w_ptr", p)]
+    k_arg = [("K", "i32")] if spline else []
     if kind == "fwd":
-        names = [("x_ptr", p), ("y_ptr", p), ("w_ptr", p), ("out_ptr", p), ("snd_ptr", "*i64"), ("perm_ptr", "*i64"),
-                 ("rowptr_ptr", "*i64"), ("C", "i32")]
+        names = ([("x_ptr", p), ("y_ptr", p)] + radial + [("out_ptr", p), ("snd_ptr", "*i64"), ("perm_ptr", "*i64"),
+                 ("rowptr_ptr", "*i64"), ("C", "i32")] + k_arg)
     elif kind == "bwd_x":
-        names = [("g_ptr", p), ("y_ptr", p), ("w_ptr", p), ("gx_ptr", p), ("rcv_ptr", "*i64"), ("perm_ptr", "*i64"),
-                 ("rowptr_ptr", "*i64"), ("C", "i32")]
+        names = ([("g_ptr", p), ("y_ptr", p)] + radial + [("gx_ptr", p), ("rcv_ptr", "*i64"), ("perm_ptr", "*i64"),
+                 ("rowptr_ptr", "*i64"), ("C", "i32")] + k_arg)
+    elif spline:
+        names = [("x_ptr", p), ("y_ptr", p)] + radial + [
+            ("g_ptr", p), ("gy_ptr", p), ("gv_ptr", p), ("gt_ptr", p), ("snd_ptr", "*i64"), ("rcv_ptr", "*i64"),
+            ("E", "i32"), ("C", "i32"), ("K", "i32"), ("COMPUTE_Y", "constexpr"), ("COMPUTE_V", "constexpr"),
+            ("COMPUTE_T", "constexpr"), ("COMPUTE_VT", "constexpr")]
     else:
         names = [("x_ptr", p), ("y_ptr", p), ("w_ptr", p), ("g_ptr", p), ("gy_ptr", p), ("gw_ptr", p),
                  ("snd_ptr", "*i64"), ("rcv_ptr", "*i64"), ("E", "i32"), ("C", "i32"),
@@ -527,8 +709,9 @@ def _signature(kind: str, ptr: str) -> dict[str, str]:
 
 
 def compile_for_target(lmax: tuple[int, int, int], dtype: torch.dtype = torch.float32, arch: int = 90,
-                       block_e: int = 4, block_c: int = 32, num_warps: int = 4) -> dict[str, object]:
-    """Compile the three kernels to CUDA binaries for ``sm_<arch>`` without a GPU.
+                       block_e: int = 4, block_c: int = 32, num_warps: int = 4,
+                       spline: bool = False) -> dict[str, object]:
+    """Compile the three kernels (``spline``: the ``spline_*`` ones) to CUDA binaries for ``sm_<arch>`` without a GPU.
 
     Uses Triton's bundled ``ptxas``; run with ``TRITON_INTERPRET`` unset (the interpreter replaces
     Triton's own jitted helpers). Useful in CI (the generated source compiles in real mode, not
@@ -543,15 +726,17 @@ def compile_for_target(lmax: tuple[int, int, int], dtype: torch.dtype = torch.fl
     from triton.runtime.jit import JITFunction
 
     ptr = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    mod = _generated_module(*lmax)
+    mod = _generated_module(*lmax, spline)
+    prefix = "spline" if spline else "conv"
     out = {}
-    for kind, fn in (("fwd", mod.conv_fwd), ("bwd_x", mod.conv_bwd_x), ("bwd_edge", mod.conv_bwd_edge)):
-        sig = _signature(kind, ptr)
+    for kind in ("fwd", "bwd_x", "bwd_edge"):
+        fn = getattr(mod, f"{prefix}_{kind}")
+        sig = _signature(kind, ptr, spline)
         names = list(sig)
         consts = {(names.index("BLOCK_E"),): block_e, (names.index("BLOCK_C"),): block_c}
         if kind == "bwd_edge":
-            consts[(names.index("COMPUTE_Y"),)] = True
-            consts[(names.index("COMPUTE_W"),)] = True
+            for flag in ("COMPUTE_Y", "COMPUTE_V", "COMPUTE_T", "COMPUTE_VT") if spline else ("COMPUTE_Y", "COMPUTE_W"):
+                consts[(names.index(flag),)] = True
         src = ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts)
         out[kind] = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     return out

@@ -13,11 +13,21 @@ import torch
 
 from mlip.kernels import TRITON_DTYPES as DTYPES
 from mlip.kernels import TRITON_MAX_LMAX as MAX_LMAX
-from mlip.kernels.reference import clebsch_gordan, tp_out_dim, tp_paths  # noqa: F401 - same names as reference
+from mlip.kernels.reference import (  # noqa: F401 - the reference's names (helpers are torch, shared)
+    SPLINE_ROWS,
+    clebsch_gordan,
+    spline_coefficients,
+    spline_weights,
+    tp_out_dim,
+    tp_paths,
+)
 from mlip.kernels.reference_grid import _check_shapes, gaunt_grid  # noqa: F401
-from mlip.kernels.triton.autograd import conv_tp_autograd
+from mlip.kernels.triton.autograd import conv_tp_autograd, conv_tp_spline_autograd
 from mlip.kernels.triton.conv import csr_graph
 from mlip.kernels.triton.grid import grid_product_autograd
+
+#: models evaluate a cubic-spline radial inside the convolution (``conv_tp_spline``) on this backend
+FUSES_SPLINE = True
 
 
 def check_inputs(dtype: torch.dtype, device: torch.device, lmaxes: tuple[int, ...] = ()) -> None:
@@ -73,6 +83,54 @@ def conv_tp(
             raise TypeError(f"conv_tp: {name} is {t.dtype} but node_feats is {node_feats.dtype}")
     graph = csr_graph(sender, receiver, int(n_nodes))
     return conv_tp_autograd(node_feats, edge_attrs, edge_weights, graph, (lmax_in, lmax_sh, lmax_out))
+
+
+def conv_tp_spline(
+    node_feats: torch.Tensor,
+    edge_attrs: torch.Tensor,
+    spline_vals: torch.Tensor,
+    spline_idx: torch.Tensor,
+    table: torch.Tensor,
+    sender: torch.Tensor,
+    receiver: torch.Tensor,
+    n_nodes: int,
+    lmax_in: int,
+    lmax_sh: int,
+    lmax_out: int,
+) -> torch.Tensor:
+    """Fused convolution with the radial spline folded in; contract of :func:`mlip.kernels.reference.conv_tp_spline`.
+
+    Each program rebuilds an edge's radial-weight tile from its 4 spline values and 4 rows of
+    ``table`` (small: it stays in cache), so neither the per-edge weights ``[n_edges, P, C]`` nor
+    their gradient is written to memory; the gradient of ``spline_vals`` is reduced over channels
+    in registers, the table's gradient is summed over edges with atomic adds.
+
+    Shapes:
+        node_feats [n_nodes, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2];
+        spline_vals [n_edges, 4]; spline_idx [n_edges] int64; table [K, n_paths, C]
+        -> [n_nodes, C, tp_out_dim(lmax_in, lmax_sh, lmax_out)].
+    """
+    paths = tp_paths(lmax_in, lmax_sh, lmax_out)
+    check_inputs(node_feats.dtype, node_feats.device, (lmax_in, lmax_sh, lmax_out))
+    n_edges, c = sender.shape[0], node_feats.shape[1]
+    expect = {
+        "node_feats": ((node_feats.shape[0], c, (lmax_in + 1) ** 2), node_feats),
+        "edge_attrs": ((n_edges, (lmax_sh + 1) ** 2), edge_attrs),
+        "spline_vals": ((n_edges, SPLINE_ROWS), spline_vals),
+        "spline_idx": ((n_edges,), spline_idx),
+        "table": ((table.shape[0], len(paths), c), table),
+        "receiver": ((n_edges,), receiver),
+    }
+    for name, (shape, t) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"conv_tp_spline: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.is_floating_point() and t.dtype != node_feats.dtype:
+            raise TypeError(f"conv_tp_spline: {name} is {t.dtype} but node_feats is {node_feats.dtype}")
+    if spline_idx.dtype != torch.int64:
+        raise TypeError(f"conv_tp_spline: spline_idx must be int64, got {spline_idx.dtype}")
+    graph = csr_graph(sender, receiver, int(n_nodes))
+    return conv_tp_spline_autograd(node_feats, edge_attrs, spline_vals, spline_idx, table, graph,
+                                   (lmax_in, lmax_sh, lmax_out))
 
 
 def grid_product(a: torch.Tensor, b: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
