@@ -1,169 +1,69 @@
-"""Time mlip's ``equivariant`` model against mace-torch's MACE of the same size on CPU.
+"""Time mlip's ``equivariant`` model against mace-torch's MACE of the same size on CPU (issue 3).
 
-Both models see the same structures and the same neighbour list (ASE, ``r_max``), and are timed
-on energy + forces (and + stress for crystals), median of ``--repeats`` calls after warm-up; the
-neighbour list is built once, outside the timing. MACE runs in its own virtual environment
-(mace-torch pins its own e3nn) through a subprocess of this same script::
+Both models see the same structures and the same neighbour list (ASE, ``r_max``, built once per
+structure outside the timing) and are timed on energy + forces (+ stress for crystals). Each runs
+in its own worker process with one torch thread (MACE in its own virtual environment, since
+mace-torch pins its own e3nn); after warm-up calls the two take turns, one call each (mlip, MACE,
+mlip, MACE, ...), so a change in machine load hits both alike. Reported: median process CPU time
+per call (robust to other processes sharing the cores), median wall-clock time, and their ratios::
 
     python -m venv /work/venv-mace && /work/venv-mace/bin/pip install torch==2.13.0 mace-torch
-    python benchmarks/equivariant_vs_mace.py --mace-python /work/venv-mace/bin/python
+    python -m benchmarks.equivariant_vs_mace --mace-python /work/venv-mace/bin/python
+    python -m benchmarks.equivariant_vs_mace --profile Si-216   # where mlip's time goes (torch.profiler)
 
-Sizes: ``--channels 128 --lmax 3 --hidden-lmax 1 --layers 2 --correlation 3 --r-max 6`` is
-MACE-MP medium. Structures: a 27-atom molecule (H, C, O) and diamond-cubic Si supercells
-(64, 216, 512, 1000 atoms).
+Sizes: the defaults ``--channels 128 --lmax 3 --hidden-lmax 1 --layers 2 --correlation 3 --r-max 6``
+are MACE-MP medium (and ``configs/equivariant-medium.yaml``). Structures: a 27-atom molecule (H, C, O)
+and rattled diamond-cubic Si supercells (64, 216, 512, 1000 atoms). The machinery (workers, engines,
+interleaving) is :mod:`benchmarks.speed`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
+from pathlib import Path
 
-import numpy as np
-
-ELEMENTS = [1, 6, 8, 14]
-
-
-def structures(sizes: list[int], molecule: bool = True):
-    """``(name, ase.Atoms)`` pairs: the 27-atom molecule and Si supercells of the given atom counts."""
-    import ase
-    import ase.build
-
-    rng = np.random.default_rng(0)
-    out = []
-    # 27-atom molecule: 9 C, 4 O, 14 H placed with >= 1.1 Å separation in a 4.5 Å sphere
-    symbols = ["C"] * 9 + ["O"] * 4 + ["H"] * 14
-    pos: list[np.ndarray] = []
-    while len(pos) < len(symbols):
-        p = rng.uniform(-4.5, 4.5, size=3)
-        if np.linalg.norm(p) < 4.5 and all(np.linalg.norm(p - q) > 1.1 for q in pos):
-            pos.append(p)
-    if molecule:
-        out.append(("molecule-27", ase.Atoms(symbols, positions=np.array(pos))))
-    for n in sizes:
-        rep = round((n / 8) ** (1 / 3))
-        if 8 * rep**3 != n:
-            raise ValueError(f"crystal size {n} is not 8 * k^3")
-        atoms = ase.build.bulk("Si", "diamond", a=5.43, cubic=True).repeat(rep)
-        atoms.rattle(0.05, seed=1)
-        out.append((f"Si-{n}", atoms))
-    return out
+try:
+    from benchmarks import _common as common
+    from benchmarks import speed
+except ImportError:  # run as a script: python benchmarks/equivariant_vs_mace.py
+    import _common as common  # type: ignore[no-redef]
+    import speed  # type: ignore[no-redef]
 
 
-def neighbors(atoms, r_max: float):
-    from ase.neighborlist import neighbor_list
-
-    i, j, S = neighbor_list("ijS", atoms, r_max)
-    return i, j, S
-
-
-def time_call(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and median process CPU time (all threads) of ``fn()``, in ms.
-
-    CPU time is reported too because the benchmark machine may be shared: time slices lost to
-    other processes inflate wall time but not this process's CPU time.
-    """
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return 1000.0 * statistics.median(wall), 1000.0 * statistics.median(cpu)
+def mlip_spec(args: argparse.Namespace) -> dict:
+    """The ``equivariant`` spec of the sizes on the command line (all other fields: defaults)."""
+    cfg = {"r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax, "hidden_lmax": args.hidden_lmax,
+           "num_layers": args.layers, "correlation": args.correlation, "mixing": args.mixing, "radial": args.radial,
+           "avg_num_neighbors": 30.0, "kernel": "auto"}
+    return {"kind": "mlip", "family": "equivariant", "preset": None, "config": cfg, "dtype": args.dtype}
 
 
-def run_mlip(args) -> dict:
+def profile(args: argparse.Namespace, structure: str) -> None:
+    """torch.profiler table of one mlip energy+forces(+stress) call, in this process, one thread."""
     import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    from mlip.data.graph import AtomGraph, collate
-    from mlip.models.base import build_model
-    from mlip.models.equivariant import num_parameters
-    from mlip.models.outputs import predict
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    cfg = dict(elements=ELEMENTS, r_max=args.r_max, num_channels=args.channels, lmax=args.lmax,
-               hidden_lmax=args.hidden_lmax, num_layers=args.layers, correlation=args.correlation,
-               mixing=args.mixing, radial=args.radial, avg_num_neighbors=30.0, kernel="torch")
-    model = build_model("equivariant", cfg).to(dtype).eval()
-    results = {"params": num_parameters(model), "rows": []}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, atoms in structures(args.sizes, args.molecule):
-        i, j, S = neighbors(atoms, args.r_max)
-        graph = AtomGraph(
-            positions=torch.tensor(atoms.positions), numbers=torch.tensor(atoms.numbers),
-            cell=torch.tensor(atoms.cell.array), pbc=torch.tensor(atoms.pbc),
-            edge_index=torch.tensor(np.stack([j, i])), unit_shifts=torch.tensor(S),
-        )
-        batch = collate([graph]).to(dtype=dtype)
-        stress = bool(atoms.pbc.any()) and not args.no_stress
-        ms, cpu = time_call(lambda: predict(model, batch, forces=True, stress=stress), args.warmup, args.repeats)
-        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": len(i), "stress": stress, "ms": ms, "cpu": cpu})
-    return results
+    torch.set_num_threads(1)
+    engine = speed.MlipEngine(mlip_spec(args))
+    atoms = common.make_structure(structure)
+    fn, n_edges = engine.static(atoms, stress=bool(atoms.pbc.any()) and not args.no_stress)
+    for _ in range(2):
+        fn()
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=args.profile_shapes) as prof:
+        fn()
+    print(f"# mlip equivariant, {structure}: {len(atoms)} atoms, {n_edges} edges, {engine.params:,} parameters")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+    if args.profile_shapes:  # the same ops split by input shapes: which tensors the time goes to
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_shapes_column_width=90))
 
 
-def run_mace(args) -> dict:
-    import torch
-
-    # e3nn 0.4.4 (pinned by mace-torch) stores its constants with python slices; torch >= 2.6
-    # loads weights_only by default, so allow exactly that type for this trusted package file
-    torch.serialization.add_safe_globals([slice])
-    from e3nn import o3
-    from mace.modules import RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
-    from mace.modules.models import ScaleShiftMACE
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    hidden = o3.Irreps("+".join(f"{args.channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(args.hidden_lmax + 1)))
-    model = ScaleShiftMACE(
-        r_max=args.r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.lmax,
-        interaction_cls=RealAgnosticResidualInteractionBlock, interaction_cls_first=RealAgnosticInteractionBlock,
-        num_interactions=args.layers, num_elements=len(ELEMENTS), hidden_irreps=hidden,
-        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(ELEMENTS)), avg_num_neighbors=30.0,
-        atomic_numbers=ELEMENTS, correlation=args.correlation, gate=torch.nn.functional.silu,
-        radial_MLP=[64, 64, 64], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
-    ).to(dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    results = {"params": sum(p.numel() for p in model.parameters()), "rows": []}
-    index = {z: k for k, z in enumerate(ELEMENTS)}
-    for name, atoms in structures(args.sizes, args.molecule):
-        i, j, S = neighbors(atoms, args.r_max)
-        cell = torch.tensor(atoms.cell.array, dtype=dtype)
-        one_hot = torch.zeros(len(atoms), len(ELEMENTS), dtype=dtype)
-        one_hot[torch.arange(len(atoms)), torch.tensor([index[int(z)] for z in atoms.numbers])] = 1.0
-        unit = torch.tensor(S, dtype=dtype)
-        data = {
-            "positions": torch.tensor(atoms.positions, dtype=dtype),
-            "node_attrs": one_hot,
-            "edge_index": torch.tensor(np.stack([i, j]), dtype=torch.long),  # MACE: vec = pos[1] - pos[0] + shift
-            "shifts": unit @ cell,
-            "unit_shifts": unit,
-            "cell": cell,
-            "batch": torch.zeros(len(atoms), dtype=torch.long),
-            "ptr": torch.tensor([0, len(atoms)], dtype=torch.long),
-        }
-        stress = bool(atoms.pbc.any()) and not args.no_stress
-
-        def call():
-            d = {k: v.clone() if v.is_floating_point() else v for k, v in data.items()}
-            return model(d, training=False, compute_force=True, compute_stress=stress)
-
-        ms, cpu = time_call(call, args.warmup, args.repeats)
-        results["rows"].append({"name": name, "n_atoms": len(atoms), "n_edges": len(i), "stress": stress, "ms": ms, "cpu": cpu})
-    return results
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mace-python", default="/work/venv-mace/bin/python", help="python of the venv with mace-torch")
+    ap.add_argument("--mace-python", default=speed.MACE_PYTHON, help="python of the venv with mace-torch")
     ap.add_argument("--sizes", default="64,216,512,1000", help="Si supercell atom counts (8 k^3)")
+    ap.add_argument("--no-molecule", action="store_true", help="skip the 27-atom molecule")
     ap.add_argument("--channels", type=int, default=128)
     ap.add_argument("--lmax", type=int, default=3)
     ap.add_argument("--hidden-lmax", type=int, default=1)
@@ -173,50 +73,63 @@ def main() -> None:
     ap.add_argument("--mixing", default="grid", choices=["grid", "none"])
     ap.add_argument("--radial", default="spline", choices=["spline", "mlp"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per structure (MACE needs ~3)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of one call each (fewer for slow sizes)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds per structure (about)")
+    ap.add_argument("--max-mem", type=float, default=10000.0,
+                    help="skip sizes predicted to need more memory than this per process (MiB)")
     ap.add_argument("--no-stress", action="store_true", help="forces only, also for crystals")
-    ap.add_argument("--worker", choices=["mlip", "mace"], help=argparse.SUPPRESS)
-    ap.add_argument("--molecule", dest="molecule", action="store_true", default=True, help=argparse.SUPPRESS)
-    ap.add_argument("--no-molecule", dest="molecule", action="store_false", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    args.sizes = [int(s) for s in args.sizes.split(",") if s]
-    if args.worker == "mace":
-        print(json.dumps(run_mace(args)))
-        return
-    if args.worker == "mlip":
-        print(json.dumps(run_mlip(args)))
-        return
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--profile", default=None, metavar="STRUCTURE",
+                    help="instead of timing, profile one mlip call on this structure (e.g. Si-216)")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--profile-shapes", action="store_true", help="with --profile: also group the ops by input shape")
+    args = ap.parse_args(argv)
+    if args.profile:
+        profile(args, args.profile)
+        return None
 
-    import torch
-
-    print(f"# {os.uname().nodename}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-          f"{args.dtype}, {args.threads} CPU threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-          f"channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} layers={args.layers} "
-          f"correlation={args.correlation} r_max={args.r_max} mixing={args.mixing} radial={args.radial}", flush=True)
-    print(f"{'structure':<12} {'atoms':>6} {'edges':>8} {'stress':>6} {'mlip ms':>10} {'MACE ms':>10} {'ratio':>6} "
-          f"{'mlip cpu ms':>12} {'MACE cpu ms':>12} {'ratio':>6}", flush=True)
-    # one structure at a time, alternating the two codes, so a change in machine load hits both alike
-    raw = sys.argv[1:]
-    base = [a for k, a in enumerate(raw) if a != "--sizes" and not a.startswith("--sizes=")
-            and not (k > 0 and raw[k - 1] == "--sizes")]
-    for k, n in enumerate([0] + args.sizes):
-        sizes = [] if n == 0 else [n]
-        argv = [*base, "--sizes", ",".join(str(s) for s in sizes), "--molecule" if n == 0 else "--no-molecule"]
-        rows = {}
-        for worker, python in (("mlip", sys.executable), ("mace", args.mace_python)):
-            proc = subprocess.run([python, os.path.abspath(__file__), *argv, "--worker", worker], capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{worker} worker failed ({python}):\n{proc.stderr[-4000:]}")
-            rows[worker] = json.loads(proc.stdout.strip().splitlines()[-1])
-        if k == 0:
-            print(f"# parameters: mlip {rows['mlip']['params']:,}  MACE {rows['mace']['params']:,}", flush=True)
-        for a, b in zip(rows["mlip"]["rows"], rows["mace"]["rows"]):
-            assert a["n_edges"] == b["n_edges"], (a, b)
-            print(f"{a['name']:<12} {a['n_atoms']:>6} {a['n_edges']:>8} {a['stress']!s:>6} {a['ms']:>10.1f} "
-                  f"{b['ms']:>10.1f} {a['ms'] / b['ms']:>6.2f} {a['cpu']:>12.1f} {b['cpu']:>12.1f} "
-                  f"{a['cpu'] / b['cpu']:>6.2f}", flush=True)
+    structures = ([] if args.no_molecule else ["molecule-27"]) + [f"Si-{n}" for n in args.sizes.split(",") if n]
+    ours = mlip_spec(args)
+    specs = {"mlip": ours, "MACE": speed.mace_spec_like(ours)}
+    env = common.environment()
+    print(f"# {common.describe(env)}; {args.dtype}, 1 torch thread per process; channels={args.channels} "
+          f"lmax={args.lmax} hidden_lmax={args.hidden_lmax} layers={args.layers} correlation={args.correlation} "
+          f"r_max={args.r_max} mixing={args.mixing} radial={args.radial}", flush=True)
+    workers = speed.start_workers(specs, args.mace_python)
+    try:
+        params = {label: w.info["params"] for label, w in workers.items()}
+        rows = speed.compare(workers, structures, {"task": "static", "stress": not args.no_stress},
+                             repeats=args.repeats, warmup=args.warmup, budget_s=args.budget, max_call_s=1e9,
+                             max_mem_mb=args.max_mem)
+    finally:
+        for w in workers.values():
+            w.close()
+    end = common.environment()["load_average"]
+    by = {(r["engine"], r["structure"]): r for r in rows}
+    table = []
+    for s in structures:
+        a, b = by[("mlip", s)], by[("MACE", s)]
+        if "skipped" in a or "skipped" in b:
+            table.append([s, a["n_atoms"], "—", "—", "skipped: " + a.get("skipped", b.get("skipped"))] + ["—"] * 7)
+            continue
+        assert a["n_edges"] == b["n_edges"], (a, b)
+        table.append([s, a["n_atoms"], a["n_edges"], "yes" if a["stress"] else "no",
+                      f"{1e3 * a['cpu_median_s']:.0f}", f"{1e3 * b['cpu_median_s']:.0f}",
+                      f"{a['cpu_median_s'] / b['cpu_median_s']:.2f}",
+                      f"{1e3 * a['wall_median_s']:.0f}", f"{1e3 * b['wall_median_s']:.0f}",
+                      f"{a['wall_median_s'] / b['wall_median_s']:.2f}", a["rounds"],
+                      f"{a['rss_mb']:.0f} / {b['rss_mb']:.0f}"])
+    print()
+    print(f"parameters: mlip {params['mlip']:,}, MACE {params['MACE']:,}; load average at the end {end}")
+    print(common.markdown_table(
+        ["structure", "atoms", "edges", "stress", "mlip CPU ms", "MACE CPU ms", "CPU ratio mlip/MACE",
+         "mlip wall ms", "MACE wall ms", "wall ratio", "rounds", "peak RSS MiB mlip / MACE"], table), flush=True)
+    result = {"env": env, "load_average_end": end, "specs": specs, "params": params, "rows": rows}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ rotation error of learned equivariance against the rotation-augmentation baselin
 Two parts, each printing a Markdown table and writing JSON to ``--out``::
 
     python benchmarks/learned_equivariance.py speed                # energy + forces, molecule and Cu crystals
-    python benchmarks/learned_equivariance.py accuracy --steps 300 # learned vs augment vs none, same steps
+    python benchmarks/learned_equivariance.py accuracy --data-dir ../shared/data/ethanol  # learned vs augment
     python benchmarks/learned_equivariance.py all
 
 *speed*: the ``small`` presets (``configs/<family>-small.yaml``, elements H C O Cu), ``--dtype``,
@@ -14,13 +14,12 @@ CPU time are recorded (on a shared machine compare CPU time, with ``--threads 1`
 molecule (H, C, O) and rattled fcc Cu supercells of 64, 128, 256 and 512 atoms. Reported as µs per
 atom per energy+forces call.
 
-*accuracy*: the same small transformer (``--channels``, 2 blocks) trained on the first 128
-molecules of ``data/xtb_molecules.xyz`` (charge and spin used) for the same number of Adam steps
-(batches of 4 molecules, lr 3e-3, energy-per-atom + force MSE, seed 0) with ``symmetry_mode``
-``learned`` (alignment loss weight ``--weight``), ``augment`` and ``none``; test on the last 48
-molecules: energy MAE per atom, force MAE, and the relative rotation error of energy and forces
-(as in ``tests/test_learned_equivariance.py``). Note that ``learned`` costs about twice the
-forward work per step (two branches); the budget here is equal in steps and data, not wall clock.
+*accuracy*: learned equivariance against the rotation-augmentation baseline (``symmetry_mode:
+augment``), both from the ``small`` preset, trained on rMD17 ethanol (real DFT) with the same budget
+of process CPU time by :mod:`benchmarks.accuracy` (which documents the protocol; ``--data-dir``,
+``--budget-cpu-min`` and ``--mace-python`` are passed through there). It reports test energy and
+force errors and the measured rotation error of energy and forces on the test set. Results that
+``python -m benchmarks accuracy`` already wrote are reused (``--reuse``) rather than trained again.
 """
 from __future__ import annotations
 
@@ -111,73 +110,24 @@ def speed(args: argparse.Namespace) -> dict:
     return {"rows": rows, "dtype": args.dtype, "repeats": args.repeats}
 
 
-def _relative_rotation_error(model, batch) -> tuple[float, float]:
-    from mlip.train.equivariance import equivariance_error
+def accuracy(args: argparse.Namespace, extra: list[str]) -> dict:
+    """Learned equivariance vs the augmentation baseline on ethanol, via :mod:`benchmarks.accuracy`."""
+    sys.path.insert(0, str(ROOT))  # run as a script, the benchmarks package is not importable otherwise
+    from benchmarks import accuracy as acc
 
-    eq = equivariance_error(model, batch, n_rotations=4, seed=1)
-    with torch.no_grad():
-        e = model(batch, batch.edge_vectors())["energy"]
-    element = model.embedding.index(batch.numbers)
-    zero = torch.zeros(batch.n_atoms, dtype=e.dtype)
-    e0 = model.atomic_energies(zero, element, torch.zeros_like(element))
-    n = (batch.ptr[1:] - batch.ptr[:-1]).to(e.dtype)
-    inter = (e - zero.new_zeros(batch.n_graphs).index_add_(0, batch.batch, e0)) / n
-    return eq["energy_max"] / float(inter.square().mean().sqrt()), eq["forces_rel"]
-
-
-def accuracy(args: argparse.Namespace) -> dict:
-    from mlip.data.formats.extxyz import iter_extxyz
-    from mlip.data.graph import collate
-    from mlip.data.stats import e0s_from_isolated_atoms, is_isolated
-    from mlip.data.transforms import atoms_to_graph
-    from mlip.models.base import build_model
-    from mlip.models.outputs import predict
-
-    frames = list(iter_extxyz(ROOT / "data" / "xtb_molecules.xyz"))
-    e0s = e0s_from_isolated_atoms(frames)
-    mols = [a for a in frames if not is_isolated(a)]
-    r_max = 4.0
-    train = [atoms_to_graph(a, r_max) for a in mols[:128]]
-    test = collate([atoms_to_graph(a, r_max) for a in mols[-48:]]).to(dtype=torch.float32)
-    results = []
-    for mode in ("learned", "augment", "none"):
-        cfg = dict(elements=sorted(e0s), e0s=e0s, r_max=r_max, num_channels=args.channels, num_heads=4, num_layers=2,
-                   readout_hidden=16, transform_hidden=args.channels, use_charge_spin=True, symmetry_mode=mode,
-                   equivariance_loss_weight=args.weight if mode == "learned" else 0.0, seed=0)
-        torch.manual_seed(0)
-        model = build_model("learned-equivariance", cfg).float()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        order = torch.Generator().manual_seed(0)
-        start = time.perf_counter()
-        model.train()
-        for _ in range(args.steps):
-            idx = torch.randperm(len(train), generator=order)[:4].tolist()
-            b = collate([train[i] for i in idx]).to(dtype=torch.float32)
-            out = predict(model, b, forces=True, create_graph=True)
-            n = (b.ptr[1:] - b.ptr[:-1]).to(torch.float32)
-            loss = ((out["energy"] - b.energy) / n).square().mean() + (out["forces"] - b.forces).square().mean()
-            if "aux_loss" in out:
-                loss = loss + out["aux_loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        seconds = time.perf_counter() - start
-        model.eval()
-        pred = predict(model, test, forces=True)
-        n = (test.ptr[1:] - test.ptr[:-1]).to(torch.float32)
-        e_mae = float(((pred["energy"].detach() - test.energy) / n).abs().mean())
-        f_mae = float((pred["forces"].detach() - test.forces).abs().mean())
-        e_rot, f_rot = _relative_rotation_error(model, test)
-        row = {"mode": mode, "steps": args.steps, "train_seconds": seconds, "energy_mae_per_atom": e_mae,
-               "forces_mae": f_mae, "energy_rotation_rel": e_rot, "forces_rotation_rel": f_rot}
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    print("\n| symmetry_mode | steps | train s | E MAE meV/atom | F MAE meV/Å | rel. rotation error E | rel. rotation error F |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['mode']} | {r['steps']} | {r['train_seconds']:.0f} | {1e3 * r['energy_mae_per_atom']:.1f} | "
-              f"{1e3 * r['forces_mae']:.0f} | {r['energy_rotation_rel']:.4f} | {r['forces_rotation_rel']:.4f} |")
-    return {"rows": results, "weight": args.weight, "channels": args.channels}
+    names = ["learned-equivariance", "learned-equivariance-augment"]
+    results = Path(acc.ROOT / "benchmarks" / "results")
+    for i, item in enumerate(extra):
+        if item == "--results" and i + 1 < len(extra):
+            results = Path(extra[i + 1])
+        elif item.startswith("--results="):
+            results = Path(item.split("=", 1)[1])
+    runs = acc.load_results(results, names)
+    if not (args.reuse and len(runs) == len(names)):
+        acc.main(["--models", *names, *(["--threads", str(args.threads)] if args.threads else []), *extra])
+        runs = acc.load_results(results, names)
+    print("\n" + acc.table(runs))
+    return {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,12 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("part", choices=["speed", "accuracy", "all"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--weight", type=float, default=1000.0)
-    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--reuse", action="store_true",
+                        help="accuracy: reuse benchmarks/results/accuracy-learned-equivariance*.json if both exist")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/learned_equivariance.json")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # unknown options go to benchmarks.accuracy
+    if extra and args.part == "speed":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -200,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("speed", "all"):
         result["speed"] = speed(args)
     if args.part in ("accuracy", "all"):
-        result["accuracy"] = accuracy(args)
+        result["accuracy"] = accuracy(args, extra)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

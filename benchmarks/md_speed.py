@@ -1,165 +1,116 @@
-"""MD speed through the ASE calculator: steps/s and atoms*steps/s for fcc Cu crystals.
+"""MD speed through the ASE calculator: steps/s and atoms*steps/s for fcc Cu crystals (issue 5).
 
-Times velocity-Verlet NVE steps (2 fs, from 300 K) of ``MLIPCalculator`` with a full neighbour
-rebuild every step (``skin=0``) and with skin reuse (``--skin``, rebuild only when an atom moved
-more than skin/2), next to MACE's ``MACECalculator`` with a MACE model of the same size
-(channels, lmax, layers, correlation, r_max; random weights: speed does not depend on them).
-MACE runs in its own virtual environment through a subprocess of this same script::
+Velocity-Verlet NVE (2 fs, from 300 K) of ``MLIPCalculator`` with a full neighbour rebuild every
+step (``skin=0``) and with skin reuse (``--skin``: rebuild only when an atom moved more than about
+skin/2), next to MACE's ``MACECalculator`` loading a MACE model of the same size (channels, lmax,
+layers, correlation, r_max) that the MACE worker builds and saves itself (random weights: speed
+does not depend on them; nothing is downloaded). Every code computes energy, forces and stress per
+step (``MACECalculator`` always computes stress, so ours is asked for it too). Each code runs in
+its own worker process with one torch thread (MACE in its own venv); after warm-up steps they take
+turns, ``--steps`` MD steps each (rebuild, skin, MACE, rebuild, ...), ``--repeats`` rounds (fewer
+for large cells), and we report the median per step of wall-clock and of process CPU time (robust
+to other processes sharing the cores)::
 
-    python benchmarks/md_speed.py --sizes 108,500,2048,4000,10976 --steps 10
-    python benchmarks/md_speed.py --mace-python /work/venv-mace/bin/python   # default; skipped if absent
+    python -m benchmarks.md_speed --sizes 108,500,2048,4000,10976
+    python -m benchmarks.md_speed --mace-python ''              # without MACE
+    python -m benchmarks.md_speed --neighbors-only              # only the neighbour list per step
 
-Also reported: the time of one neighbour-list build (what skin reuse saves per step) and how
-many builds the timed steps needed. Sizes are fcc conventional cells repeated k^3 (4 k^3 atoms).
+``--neighbors-only`` times, in this process, one full neighbour-list build at ``r_max`` (what
+``skin=0`` pays every step) against the skin path on a reuse step (displacement test + filtering
+the ``r_max + skin`` list). Sizes are fcc conventional cells repeated k^3 (4 k^3 atoms).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
+
+try:
+    from benchmarks import _common as common
+    from benchmarks import speed
+except ImportError:  # run as a script: python benchmarks/md_speed.py
+    import _common as common  # type: ignore[no-redef]
+    import speed  # type: ignore[no-redef]
 
 ELEMENTS = [29]
 
 
-def crystal(n_atoms: int):
-    """Rattled fcc Cu with ``n_atoms = 4 k^3`` atoms and 300 K velocities (seeded)."""
-    from ase.build import bulk
-    from ase.md.velocitydistribution import Stationary
-
-    k = round((n_atoms / 4) ** (1 / 3))
-    if 4 * k**3 != n_atoms:
-        raise ValueError(f"size {n_atoms} is not 4 k^3 (try 108, 500, 2048, 4000, 10976)")
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(k)
-    atoms.rattle(0.02, seed=1)
-    rng = np.random.default_rng(0)
-    masses = atoms.get_masses()[:, None]
-    kT = 300.0 * 8.617333262e-5
-    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * kT))
-    Stationary(atoms)
-    return atoms
-
-
-def time_md(atoms, calc, steps: int, warmup: int) -> float:
-    """Seconds per velocity-Verlet step (after ``warmup`` steps)."""
-    from ase import units
-    from ase.md.verlet import VelocityVerlet
-
-    atoms.calc = calc
-    dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
-    dyn.run(warmup)
-    t0 = time.perf_counter()
-    dyn.run(steps)
-    return (time.perf_counter() - t0) / steps
-
-
-def run_neighbors(args) -> list[dict]:
-    """Per-step neighbour cost: a full build at ``r_max`` (what ``skin=0`` pays every step) against
-    the skin path on a reuse step (displacement test + filtering the ``r_max + skin`` list)."""
+def run_neighbors(args: argparse.Namespace) -> list[dict]:
+    """Per-step neighbour cost: a full build at ``r_max`` against a skin-reuse step."""
     import torch
 
     from mlip.calculator import NeighborCache
     from mlip.data.neighbors import neighbor_list
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     rows = []
     for n in args.sizes:
-        atoms = crystal(n)
+        atoms = common.crystal("Cu", n)
         pos = torch.tensor(atoms.positions)
         cell = torch.tensor(np.asarray(atoms.cell))
         pbc = torch.tensor(atoms.pbc)
         numbers = torch.tensor(atoms.numbers)
-        reps = 3
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            neighbor_list(pos, cell, pbc, args.r_max)
-        t_build = (time.perf_counter() - t0) / reps
-        cache = NeighborCache(args.r_max, skin=args.skin)
+        reps = 5
+        build = common.timed(lambda p=pos, c=cell, b=pbc: neighbor_list(p, c, b, args.r_max, backend=args.backend), reps)
+        cache = NeighborCache(args.r_max, skin=args.skin, backend=args.backend)
         cache(pos, cell, pbc, numbers)  # the one build with r_max + skin
         moved = pos + 0.01 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(0), dtype=pos.dtype)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            cache(moved, cell, pbc, numbers)
-        t_reuse = (time.perf_counter() - t0) / reps
+        reuse = common.timed(lambda f=cache, p=moved, c=cell, b=pbc, z=numbers: f(p, c, b, z), reps)
         assert cache.n_builds == 1
-        rows.append({"n_atoms": n, "build_s": t_build, "reuse_s": t_reuse})
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rows.append({"n_atoms": n, "build_s": build["wall"] / reps, "reuse_s": reuse["wall"] / reps,
+                     "build_cpu_s": build["cpu"] / reps, "reuse_cpu_s": reuse["cpu"] / reps})
     return rows
 
 
-def run_mlip(args) -> dict:
-    import torch
+def plot(result: dict, path: Path) -> None:
+    """atoms·steps/s (from CPU time per step) against atoms, one line per code."""
+    import matplotlib
 
-    from mlip.calculator import MLIPCalculator
-    from mlip.data.neighbors import neighbor_list
-    from mlip.models.base import build_model
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    torch.set_num_threads(args.threads)
-    cfg = {"elements": ELEMENTS, "r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax,
-           "hidden_lmax": args.hidden_lmax, "num_layers": args.layers, "correlation": args.correlation,
-           "avg_num_neighbors": 40.0, "e0s": {29: -3.5}, "scale": 0.3}
-    model = build_model("equivariant", cfg).eval()
-    out = {"params": sum(p.numel() for p in model.parameters()), "rows": []}
-    for n in args.sizes:
-        atoms = crystal(n)
-        pos = torch.tensor(atoms.positions)
-        cell = torch.tensor(np.asarray(atoms.cell))
-        pbc = torch.tensor(atoms.pbc)
-        t0 = time.perf_counter()
-        edges, _ = neighbor_list(pos, cell, pbc, args.r_max)
-        t_nl = time.perf_counter() - t0
-        row = {"n_atoms": n, "n_edges": int(edges.shape[1]), "nl_build_s": t_nl}
-        for label, skin in (("rebuild", 0.0), ("skin", args.skin)):
-            calc = MLIPCalculator(model, device=args.device, dtype=args.dtype, skin=skin, compute_stress=False)
-            sec = time_md(crystal(n), calc, args.steps, args.warmup)
-            row[f"{label}_steps_per_s"] = 1.0 / sec
-            row[f"{label}_builds"] = calc.neighbors.n_builds
-            row[f"{label}_calls"] = calc.neighbors.n_calls
-        out["rows"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label in result["specs"]:
+        pts = sorted((r["n_atoms"], r["n_atoms"] / r["cpu_median_s"]) for r in result["rows"]
+                     if r["engine"] == label and "skipped" not in r)
+        if pts:
+            ax.semilogx([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xlabel("atoms (fcc Cu)")
+    ax.set_ylabel("atoms·steps per CPU second")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"MD speed, velocity Verlet, 1 thread\n{common.describe(result['env'])}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def specs(args: argparse.Namespace, mace: bool) -> dict[str, dict]:
+    cfg = {"r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax, "hidden_lmax": args.hidden_lmax,
+           "num_layers": args.layers, "correlation": args.correlation, "avg_num_neighbors": 40.0,
+           "e0s": {29: -3.5}, "scale": 0.3}
+    ours = {"kind": "mlip", "family": "equivariant", "preset": None, "config": cfg, "elements": ELEMENTS,
+            "dtype": args.dtype}
+    out = {"mlip, rebuild every step": ours, f"mlip, skin {args.skin} Å": ours}
+    if mace:
+        out["MACE (MACECalculator)"] = speed.mace_spec_like(ours)
     return out
 
 
-def run_mace(args) -> dict:
-    import torch
-
-    torch.serialization.add_safe_globals([slice])  # e3nn 0.4.4 constants (trusted package file)
-    from e3nn import o3
-    from mace.calculators import MACECalculator
-    from mace.modules import RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
-    from mace.modules.models import ScaleShiftMACE
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    torch.set_default_dtype(dtype)  # MACE builds its model in the default dtype
-    hidden = o3.Irreps("+".join(f"{args.channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(args.hidden_lmax + 1)))
-    model = ScaleShiftMACE(
-        r_max=args.r_max, num_bessel=8, num_polynomial_cutoff=5, max_ell=args.lmax,
-        interaction_cls=RealAgnosticResidualInteractionBlock, interaction_cls_first=RealAgnosticInteractionBlock,
-        num_interactions=args.layers, num_elements=len(ELEMENTS), hidden_irreps=hidden,
-        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.full(len(ELEMENTS), -3.5), avg_num_neighbors=40.0,
-        atomic_numbers=ELEMENTS, correlation=args.correlation, gate=torch.nn.functional.silu,
-        radial_MLP=[64, 64, 64], atomic_inter_scale=0.3, atomic_inter_shift=0.0,
-    ).to(dtype).eval()
-    out = {"params": sum(p.numel() for p in model.parameters()), "rows": []}
-    calc = MACECalculator(models=model, device=args.device if args.device != "auto" else "cpu", default_dtype=args.dtype)
-    for n in args.sizes:
-        sec = time_md(crystal(n), calc, args.steps, args.warmup)
-        row = {"n_atoms": n, "mace_steps_per_s": 1.0 / sec}
-        out["rows"].append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    return out
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="108,500,2048", help="atom counts, each 4 k^3")
-    ap.add_argument("--steps", type=int, default=10, help="timed MD steps per size")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sizes", default="108,500,2048,4000,10976", help="atom counts, each 4 k^3")
+    ap.add_argument("--steps", type=int, default=2, help="MD steps per timed sample")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of --steps steps per code (fewer when slow)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed MD steps first (MACE needs ~3)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds per size (about)")
+    ap.add_argument("--max-mem", type=float, default=6000.0,
+                    help="skip sizes predicted to need more memory than this per process (MiB)")
+    ap.add_argument("--max-call", type=float, default=120.0, help="skip sizes predicted slower than this per step (s)")
     ap.add_argument("--skin", type=float, default=0.5, help="Å, for the skin-reuse column")
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--lmax", type=int, default=2)
@@ -168,61 +119,86 @@ def main() -> None:
     ap.add_argument("--correlation", type=int, default=2)
     ap.add_argument("--r-max", type=float, default=4.5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 2)))
-    ap.add_argument("--mace-python", default="/work/venv-mace/bin/python", help="python with mace-torch ('' to skip)")
+    ap.add_argument("--mace-python", default=speed.MACE_PYTHON, help="python with mace-torch ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--backend", default="auto", help="neighbour-list backend of --neighbors-only")
     ap.add_argument("--neighbors-only", action="store_true",
                     help="only time the neighbour list per step: full build vs skin reuse")
-    ap.add_argument("--worker", choices=["mace"], default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
-    if args.worker == "mace":
-        print(json.dumps(run_mace(args)))
-        return
 
     if args.neighbors_only:
-        print(f"\nneighbour list per MD step, fcc Cu, r_max={args.r_max} Å, skin={args.skin} Å, {args.threads} thread(s)")
-        print(f"{'atoms':>7} {'full build s':>12} {'skin reuse s':>12} {'speed-up':>8}")
-        for r in run_neighbors(args):
-            print(f"{r['n_atoms']:>7} {r['build_s']:>12.4g} {r['reuse_s']:>12.4g} {r['build_s'] / r['reuse_s']:>8.1f}")
-        return
+        env = common.environment()
+        print(f"# neighbour list per MD step, fcc Cu, r_max={args.r_max} Å, skin={args.skin} Å, backend "
+              f"{args.backend}, 1 thread; {common.describe(env)}; CPU ms (wall ms), mean of 5")
+        rows = run_neighbors(args)
+        print(common.markdown_table(
+            ["atoms", "full build at r_max", "skin reuse step", "speed-up (CPU)"],
+            [[r["n_atoms"], f"{1e3 * r['build_cpu_s']:.3g} ({1e3 * r['build_s']:.3g})",
+              f"{1e3 * r['reuse_cpu_s']:.3g} ({1e3 * r['reuse_s']:.3g})", f"{r['build_cpu_s'] / r['reuse_cpu_s']:.1f}"]
+             for r in rows]))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        return None
 
-    ours = run_mlip(args)
-    mace = None
-    if args.mace_python and os.path.exists(args.mace_python):
-        cmd = [args.mace_python, os.path.abspath(__file__), "--worker", "mace", "--mace-python", "",
-               "--sizes", ",".join(map(str, args.sizes))]
-        for key in ("steps", "warmup", "channels", "lmax", "hidden_lmax", "layers", "correlation", "r_max",
-                    "dtype", "device", "threads"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode == 0:
-            mace = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            print(f"MACE run failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-    else:
-        print("no MACE environment (--mace-python); MACE columns left empty", file=sys.stderr)
-    mace_rows = {r["n_atoms"]: r for r in (mace or {}).get("rows", [])}
-
-    print(f"\nMD speed, velocity Verlet NVE, fcc Cu, {args.dtype}, {args.threads} thread(s), device {args.device}")
-    print(f"model: channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} layers={args.layers} "
-          f"correlation={args.correlation} r_max={args.r_max}; mlip {ours['params']} params"
-          + (f", MACE {mace['params']} params" if mace else ""))
-    head = (f"{'atoms':>7} {'edges':>8} {'NL build s':>10} | {'rebuild st/s':>12} {'at*st/s':>9} | "
-            f"{'skin st/s':>9} {'at*st/s':>9} {'builds':>7} | {'MACE st/s':>9} {'at*st/s':>9}")
-    print(head)
-    print("-" * len(head))
-    for r in ours["rows"]:
-        n = r["n_atoms"]
-        m = mace_rows.get(n)
-        mace_cols = f"{m['mace_steps_per_s']:>9.3g} {n * m['mace_steps_per_s']:>9.3g}" if m else f"{'-':>9} {'-':>9}"
-        print(f"{n:>7} {r['n_edges']:>8} {r['nl_build_s']:>10.3g} | {r['rebuild_steps_per_s']:>12.3g} "
-              f"{n * r['rebuild_steps_per_s']:>9.3g} | {r['skin_steps_per_s']:>9.3g} {n * r['skin_steps_per_s']:>9.3g} "
-              f"{r['skin_builds']:>3}/{r['skin_calls']:<3} | {mace_cols}")
+    mace = bool(args.mace_python) and Path(args.mace_python).exists()
+    if args.mace_python and not mace:
+        print(f"# no MACE python at {args.mace_python}: MACE columns left out", file=sys.stderr)
+    labelled = specs(args, mace)
+    labels = list(labelled)
+    env = common.environment()
+    print(f"# MD speed: {common.describe(env)}; velocity Verlet NVE 2 fs, fcc Cu, {args.dtype}, 1 torch thread "
+          f"per process; channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} "
+          f"layers={args.layers} correlation={args.correlation} r_max={args.r_max}", flush=True)
+    workers = speed.start_workers(labelled, args.mace_python)
+    try:
+        params = {label: w.info["params"] for label, w in workers.items()}
+        rows = speed.compare(workers, [f"Cu-{n}" for n in args.sizes], {"task": "md"}, repeats=args.repeats,
+                             warmup=args.warmup, budget_s=args.budget, max_call_s=args.max_call,
+                             max_mem_mb=args.max_mem, steps=args.steps,
+                             per_worker_task={labels[0]: {"skin": 0.0}, labels[1]: {"skin": args.skin}})
+    finally:
+        for w in workers.values():
+            w.close()
+    end = common.environment()["load_average"]
+    by = {(r["engine"], r["n_atoms"]): r for r in rows}
+    table = []
+    for n in args.sizes:
+        line = [n]
+        for label in labels:
+            r = by.get((label, n))
+            if r is None or "skipped" in r:
+                line += ["—", "—"]
+                continue
+            line += [f"{1 / r['cpu_median_s']:.3g} ({1 / r['wall_median_s']:.3g})",
+                     f"{n / r['cpu_median_s']:.3g} ({n / r['wall_median_s']:.3g})"]
+        skin = by.get((labels[1], n))
+        base = by.get((labels[0], n))
+        skin = None if skin is None or "skipped" in skin else skin
+        base = None if base is None or "skipped" in base else base
+        line.append(f"{skin['nl_builds']}/{skin['nl_calls']}" if skin else "—")
+        line.append(f"{base['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and base else "—")
+        if mace:
+            m = by.get((labels[2], n))
+            m = None if m is None or "skipped" in m else m
+            line.append(f"{m['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and m else "—")
+        table.append(line)
+    header = ["atoms"]
+    for label in labels:
+        header += [f"{label}: steps/s", "atoms·steps/s"]
+    header += ["skin: NL builds / calls", "skin speed-up"] + (["MACE time / mlip skin time"] if mace else [])
+    print()
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f"; load average at the end {end}")
+    print("values: from median process CPU time per step (from median wall-clock time in parentheses)")
+    print(common.markdown_table(header, table), flush=True)
+    result = {"env": env, "load_average_end": end, "specs": labelled, "params": params, "rows": rows,
+              "steps_per_sample": args.steps, "skin": args.skin}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": {k: v for k, v in vars(args).items()}, "mlip": ours, "mace": mace}, fh, indent=2)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        plot(result, Path(args.json).with_suffix(".png"))
+    return result
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ class FrameAveragedModel(PotentialModel):
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor, frames: FrameSet | None = None) -> dict[str, torch.Tensor]:
         """Energies (and direct forces) averaged over ``frames`` (default: :meth:`frames`)."""
-        dtype, device = edge_vec.dtype, edge_vec.device
+        dtype = edge_vec.dtype
         n_atoms, n_graphs = batch.n_atoms, batch.n_graphs
         sender, receiver = batch.edge_index[0], batch.edge_index[1]
         element = self.embedding.index(batch.numbers)  # [n_atoms]

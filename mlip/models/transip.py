@@ -94,7 +94,7 @@ class LearnedEquivarianceConfig:
     readout_hidden: int = 32
     invariant_channels: int | None = None
     symmetry_mode: str = "learned"
-    equivariance_loss_weight: float = 100.0
+    equivariance_loss_weight: float = 1.0e4
     transform_hidden: int = 64
     alignment_stop_grad: bool = False
     use_charge_spin: bool = False

@@ -1,0 +1,45 @@
+"""The benchmark suite in one command, run from the repository root::
+
+    python -m benchmarks speed [options]      # per-structure speed and MD speed, CPU (benchmarks/speed.py)
+    python -m benchmarks accuracy [options]   # equal-budget training on DFT data (benchmarks/accuracy.py)
+    python -m benchmarks all                  # both, default options
+
+``python -m benchmarks speed --help`` (or ``accuracy --help``) lists the options of each part.
+Results (JSON, PNG) go to ``benchmarks/results/``. Peers are optional: MACE runs from its own
+virtual environment (``--mace-python``) and is skipped when that is absent.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+def _run(part: str, argv: list[str]) -> None:
+    # imported lazily: each part pulls in its own (heavy, partly optional) dependencies
+    try:
+        module = importlib.import_module(f"benchmarks.{part}")
+    except ModuleNotFoundError as err:
+        if err.name != f"benchmarks.{part}":
+            raise
+        sys.exit(f"benchmarks/{part}.py is missing from this checkout")
+    module.main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = ("speed", "accuracy", "all")
+    if not argv or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    part, rest = argv[0], argv[1:]
+    if part == "all":
+        if rest:
+            sys.exit("python -m benchmarks all takes no options; run the parts one by one to pass options")
+        _run("speed", [])
+        _run("accuracy", [])
+    else:
+        _run(part, rest)
+
+
+if __name__ == "__main__":
+    main()
