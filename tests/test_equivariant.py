@@ -163,30 +163,56 @@ def test_spline_and_mlp_radials_and_kernel_backend():
     assert _model(kernel="auto").backend(torch.device("cpu")) is reference
 
 
-def test_model_routes_the_convolution_through_the_backend(monkeypatch):
-    """A backend module with the reference's ``conv_tp`` signature is what the model calls, and a
-    backend other than the reference is first compared with it (``ensure_checked``)."""
+def test_model_routes_the_convolution_and_grid_mixing_through_the_backend(monkeypatch):
+    """A backend module with the reference's ``conv_tp`` and ``grid_product`` signatures is what the
+    model calls (the convolution and the body-order contraction of every layer; the quadratic grid
+    mixing's Gaunt product of every layer with l > 0 output, on the hidden channels), results equal
+    to the torch backend's; a
+    backend other than the reference is first compared with it (``ensure_checked``). The SiLU grid
+    has no product and never calls ``grid_product``."""
     import types
 
     from mlip.kernels import reference, validate
     from mlip.models.outputs import predict
 
-    calls, checks = [], []
+    calls, grid_calls, sc_calls, checks = [], [], [], []
 
     def conv_tp(*args):
         calls.append(args[6:])
         return reference.conv_tp(*args)
 
+    def symmetric_contraction(*args):
+        sc_calls.append((args[1], args[5:]))
+        return reference.symmetric_contraction(*args)
+
+    def grid_product(a, b, to_grid, from_grid):
+        grid_calls.append((tuple(a.shape), tuple(from_grid.shape)))
+        return reference.grid_product(a, b, to_grid, from_grid)
+
     import mlip.models.equivariant as family
 
     fake = types.ModuleType("fake_backend")
-    fake.conv_tp = conv_tp
+    fake.conv_tp, fake.grid_product, fake.symmetric_contraction = conv_tp, grid_product, symmetric_contraction
+    batch = _graphs([molecule()])
+    n_atoms = batch.n_atoms
+    want = predict(_model(kernel="torch"), batch)
     model = _model()
     monkeypatch.setattr(family, "get_backend", lambda name, device: fake)
     monkeypatch.setattr(validate, "ensure_checked", lambda m, device, dtype: checks.append((m, dtype)))
-    predict(model, _graphs([molecule()]))
+    got = predict(model, batch)
     assert calls == [(0, 2, 2), (2, 2, 2)]
+    k = model.layers[0].mixing.num_points  # the last layer outputs scalars only: no mixing there
+    assert grid_calls == [((n_atoms, SMALL["num_channels"], 9), (9, k))]
+    element = model.embedding.index(batch.numbers)  # per-element contraction weights: each atom's row
+    assert [args for _, args in sc_calls] == [(2, 2, 3), (2, 0, 3)]
+    assert all(torch.equal(rows, element) for rows, _ in sc_calls)
     assert checks == [(model, torch.float64)]
+    for key in ("energy", "forces"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
+
+    grid_calls.clear()
+    predict(_model(grid_activation="silu"), batch)
+    assert grid_calls == [] and len(calls) == 4 and len(sc_calls) == 4
 
 
 @pytest.mark.parametrize("name", ["equivariant-small", "equivariant-medium"])

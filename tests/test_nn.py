@@ -97,6 +97,69 @@ def test_symmetric_contraction_equivariant_and_zero_preserving(correlation):
     assert float((lagrange(ts[:-1], 5.0) - exact).abs().max()) > 1e-3 * float(exact.abs().max())
 
 
+def _contraction_by_paths(A, element, w1, w2, w3, lmax_in, lmax_out, correlation):
+    """The symmetric contraction written out path by path with einsum (an oracle for the reference op)."""
+    from mlip.kernels.reference import clebsch_gordan, contraction_lmax2, pair_blocks
+
+    def product(x, y, w, lmax1, lmax2, lo, symmetric):
+        z = torch.zeros(x.shape[0], x.shape[1], irreps_dim(lo), dtype=x.dtype)
+        p = 0
+        for l1, l2, l3s in pair_blocks(lmax1, lmax2, lo, symmetric):
+            for l3 in l3s:
+                cg = clebsch_gordan(l1, l2, l3, x.dtype, x.device)
+                t = torch.einsum("nci,ncj,ijk->nck", x[:, :, l1 * l1 : (l1 + 1) ** 2], y[:, :, l2 * l2 : (l2 + 1) ** 2], cg)
+                z[:, :, l3 * l3 : (l3 + 1) ** 2] += t * w[element][:, p, :, None]
+                p += 1
+        return z
+
+    out = torch.zeros(A.shape[0], A.shape[1], irreps_dim(lmax_out), dtype=A.dtype)
+    for l in range(min(lmax_in, lmax_out) + 1):
+        out[:, :, l * l : (l + 1) ** 2] = A[:, :, l * l : (l + 1) ** 2] * w1[element][:, l, :, None]
+    if correlation >= 2:
+        l2 = contraction_lmax2(lmax_in, lmax_out, correlation)
+        x2 = product(A, A, w2, lmax_in, lmax_in, l2, True)
+        k = min(irreps_dim(l2), irreps_dim(lmax_out))
+        out[:, :, :k] += x2[:, :, :k]
+        if correlation >= 3:
+            out = out + product(x2, A, w3, l2, lmax_in, lmax_out, False)
+    return out
+
+
+@pytest.mark.parametrize("lmax_in,lmax_out,correlation,n_elem", [(3, 2, 3, 2), (2, 2, 2, 1), (1, 2, 3, 3), (2, 0, 1, 2)])
+def test_symmetric_contraction_runs_the_backend_op_and_matches_the_path_by_path_formula(lmax_in, lmax_out, correlation,
+                                                                                        n_elem):
+    """The module calls its backend's ``symmetric_contraction`` once, with its weight tables and each
+    atom's table row (row 0 for every atom without per-element weights); the reference op equals the
+    contraction written out path by path with einsum, and refuses weights that do not match ``correlation``."""
+    import types
+
+    from mlip.kernels import reference
+
+    torch.manual_seed(0)
+    sc = SymmetricContraction(3, lmax_in, lmax_out, correlation, num_elements=n_elem).double()
+    A = torch.randn(5, 3, irreps_dim(lmax_in), dtype=torch.float64)
+    elem = torch.tensor([0, 1, 1, 0, 1]) % n_elem if n_elem > 1 else torch.tensor([0, 2, 1, 0, 1])
+    calls = []
+
+    def symmetric_contraction(*args):
+        calls.append(args)
+        return reference.symmetric_contraction(*args)
+
+    out = sc(A, elem, types.SimpleNamespace(symmetric_contraction=symmetric_contraction))
+    assert len(calls) == 1
+    rows = calls[0][1]
+    assert torch.equal(rows, elem if n_elem > 1 else torch.zeros_like(elem))
+    assert calls[0][2] is sc.w1 and calls[0][3] is sc.w2 and calls[0][4] is sc.w3
+    assert calls[0][5:] == (lmax_in, lmax_out, correlation)
+    want = _contraction_by_paths(A, rows, sc.w1, sc.w2, sc.w3, lmax_in, lmax_out, correlation)
+    assert float(want.detach().abs().max()) > 0.1
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sc(A, elem), out, rtol=0, atol=0)  # no backend: the torch reference
+    with pytest.raises(ValueError, match="needs w2"):
+        reference.symmetric_contraction(A, rows, sc.w1, None if correlation > 1 else sc.w1, sc.w3,
+                                        lmax_in, lmax_out, correlation)
+
+
 def test_channelwise_product_matches_einsum():
     from mlip.kernels.reference import clebsch_gordan
 
@@ -210,6 +273,51 @@ def test_grid_mixing_parity_exact_and_rotation_error_bounded():
     assert grid_equivariance_error(2, 12, n_samples=3) < grid_equivariance_error(2, 6, n_samples=3)
     with pytest.raises(ValueError, match="grid degree"):
         GridMixing(4, 3, degree=4)
+
+
+def _grid_mixing_then_mlp(mix: GridMixing, x: torch.Tensor) -> torch.Tensor:
+    """The quadratic layer in its defining order: to the grid, ``W2 (W1 f)^2`` per point, back."""
+    to_grid, from_grid = mix.matrices(x.dtype, x.device)
+    f = torch.matmul(to_grid, x.transpose(1, 2))  # [n, K, C]
+    h = torch.matmul(f, mix.w1 / math.sqrt(mix.w1.shape[0]))
+    g = torch.matmul(h * h, mix.w2 / math.sqrt(mix.w2.shape[0]))
+    return torch.matmul(g.transpose(1, 2), from_grid)
+
+
+@pytest.mark.parametrize("lmax,hidden,degree", [(1, None, None), (2, 5, None), (3, None, None), (2, None, 4)])
+def test_quadratic_grid_mixing_is_a_backend_grid_product_equal_to_the_grid_mlp(lmax, hidden, degree):
+    """The quadratic layer computes ``W2^T grid_product(W1^T x, W1^T x)`` through the backend it is
+    given (one call, hidden channels as the product's channels), equal to the to-grid / pointwise MLP /
+    back order to float64 round-off, also off the exact degree (``degree=4`` for lmax 2) and with
+    ``hidden != C``; its gradients agree too. SiLU has no product and never calls the backend."""
+    import types
+
+    from mlip.kernels import reference
+
+    torch.manual_seed(0)
+    mix = GridMixing(6, lmax, hidden=hidden, degree=degree).double()
+    x = torch.randn(5, 6, irreps_dim(lmax), dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def grid_product(a, b, to_grid, from_grid):
+        calls.append((tuple(a.shape), tuple(to_grid.shape), tuple(from_grid.shape), a is b))
+        return reference.grid_product(a, b, to_grid, from_grid)
+
+    backend = types.SimpleNamespace(grid_product=grid_product)
+    got, want = mix(x, backend), _grid_mixing_then_mlp(mix, x)
+    assert float(want.detach().abs().max()) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(mix(x), got, rtol=0, atol=0)  # no backend: the torch reference
+    h, k = mix.w1.shape[1], mix.num_points
+    assert calls == [((5, h, irreps_dim(lmax)), (k, irreps_dim(lmax)), (irreps_dim(lmax), k), True)]
+    gw = torch.autograd.grad((got ** 2).sum(), [x, mix.w1, mix.w2])
+    gr = torch.autograd.grad((want ** 2).sum(), [x, mix.w1, mix.w2])
+    for a, b in zip(gw, gr):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    silu = GridMixing(6, lmax, hidden=hidden, activation="silu").double()
+    calls.clear()
+    assert torch.isfinite(silu(x.detach(), backend)).all() and calls == []
 
 
 def test_check_charge_spin_rules():

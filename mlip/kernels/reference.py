@@ -9,7 +9,9 @@ Edge attributes are spherical harmonics ``Y_l(r̂)`` of the same layout (e3nn,
 ``l1 + l2 + l3`` even are used, which keeps natural parity and hence exact O(3)
 equivariance (rotations *and* reflections).
 
-Triton kernels in :mod:`mlip.kernels.triton` keep these names and signatures.
+The spherical-grid (Gaunt) product ``grid_product`` (used by the quadratic grid-mixing layer) is
+specified in :mod:`mlip.kernels.reference_grid` and re-exported here, so this module is the whole
+``torch`` backend. Triton kernels in :mod:`mlip.kernels.triton` keep these names and signatures.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import functools
 import math
 
 import torch
+
+from mlip.kernels.reference_grid import gaunt_grid, grid_product  # noqa: F401 - part of the torch backend
 
 
 @functools.cache
@@ -230,3 +234,150 @@ def conv_tp_spline(
     """
     w = spline_weights(spline_vals, spline_idx, table)
     return conv_tp(node_feats, edge_attrs, w, sender, receiver, n_nodes, lmax_in, lmax_sh, lmax_out)
+
+
+# --------------------------------------------------------------------------------------------
+# node-wise channel-wise products and the symmetric (body-order) contraction
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def pair_blocks(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool = False) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+    """``(l1, l2, (l3, ...))`` blocks of the parity-preserving couplings of ``x_l1 ⊗ y_l2 -> l3``.
+
+    Ordered by ``l1`` then ``l2``; ``l1 <= l2`` only when ``symmetric`` (``x`` is ``y``). A
+    product's path ``p`` counts the ``l3`` of every block in this order.
+
+    >>> pair_blocks(1, 1, 1, symmetric=True)
+    ((0, 0, (0,)), (0, 1, (1,)), (1, 1, (0,)))
+    """
+    blocks = []
+    for l1 in range(lmax1 + 1):
+        for l2 in range(lmax2 + 1):
+            if symmetric and l2 < l1:
+                continue
+            l3s = tuple(l3 for l3 in range(abs(l1 - l2), min(l1 + l2, lmax_out) + 1) if (l1 + l2 + l3) % 2 == 0)
+            if l3s:
+                blocks.append((l1, l2, l3s))
+    return tuple(blocks)
+
+
+def pair_paths(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool = False) -> int:
+    """Number of paths (weights per channel) of :func:`channelwise_product`."""
+    return sum(len(l3s) for _, _, l3s in pair_blocks(lmax1, lmax2, lmax_out, symmetric))
+
+
+@functools.cache
+def _pair_cg_cpu(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Per block, all its CG matrices side by side: ``[(2l1+1)(2l2+1), sum_l3 (2l3+1)]`` (float64)."""
+    mats = []
+    for l1, l2, l3s in pair_blocks(lmax1, lmax2, lmax_out, symmetric):
+        cgs = [_cg_cpu(l1, l2, l3).reshape((2 * l1 + 1) * (2 * l2 + 1), 2 * l3 + 1) for l3 in l3s]
+        mats.append(torch.cat(cgs, dim=1))
+    return tuple(mats)
+
+
+_PAIR_CG_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _pair_cg(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, ...]:
+    key = (lmax1, lmax2, lmax_out, symmetric, dtype, str(device))
+    if key not in _PAIR_CG_CACHE:
+        _PAIR_CG_CACHE[key] = tuple(m.to(dtype=dtype, device=device)
+                                    for m in _pair_cg_cpu(lmax1, lmax2, lmax_out, symmetric))
+    return _PAIR_CG_CACHE[key]
+
+
+def channelwise_product(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    lmax1: int,
+    lmax2: int,
+    lmax_out: int,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Node-wise channel-wise tensor product ``z_l3[c] = sum_p w_p[c] CG_p(x_l1[c] ⊗ y_l2[c])``.
+
+    Paths ``p`` run over :func:`pair_blocks` (``symmetric``: ``l1 <= l2`` only, for ``x`` is ``y``).
+    One outer product and one matmul per ``(l1, l2)`` block (all its ``l3`` at once).
+
+    Args:
+        x: ``[n, C, (lmax1+1)^2]``.
+        y: ``[n, C, (lmax2+1)^2]``.
+        weights: ``[n or 1, pair_paths(...), C]`` per-path, per-channel weights.
+
+    Returns:
+        ``[n, C, (lmax_out+1)^2]``.
+    """
+    n, c = x.shape[0], x.shape[1]
+    blocks = pair_blocks(lmax1, lmax2, lmax_out, symmetric)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(lmax_out + 1)]
+    p = 0
+    for (l1, l2, l3s), cg in zip(blocks, _pair_cg(lmax1, lmax2, lmax_out, symmetric, x.dtype, x.device)):
+        xl = x[:, :, l1 * l1 : (l1 + 1) ** 2]
+        yl = y[:, :, l2 * l2 : (l2 + 1) ** 2]
+        outer = (xl[:, :, :, None] * yl[:, :, None, :]).reshape(n, c, -1)  # [n, C, (2l1+1)(2l2+1)]
+        z = torch.matmul(outer, cg)  # [n, C, sum(2l3+1)]
+        s = 0
+        for l3 in l3s:
+            d = 2 * l3 + 1
+            parts[l3].append(z[:, :, s : s + d] * weights[:, p, :, None])
+            s += d
+            p += 1
+    outs = [torch.stack(ps).sum(0) if ps else x.new_zeros(n, c, 2 * l3 + 1) for l3, ps in enumerate(parts)]
+    return torch.cat(outs, dim=-1)
+
+
+def contraction_lmax2(lmax_in: int, lmax_out: int, correlation: int) -> int:
+    """Degree of the second-order term ``A ⊗ A``: ``lmax_in`` when a third order follows, else ``lmax_out``."""
+    return lmax_in if correlation >= 3 else lmax_out
+
+
+def symmetric_contraction(
+    A: torch.Tensor,
+    element: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor | None,
+    w3: torch.Tensor | None,
+    lmax_in: int,
+    lmax_out: int,
+    correlation: int,
+) -> torch.Tensor:
+    """Body-order expansion of node features with themselves, weights looked up per node by ``element``.
+
+    ``B = w1 ⊙ A + P2(A ⊗ A; w2) [+ P3(P2'(A ⊗ A) ⊗ A; w3)]`` where ``P2`` is the symmetric
+    :func:`channelwise_product` of ``A`` with itself into degree ``contraction_lmax2(...)`` (its
+    ``l <= lmax_out`` part enters ``B``) and ``P3`` couples that with ``A`` into ``lmax_out``: a
+    polynomial of degree ``correlation`` in ``A``, exactly O(3)-equivariant, zero at ``A = 0``.
+
+    Args:
+        A: ``[n, C, (lmax_in+1)^2]`` node features.
+        element: ``[n]`` int64, each node's row in the weight tables.
+        w1: ``[n_rows, min(lmax_in, lmax_out)+1, C]`` linear weights per degree.
+        w2: ``[n_rows, pair_paths(lmax_in, lmax_in, lmax2, True), C]`` (``None`` for correlation 1).
+        w3: ``[n_rows, pair_paths(lmax2, lmax_in, lmax_out), C]`` (``None`` below correlation 3).
+
+    Returns:
+        ``[n, C, (lmax_out+1)^2]``.
+    """
+    if correlation not in (1, 2, 3):
+        raise ValueError(f"symmetric_contraction: correlation must be 1, 2 or 3, got {correlation}")
+    if (w2 is None) != (correlation < 2) or (w3 is None) != (correlation < 3):
+        raise ValueError(f"symmetric_contraction: correlation {correlation} needs w2 (>= 2) and w3 (3) exactly")
+    n, c = A.shape[0], A.shape[1]
+    lmin = min(lmax_in, lmax_out)
+    d_out = (lmax_out + 1) ** 2
+    degree = torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmin + 1)]).to(A.device)
+    out = A[:, :, : (lmin + 1) ** 2] * w1[element][:, degree, :].permute(0, 2, 1)  # [n, C, (lmin+1)^2]
+    if lmin < lmax_out:
+        out = torch.cat([out, A.new_zeros(n, c, d_out - out.shape[-1])], dim=-1)
+    if correlation >= 2:
+        l2 = contraction_lmax2(lmax_in, lmax_out, correlation)
+        x2 = channelwise_product(A, A, w2[element], lmax_in, lmax_in, l2, symmetric=True)  # [n, C, (l2+1)^2]
+        if x2.shape[-1] >= d_out:
+            out = out + x2[:, :, :d_out]
+        else:  # l2 < lmax_out: only with lmax_in < lmax_out and correlation 3
+            out = out + torch.cat([x2, x2.new_zeros(n, c, d_out - x2.shape[-1])], dim=-1)
+        if correlation >= 3:
+            out = out + channelwise_product(x2, A, w3[element], l2, lmax_in, lmax_out)
+    return out

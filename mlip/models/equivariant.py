@@ -3,8 +3,10 @@ spline radial functions and spherical-grid mixing (arXiv 2509.08418).
 
 Per layer: equivariant linear -> edge convolution (channel-wise CG product of sender features
 with edge spherical harmonics, per-edge radial weights, sum over neighbours; through the
-``mlip.kernels`` backend) -> linear over paths -> symmetric contraction (body order) -> linear
--> residual (optionally an element-dependent linear skip) -> spherical-grid MLP mixing (residual).
+``mlip.kernels`` backend) -> linear over paths -> symmetric contraction (body order; the backend's
+``symmetric_contraction``) -> linear -> residual (optionally an element-dependent linear skip) ->
+spherical-grid MLP mixing (residual; with the default quadratic MLP its product is the backend's
+``grid_product``). The backend is resolved once per forward and handed to every product layer.
 Each layer's scalars feed an energy readout; per-element, per-head E0s are added. Forces and stress
 come from :mod:`mlip.models.outputs`. The default configuration is exactly O(3)-equivariant.
 """
@@ -145,7 +147,7 @@ class InteractionBlock(torch.nn.Module):
             w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [n_edges, P, C]
             m = self.conv(backend, x, edge_attrs, w, sender, receiver) * self.inv_avg
         A = self.path_linear(m)  # [n, C, (lmax_msg+1)^2]
-        out = self.linear_out(self.contraction(A, element))
+        out = self.linear_out(self.contraction(A, element, backend))  # backend.symmetric_contraction
         if isinstance(self.skip, SpeciesLinear):
             out = out + self.skip(h, element)
         elif self.skip is not None:
@@ -153,7 +155,7 @@ class InteractionBlock(torch.nn.Module):
         if extra_scalars is not None:
             out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
         if self.mixing is not None:
-            out = out + self.mixing(out)
+            out = out + self.mixing(out, backend)  # quadratic: backend.grid_product (Gaunt product)
         return out
 
 

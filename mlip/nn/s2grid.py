@@ -9,14 +9,20 @@ Rotations are exact only when the integrand is band-limited: with ``activation="
 default) the grid function after the MLP has degree ``<= 2 lmax`` and ``degree >= 3 lmax`` makes the
 layer exactly O(3)-equivariant; with ``"silu"`` the aliasing error decays with ``degree`` (measured by
 :func:`grid_equivariance_error`, documented in ``docs/equivariant.md``).
+
+With ``"quadratic"`` the layer is a spherical-grid (Gaunt) product of the hidden features with
+themselves, and that product runs through a :mod:`mlip.kernels` backend's ``grid_product`` (the
+torch reference, or the fused Triton kernel with ``kernel: triton``; issues 3 and 6).
 """
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import numpy as np
 import torch
 
+from mlip.kernels import reference as reference_backend
 from mlip.nn.irreps import irreps_dim, spherical_harmonics
 
 ACTIVATIONS = ("silu", "quadratic")
@@ -76,6 +82,14 @@ class GridMixing(torch.nn.Module):
     ``activation``: ``"quadratic"`` (``W2 (W1 f)^2``, exact at the default degree ``3 lmax``) or
     ``"silu"`` (approximately rotation-equivariant, see the module docstring).
 
+    Quadratic: both linear maps act on channels only, so they commute with the grid transforms and
+    the layer is ``W2^T · grid_product(u, u, to_grid, from_grid^T)`` with ``u = W1^T x`` per hidden
+    channel (weights scaled by ``1/sqrt(fan_in)``): a Gaunt product computed by the kernel
+    backend's ``grid_product`` (:func:`mlip.kernels.reference_grid.grid_product`, or the fused
+    Triton twin), equal to the grid-then-MLP order to float64 round-off. SiLU keeps the plain torch
+    path (to the grid, pointwise MLP, back): a pointwise SiLU is not a product of two band-limited
+    functions, so there is no kernel op for it.
+
     Shapes:
         x [n, C, (lmax+1)^2] -> [n, C, (lmax+1)^2] (to be added as a residual).
     """
@@ -95,6 +109,7 @@ class GridMixing(torch.nn.Module):
         to_grid, from_grid = grid_matrices(lmax, self.degree)
         self._mats64 = (to_grid, from_grid)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._proj_cache: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_points(self) -> int:
@@ -107,17 +122,39 @@ class GridMixing(torch.nn.Module):
         return self.activation == "quadratic" and self.degree >= 3 * self.lmax
 
     def matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(to_grid [K, (lmax+1)^2], from_grid [K, (lmax+1)^2])`` cast to ``dtype`` on ``device`` (cached)."""
         key = (dtype, device)
         if key not in self._cache:
             self._cache[key] = tuple(m.to(dtype=dtype, device=device) for m in self._mats64)
         return self._cache[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def projection(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``from_grid^T [(lmax+1)^2, K]``, contiguous: the layout of ``grid_product``'s ``from_grid`` (cached)."""
+        key = (dtype, device)
+        if key not in self._proj_cache:
+            self._proj_cache[key] = self._mats64[1].t().contiguous().to(dtype=dtype, device=device)
+        return self._proj_cache[key]
+
+    def forward(self, x: torch.Tensor, backend: ModuleType | None = None) -> torch.Tensor:
+        """Mix ``x``; ``backend`` is the :mod:`mlip.kernels` module whose ``grid_product`` runs the
+        quadratic layer's product (``None``: the torch reference). Unused with ``"silu"``.
+
+        Shapes:
+            x [n, C, (lmax+1)^2] -> [n, C, (lmax+1)^2].
+        """
+        w1 = self.w1 / math.sqrt(self.w1.shape[0])  # [C, H]
+        w2 = self.w2 / math.sqrt(self.w2.shape[0])  # [H, C]
+        if self.activation == "quadratic":
+            backend = reference_backend if backend is None else backend
+            to_grid, _ = self.matrices(x.dtype, x.device)
+            u = torch.einsum("ncd,ch->nhd", x, w1)  # [n, H, D]: W1 first, it commutes with to_grid
+            g = backend.grid_product(u, u, to_grid, self.projection(x.dtype, x.device))  # [n, H, D]
+            return torch.einsum("nhd,hc->ncd", g, w2)
+        # SiLU: no product structure, the plain torch path
         to_grid, from_grid = self.matrices(x.dtype, x.device)
         f = torch.matmul(to_grid, x.transpose(1, 2))  # [n, K, C]
-        h = torch.matmul(f, self.w1 / math.sqrt(self.w1.shape[0]))  # [n, K, H]
-        h = torch.nn.functional.silu(h) if self.activation == "silu" else h * h
-        g = torch.matmul(h, self.w2 / math.sqrt(self.w2.shape[0]))  # [n, K, C]
+        h = torch.nn.functional.silu(torch.matmul(f, w1))  # [n, K, H]
+        g = torch.matmul(h, w2)  # [n, K, C]
         return torch.matmul(g.transpose(1, 2), from_grid)  # [n, C, D]
 
 

@@ -1,9 +1,10 @@
 """Equivariant layers on dense natural-parity irreps ``[n, C, (lmax+1)^2]``.
 
 The edge convolution (gather, channel-wise tensor product with spherical harmonics, radial
-weighting, scatter) is delegated to a :mod:`mlip.kernels` backend's ``conv_tp``; the layers
-here are the cheap node-wise parts around it: per-``l`` channel mixing, the linear map over
-tensor-product paths, and the symmetric (body-order) contraction of node features with themselves.
+weighting, scatter) is delegated to a :mod:`mlip.kernels` backend's ``conv_tp``, and the
+symmetric (body-order) contraction of node features with themselves to its
+``symmetric_contraction``; the layers here hold the weights and do the cheap node-wise parts
+around them: per-``l`` channel mixing and the linear map over tensor-product paths.
 """
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from types import ModuleType
 
 import torch
 
-from mlip.kernels.reference import clebsch_gordan, tp_out_dim, tp_paths
+from mlip.kernels import reference
+from mlip.kernels.reference import (
+    channelwise_product,
+    contraction_lmax2,
+    pair_blocks,
+    pair_paths,
+    tp_out_dim,
+    tp_paths,
+)
 from mlip.nn.irreps import irreps_dim, l_slice
 
 
@@ -143,25 +152,12 @@ class ConvTP(torch.nn.Module):
         )
 
 
-def _pair_blocks(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool) -> list[tuple[int, int, list[int]]]:
-    """``(l1, l2, [l3...])`` for parity-preserving couplings; ``l1 <= l2`` when ``symmetric``."""
-    blocks = []
-    for l1 in range(lmax1 + 1):
-        for l2 in range(lmax2 + 1):
-            if symmetric and l2 < l1:
-                continue
-            l3s = [l3 for l3 in range(abs(l1 - l2), min(l1 + l2, lmax_out) + 1) if (l1 + l2 + l3) % 2 == 0]
-            if l3s:
-                blocks.append((l1, l2, l3s))
-    return blocks
-
-
 class ChannelwiseProduct(torch.nn.Module):
     """Node-wise channel-wise tensor product ``z_l3[c] = sum_p w_p[c] CG_p(x_l1[c] ⊗ y_l2[c])``.
 
-    One outer product and one matmul per ``(l1, l2)`` block (all ``l3`` at once). The CG
-    matrices are kept as a float64 master copy and cast on use (exact in float64).
-    With ``symmetric`` (``x`` is ``y``), only ``l1 <= l2`` blocks are used.
+    A thin module over :func:`mlip.kernels.reference.channelwise_product` (paths in
+    :func:`~mlip.kernels.reference.pair_blocks` order); with ``symmetric`` (``x`` is ``y``), only
+    ``l1 <= l2`` blocks are used.
 
     Shapes:
         x [n, C, (lmax1+1)^2], y [n, C, (lmax2+1)^2], weights [n or 1, n_paths, C]
@@ -170,40 +166,12 @@ class ChannelwiseProduct(torch.nn.Module):
 
     def __init__(self, lmax1: int, lmax2: int, lmax_out: int, symmetric: bool = False) -> None:
         super().__init__()
-        self.lmax_out = lmax_out
-        self.blocks = _pair_blocks(lmax1, lmax2, lmax_out, symmetric)
-        self.n_paths = sum(len(l3s) for _, _, l3s in self.blocks)
-        self._cg64 = []
-        for l1, l2, l3s in self.blocks:
-            mats = [clebsch_gordan(l1, l2, l3, torch.float64, torch.device("cpu")) for l3 in l3s]
-            self._cg64.append(torch.cat([m.reshape((2 * l1 + 1) * (2 * l2 + 1), 2 * l3 + 1) for m, l3 in zip(mats, l3s)], 1))
-        self._cache: dict[tuple, list[torch.Tensor]] = {}
-
-    def _cgs(self, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        key = (dtype, device)
-        if key not in self._cache:
-            self._cache[key] = [m.to(dtype=dtype, device=device) for m in self._cg64]
-        return self._cache[key]
+        self.lmax1, self.lmax2, self.lmax_out, self.symmetric = lmax1, lmax2, lmax_out, symmetric
+        self.blocks = pair_blocks(lmax1, lmax2, lmax_out, symmetric)
+        self.n_paths = pair_paths(lmax1, lmax2, lmax_out, symmetric)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[0], x.shape[1]
-        parts: list[list[torch.Tensor]] = [[] for _ in range(self.lmax_out + 1)]
-        p = 0
-        for (l1, l2, l3s), cg in zip(self.blocks, self._cgs(x.dtype, x.device)):
-            xl = x[:, :, l_slice(l1)]
-            yl = y[:, :, l_slice(l2)]
-            outer = (xl[:, :, :, None] * yl[:, :, None, :]).reshape(n, c, -1)  # [n, C, (2l1+1)(2l2+1)]
-            z = torch.matmul(outer, cg)  # [n, C, sum(2l3+1)]
-            s = 0
-            for l3 in l3s:
-                d = 2 * l3 + 1
-                parts[l3].append(z[:, :, s : s + d] * weights[:, p, :, None])
-                s += d
-                p += 1
-        outs = []
-        for l3, ps in enumerate(parts):
-            outs.append(torch.stack(ps).sum(0) if ps else x.new_zeros(n, c, 2 * l3 + 1))
-        return torch.cat(outs, dim=-1)
+        return channelwise_product(x, y, weights, self.lmax1, self.lmax2, self.lmax_out, self.symmetric)
 
 
 class SymmetricContraction(torch.nn.Module):
@@ -213,6 +181,9 @@ class SymmetricContraction(torch.nn.Module):
     per-path, per-channel (optionally per-element) weights: a polynomial of degree ``correlation``
     in ``A`` whose terms have body order up to ``correlation + 1``. Only parity-preserving
     couplings are used, so it is exactly O(3)-equivariant. Zero input gives zero output.
+
+    The module holds the weight tables; the products run through a :mod:`mlip.kernels` backend's
+    ``symmetric_contraction`` (specified by :func:`mlip.kernels.reference.symmetric_contraction`).
 
     Shapes:
         A [n, C, (lmax_in+1)^2], element [n] -> [n, C, (lmax_out+1)^2].
@@ -226,30 +197,22 @@ class SymmetricContraction(torch.nn.Module):
         n_w = max(num_elements, 1)
         lmin = min(lmax_in, lmax_out)
         self.w1 = torch.nn.Parameter(torch.ones(n_w, lmin + 1, num_channels))
-        self.prod2 = self.prod3 = None
+        self.w2 = self.w3 = None
         if correlation >= 2:
-            l2 = lmax_in if correlation >= 3 else lmax_out
-            self.prod2 = ChannelwiseProduct(lmax_in, lmax_in, l2, symmetric=True)
-            self.w2 = torch.nn.Parameter(torch.randn(n_w, self.prod2.n_paths, num_channels) * 0.5)
+            l2 = contraction_lmax2(lmax_in, lmax_out, correlation)
+            n2 = pair_paths(lmax_in, lmax_in, l2, symmetric=True)
+            self.w2 = torch.nn.Parameter(torch.randn(n_w, n2, num_channels) * 0.5)
         if correlation >= 3:
-            self.prod3 = ChannelwiseProduct(self.prod2.lmax_out, lmax_in, lmax_out)
-            self.w3 = torch.nn.Parameter(torch.randn(n_w, self.prod3.n_paths, num_channels) * 0.25)
-        from mlip.nn.irreps import degree_index
+            n3 = pair_paths(l2, lmax_in, lmax_out)
+            self.w3 = torch.nn.Parameter(torch.randn(n_w, n3, num_channels) * 0.25)
 
-        self._deg = degree_index(lmin)
+    def forward(self, A: torch.Tensor, element: torch.Tensor, backend: ModuleType | None = None) -> torch.Tensor:
+        """``backend``: the :mod:`mlip.kernels` module whose ``symmetric_contraction`` runs (``None``: the reference).
 
-    def forward(self, A: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
-        per_elem = self.w1.shape[0] > 1
-        idx = element if per_elem else torch.zeros_like(element)
-        d_out = irreps_dim(self.lmax_out)
-        lmin = min(self.lmax_in, self.lmax_out)
-        w1 = self.w1[idx][:, self._deg.to(A.device), :].permute(0, 2, 1)  # [n, C, (lmin+1)^2]
-        out = A[:, :, : irreps_dim(lmin)] * w1
-        if lmin < self.lmax_out:
-            out = torch.cat([out, A.new_zeros(A.shape[0], A.shape[1], d_out - out.shape[-1])], dim=-1)
-        if self.prod2 is not None:
-            x2 = self.prod2(A, A, self.w2[idx])
-            out = out + x2[:, :, :d_out]
-            if self.prod3 is not None:
-                out = out + self.prod3(x2, A, self.w3[idx])
-        return out
+        Shapes:
+            A [n, C, (lmax_in+1)^2], element [n] (row in the element list) -> [n, C, (lmax_out+1)^2].
+        """
+        backend = reference if backend is None else backend
+        rows = element if self.w1.shape[0] > 1 else torch.zeros_like(element)
+        return backend.symmetric_contraction(A, rows, self.w1, self.w2, self.w3,
+                                             self.lmax_in, self.lmax_out, self.correlation)

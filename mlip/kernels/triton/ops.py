@@ -4,6 +4,7 @@
 kernel per direction, differentiable to any order (forces, and force-loss training).
 ``grid_product`` is the fused spherical-grid (Gaunt) product. Both run on CUDA tensors, or on
 the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
+``symmetric_contraction`` has no fused kernel yet: it is the torch reference, re-exported.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from mlip.kernels.reference import (  # noqa: F401 - the reference's names (help
     clebsch_gordan,
     spline_coefficients,
     spline_weights,
+    # no fused kernel yet for the node-wise body-order contraction (a few small matmuls per node,
+    # not per edge): this backend runs the torch reference, listed so that the model calls every
+    # product through one backend module; a fused kernel would replace it in place
+    symmetric_contraction,
     tp_out_dim,
     tp_paths,
 )
