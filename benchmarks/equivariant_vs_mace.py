@@ -35,6 +35,8 @@ def mlip_spec(args: argparse.Namespace) -> dict:
     cfg = {"r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax, "hidden_lmax": args.hidden_lmax,
            "num_layers": args.layers, "correlation": args.correlation, "mixing": args.mixing, "radial": args.radial,
            "avg_num_neighbors": 30.0, "kernel": "auto"}
+    if args.grid_activation:
+        cfg["grid_activation"] = args.grid_activation
     return {"kind": "mlip", "family": "equivariant", "preset": None, "config": cfg, "dtype": args.dtype}
 
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--r-max", type=float, default=6.0)
     ap.add_argument("--mixing", default="grid", choices=["grid", "none"])
     ap.add_argument("--radial", default="spline", choices=["spline", "mlp"])
+    ap.add_argument("--grid-activation", default=None, choices=["silu", "quadratic"],
+                    help="MLP of the grid mixing (default: the model's default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per structure (MACE needs ~3)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of one call each (fewer for slow sizes)")
