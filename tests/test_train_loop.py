@@ -764,3 +764,39 @@ def test_validation_measures_equivariance_when_the_config_makes_a_family_approxi
         row = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
         logged[activation] = (model.exactly_equivariant, "valid_equivariance_forces_rel" in row)
     assert logged == {"quadratic": (True, False), "silu": (False, True)}
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_charge_and_spin_in_the_data_switch_the_model_on_unless_told_otherwise(tmp_path, setting):
+    """OMol25-style data (every structure has a total charge and spin) train a model that uses and
+    requires them, unless the config says ``use_charge_spin: false``: never a silent neutral singlet."""
+    import ase.io
+
+    from mlip.models.outputs import predict
+
+    frames = ase.io.read(Path(__file__).resolve().parents[1] / "data" / "xtb_molecules.xyz", ":40")
+    assert all("charge" in a.info and "spin" in a.info for a in frames)
+    data = tmp_path / "mol.xyz"
+    ase.io.write(data, frames, format="extxyz")
+    model_section = {"family": "equivariant", "r_max": 3.0, "num_channels": 4, "lmax": 1, "num_layers": 1}
+    if setting == "off":
+        model_section["use_charge_spin"] = False
+    cfg = _cfg(tmp_path, data, **{"model": model_section, "train.epochs": 1, "data.valid_fraction": 0.2,
+                                  "data.test_fraction": 0.0, "data.e0s": "fit"})
+    model = load_model(train(cfg))
+    assert model.config.use_charge_spin is (setting == "auto")
+    mol = next(a for a in frames if len(a) > 2)
+    from mlip.data.transforms import atoms_to_graph
+
+    graph = atoms_to_graph(mol, r_max=3.0)
+    assert math.isfinite(float(graph.charge)) and math.isfinite(float(graph.spin))
+    e_given = predict(model, collate([graph]).to(dtype=torch.float64), forces=False)["energy"]
+    assert torch.isfinite(e_given).all()
+    graph.charge = torch.tensor(float("nan"), dtype=torch.float64)
+    graph.spin = torch.tensor(float("nan"), dtype=torch.float64)
+    if setting == "auto":
+        with pytest.raises(ValueError, match="charge"):
+            predict(model, collate([graph]).to(dtype=torch.float64), forces=False)
+    else:
+        e_missing = predict(model, collate([graph]).to(dtype=torch.float64), forces=False)["energy"]
+        assert torch.equal(e_missing, e_given)

@@ -88,6 +88,8 @@ class Data:
     avg_num_neighbors: float | None
     shift: float | None = None
     scale: float | None = None
+    #: every training structure carries a finite total charge and spin multiplicity (OMol25-style)
+    charge_spin: bool = False
 
     def e0s_for_model(self) -> dict | None:
         """E0s in the model config's format: ``{Z: eV}`` for one head, ``{head: {Z: eV}}`` for several."""
@@ -186,14 +188,14 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  #
             split = Split(sds, np.arange(len(sds)), sa, se)
             valid, test = (split, test) if name == "valid" else (valid, split)
 
-    heads, elements, e0s, avg, shift, scale, from_isolated = _statistics(train, cfg, log)
+    heads, elements, e0s, avg, shift, scale, from_isolated, charge_spin = _statistics(train, cfg, log)
     if from_isolated and len(isolated):
         # they define the E0s (exactly, as the model's per-element constants); as MACE does,
         # they are not fitted again, so they cannot pull on the interaction energy
         train = Split(ds, np.sort(order[n_valid + n_test:]), n_atoms, n_edges)
         if log is not None:
             log.info("%d isolated-atom structures set the E0s and are left out of the training loss", len(isolated))
-    return Data(train, valid, test, heads, elements, e0s, avg, shift, scale)
+    return Data(train, valid, test, heads, elements, e0s, avg, shift, scale, charge_spin)
 
 
 def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001, ANN202
@@ -209,8 +211,10 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
     n_edges = n_nodes = 0
     isolated: dict[str, dict[int, float]] = {}
     f_sq, f_n = 0.0, 0
+    charge_spin = len(train) > 0
     for k in range(len(train)):
         g = train[k]
+        charge_spin = charge_spin and bool(torch.isfinite(g.charge)) and bool(torch.isfinite(g.spin))
         if g.n_atoms > 1:
             ok = torch.isfinite(g.forces)
             f_sq += float(g.forces[ok].double().square().sum())
@@ -266,7 +270,7 @@ def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001,
     if log is not None:
         log.info("average neighbours %.3f, mean per-atom energy after E0s %s eV, force RMS %s eV/Å", avg,
                  f"{shift:.4f}" if shift is not None else "n/a", f"{scale:.4f}" if scale is not None else "n/a")
-    return heads, sorted(elements), e0s, avg, shift, scale, from_isolated
+    return heads, sorted(elements), e0s, avg, shift, scale, from_isolated, charge_spin
 
 
 def _explicit_e0s(spec: dict, heads: list[str]) -> dict[str, dict[int, float]]:

@@ -186,8 +186,8 @@ def config_to_dict_any(cfg: Any) -> dict:
 # ----------------------------------------------------------------------------- build_model
 def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
-    ``avg_num_neighbors``, ``shift`` and ``scale`` from the data where the family has such a
-    field left unset;
+    ``avg_num_neighbors``, ``shift``, ``scale`` and ``use_charge_spin`` (true when every training
+    structure has a total charge and spin) from the data where the family has such a field left unset;
     with ``train.init_from``, start from that model's config and weights."""
     section = dict(cfg.model)
     family = section.pop("family")
@@ -215,6 +215,15 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     for key, value in (("shift", data.shift), ("scale", data.scale)):
         if key not in base:  # left to the data unless the user (or --init-from) set it
             derived[key] = value
+    if "use_charge_spin" in names:
+        if "use_charge_spin" not in base:
+            # on when the data carry them: never a silent neutral-singlet default
+            base["use_charge_spin"] = data.charge_spin
+            if data.charge_spin:
+                log.info("every training structure has a total charge and spin: model.use_charge_spin = true")
+        elif data.charge_spin and not base["use_charge_spin"]:
+            log.warning("the training data carry total charge and spin, but model.use_charge_spin is false: "
+                        "the model will ignore them")
     for key, value in derived.items():
         if key in names and value is not None and base.get(key) in (None, [], {}):
             if key == "e0s" and init is not None and cfg.data.e0s == "auto":
