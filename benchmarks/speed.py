@@ -556,6 +556,34 @@ def suite_specs(families: list[str], preset: str, dtype: str, mace: bool, e3nn: 
     return specs
 
 
+def with_overrides(specs: dict[str, dict[str, Any]], items: list[str]) -> dict[str, dict[str, Any]]:
+    """Add ``KEY=VALUE`` config overrides (values parsed as YAML) to the ``mlip`` specs whose family
+    config has ``KEY``; those specs' labels get `` [KEY=VALUE ...]``. Other specs are unchanged."""
+    import dataclasses
+
+    import yaml
+
+    from mlip.models.base import MODELS, _import_families
+
+    _import_families()
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), yaml.safe_load(value)))
+    out: dict[str, dict[str, Any]] = {}
+    for label, spec in specs.items():
+        if spec["kind"] == "mlip":
+            fields = {f.name for f in dataclasses.fields(MODELS[spec["family"]].Config)}
+            extra = {k: v for k, v in pairs if k in fields}
+            if extra:
+                spec = {**spec, "config": {**spec.get("config", {}), **extra}}
+                label = f"{label} [{' '.join(f'{k}={v}' for k, v in extra.items())}]"
+        out[label] = spec
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -576,6 +604,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--md-sizes", default="108,500,2048,4000,10976")
     ap.add_argument("--out", default=str(common.ROOT / "benchmarks" / "results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw <out>/speed.png from <out>/speed.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override (YAML value) for every mlip family with that field, "
+                         "e.g. --set edge_chunk_size=20000; repeatable")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -589,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.mace_python and not mace:
         print(f"# no MACE python at {args.mace_python}: MACE skipped", flush=True)
     specs = suite_specs([f for f in args.families.split(",") if f], args.preset, args.dtype, mace, not args.no_e3nn)
+    if args.set:
+        specs = with_overrides(specs, args.set)
     env = common.environment()
     print(f"# {common.describe(env)}; {args.dtype}, 1 torch thread per worker", flush=True)
     workers = start_workers(specs, args.mace_python)

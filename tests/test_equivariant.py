@@ -476,3 +476,122 @@ def test_species_skip_is_element_dependent_and_reduces_to_the_plain_skip():
     changed = predict(species, batch)["energy"].detach()
     assert float((changed[:2] - ref["energy"][:2].detach()).abs().min()) > 1e-6
     assert float(changed[2]) == float(out["energy"][2].detach())
+
+
+# --------------------------------------------------------------------------------------------
+# edge chunking (``edge_chunk_size``): bounded memory on the torch backend, same numbers
+# --------------------------------------------------------------------------------------------
+def _chunk_pair(chunk, **kw):
+    """An unchunked model and a chunked one with the same weights."""
+    ref = _model(kernel="torch", **kw)
+    chunked = _model(kernel="torch", edge_chunk_size=chunk, **kw)
+    chunked.load_state_dict(ref.state_dict())
+    return ref, chunked
+
+
+def _chunk_batch():
+    return _graphs([crystal().repeat((2, 2, 1)), molecule()])
+
+
+@pytest.mark.parametrize("radial", ["spline", "mlp"])
+def test_edge_chunking_gives_the_unchunked_energy_forces_and_stress(radial):
+    """Chunks of 1 edge, of sizes that split a receiver's edges across chunks, and one chunk larger
+    than the whole edge list: energy, forces and stress equal the unchunked model's to 1e-12."""
+    from mlip.models.outputs import predict
+
+    batch = _chunk_batch()
+    n_edges = batch.edge_index.shape[1]
+    assert n_edges > 40
+    for chunk in (1, 7, 16, n_edges - 1, 10 * n_edges):
+        ref, chunked = _chunk_pair(chunk, radial=radial)
+        want = predict(ref, batch, stress=True)
+        got = predict(chunked, batch, stress=True)
+        assert float(want["forces"].abs().max()) > 1e-3 and float(want["stress"][0].abs().max()) > 1e-5
+        assert torch.isnan(got["stress"][1]).all()  # the molecule has no volume: NaN stress, as unchunked
+        for key in ("energy", "forces", "stress"):
+            w, g = want[key].detach(), got[key].detach()
+            if key == "stress":
+                w, g = w[0], g[0]
+            assert rel_err(g, w) < 1e-12, (chunk, key)
+
+
+def test_edge_chunking_force_loss_parameter_gradient_equals_unchunked():
+    """Training on forces and stress differentiates through the forces (double backward): the
+    parameter gradient of an energy + force + stress loss is the unchunked one, to 1e-11."""
+    from mlip.models.outputs import predict
+
+    batch = _graphs([crystal().repeat((2, 2, 1)), crystal()])  # periodic only: finite stress everywhere
+
+    def grads(model):
+        out = predict(model, batch, stress=True, create_graph=True)
+        loss = (out["energy"] ** 2).sum() + (out["forces"] ** 2).sum() + 10.0 * (out["stress"] ** 2).sum()
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    for chunk in (1, 13):
+        ref, chunked = _chunk_pair(chunk)
+        want, got = grads(ref), grads(chunked)
+        radial = [g for g in want if g is not None]
+        assert len(radial) == len([g for g in got if g is not None]) and radial
+        flat_w = torch.cat([g.flatten() for g in want if g is not None])
+        flat_g = torch.cat([g.flatten() for g in got if g is not None])
+        assert float(flat_w.abs().max()) > 1e-6
+        assert rel_err(flat_g, flat_w) < 1e-11, chunk
+        # the radial spline table of every layer gets a gradient only through the convolution
+        for layer_ref, layer_ch in zip(ref.layers, chunked.layers):
+            assert layer_ref.radial.weight.shape == layer_ch.radial.weight.shape
+
+
+def test_edge_chunking_keeps_per_edge_tensors_out_of_the_autograd_graph():
+    """What autograd saves for the backward of energy -> forces (the bytes of the distinct storages of
+    the saved tensors):
+    without chunking it grows with edges x channels x harmonics (the gathered features, couplings and
+    messages of every layer); with chunks of 32 edges it is a small fraction of that. The chunked
+    forces are still the unchunked ones."""
+    from mlip.models.outputs import predict
+
+    batch = _graphs([crystal().repeat((3, 3, 2))])
+    n_edges = batch.edge_index.shape[1]
+
+    def saved_bytes(model):
+        storages = {}  # saved tensors that share memory (views, the same node features) count once
+        per_edge = [0]  # saved [n_edges, a, b] tensors: per-edge features, couplings, messages
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            per_edge[0] += t.dim() == 3 and t.shape[0] == n_edges
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = predict(model, batch)
+        return sum(storages.values()), per_edge[0], out["forces"].detach()
+
+    ref, chunked = _chunk_pair(32, num_channels=16)
+    full, full_edge, f_ref = saved_bytes(ref)
+    small, small_edge, f_ch = saved_bytes(chunked)
+    assert full_edge > 0 and small_edge == 0
+    # unchunked: at least the gathered sender features [E, C, (l+1)^2] of the second layer (C=16, l=2)
+    assert full > n_edges * 16 * 9 * 8
+    assert small < 0.25 * full, (small, full)
+    assert rel_err(f_ch, f_ref) < 1e-12
+
+
+def test_edge_chunk_size_is_validated_off_by_default_and_settable_on_a_built_model():
+    from mlip.models.outputs import predict
+
+    model = _model()
+    assert model.config.edge_chunk_size is None and all(layer.edge_chunk_size is None for layer in model.layers)
+    for bad in (0, -5, True):
+        with pytest.raises(ValueError, match="edge_chunk_size"):
+            _model(edge_chunk_size=bad)
+        with pytest.raises(ValueError, match="edge_chunk_size"):
+            model.set_edge_chunk_size(bad)
+    assert model.config.edge_chunk_size is None
+    batch = _chunk_batch()
+    want = predict(model, batch)["forces"].detach()
+    model.set_edge_chunk_size(9)  # e.g. a loaded model about to run a large cell
+    assert model.config.edge_chunk_size == 9 and all(layer.edge_chunk_size == 9 for layer in model.layers)
+    assert rel_err(predict(model, batch)["forces"].detach(), want) < 1e-12
+    model.set_edge_chunk_size(None)
+    assert all(layer.edge_chunk_size is None for layer in model.layers)

@@ -13,6 +13,7 @@ come from :mod:`mlip.models.outputs`. The default configuration is exactly O(3)-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -43,7 +44,11 @@ class EquivariantConfig:
     ``grid_activation="silu"`` is only approximately rotation-equivariant (exactly
     parity-equivariant; error in ``docs/equivariant.md``). ``skip_per_element`` makes the residual
     skip of layers after the first an element-dependent per-degree channel mixing (MACE's
-    ``skip_tp``; exact, and the bulk of MACE-MP medium's parameter count).
+    ``skip_tp``; exact, and the bulk of MACE-MP medium's parameter count). ``edge_chunk_size``
+    (torch backend only; ``None``: off) runs each layer's radial weights and edge convolution over
+    chunks of that many edges under activation checkpointing, so the per-edge tensors
+    ``[chunk, C, (lmax+1)^2]`` are recomputed in the backward instead of kept for all edges
+    (bounded memory for large cells, same numbers, about one extra convolution of compute).
     """
 
     r_max: float = 5.0
@@ -72,6 +77,7 @@ class EquivariantConfig:
     scale: float = 1.0
     shift: float = 0.0
     kernel: str = "auto"
+    edge_chunk_size: int | None = None
     seed: int | None = 0
 
 
@@ -94,6 +100,8 @@ def _validate(cfg: EquivariantConfig) -> None:
         raise ValueError("equivariant: heads must list at least one head name")
     if cfg.kernel not in BACKENDS:
         raise ValueError(f"equivariant: kernel must be one of {BACKENDS}, got {cfg.kernel!r}")
+    if cfg.edge_chunk_size is not None and (isinstance(cfg.edge_chunk_size, bool) or int(cfg.edge_chunk_size) < 1):
+        raise ValueError(f"equivariant: edge_chunk_size must be a positive integer or None, got {cfg.edge_chunk_size!r}")
 
 
 class InteractionBlock(torch.nn.Module):
@@ -132,6 +140,7 @@ class InteractionBlock(torch.nn.Module):
                                      activation=cfg.grid_activation)
         self.inv_avg = 1.0 / float(cfg.avg_num_neighbors or 1.0)
         self.C = C
+        self.edge_chunk_size = None if cfg.edge_chunk_size is None else int(cfg.edge_chunk_size)
 
     def forward(
         self, backend: ModuleType, h: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
@@ -143,9 +152,11 @@ class InteractionBlock(torch.nn.Module):
             table = self.radial.weight.view(-1, self.conv.n_paths, self.C)  # [K, P, C]
             m = backend.conv_tp_spline(x, edge_attrs, *radial_basis, table, sender, receiver, x.shape[0],
                                        self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out) * self.inv_avg
+        elif self.edge_chunk_size is not None and backend.__name__ == "mlip.kernels.reference":
+            m = self._chunked_conv(backend, x, edge_attrs, radial_basis, envelope, sender, receiver) * self.inv_avg
         else:
-            w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [n_edges, P, C]
-            m = self.conv(backend, x, edge_attrs, w, sender, receiver) * self.inv_avg
+            m = self._edge_conv(backend, x, edge_attrs, radial_basis, envelope, sender, receiver, x.shape[0])
+            m = m * self.inv_avg
         A = self.path_linear(m)  # [n, C, (lmax_msg+1)^2]
         out = self.linear_out(self.contraction(A, element, backend))  # backend.symmetric_contraction
         if isinstance(self.skip, SpeciesLinear):
@@ -157,6 +168,54 @@ class InteractionBlock(torch.nn.Module):
         if self.mixing is not None:
             out = out + self.mixing(out, backend)  # quadratic: backend.grid_product (Gaunt product)
         return out
+
+    def _edge_conv(
+        self, backend: ModuleType, x: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
+        envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, n_out: int,
+    ) -> torch.Tensor:
+        """Radial weights and convolution of a set of edges into ``n_out`` receiver rows.
+
+        Shapes:
+            x [n_atoms, C, (lmax_in+1)^2]; edge_attrs [E, (lmax_sh+1)^2]; radial_basis [E, K];
+            envelope [E]; sender [E]; receiver [E] (in ``0..n_out-1``) -> [n_out, C, D_out].
+        """
+        w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [E, P, C]
+        return backend.conv_tp(x, edge_attrs, w, sender, receiver, n_out,
+                               self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out)
+
+    def _chunked_conv(
+        self, backend: ModuleType, x: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
+        envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`_edge_conv` over chunks of ``edge_chunk_size`` edges, each under activation checkpointing.
+
+        Autograd keeps only each chunk's inputs (slices of the edge tensors, and ``x`` once); the
+        per-edge weights, gathered features and messages ``[chunk, C, D]`` are recomputed chunk by
+        chunk in the backward, which also works for the double backward of force training
+        (non-reentrant checkpointing). A chunk writes only the receiver rows ``lo..hi`` it touches;
+        the collate order sorts edges by receiver, so these ranges barely overlap, but any edge order
+        gives the same sum. The pieces are summed into ``[n_atoms, C, D]`` by one ``index_add``.
+
+        Shapes:
+            as :meth:`_edge_conv` with ``n_out = n_atoms`` -> [n_atoms, C, D_out].
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        n_edges, size = int(sender.shape[0]), int(self.edge_chunk_size)
+        parts, rows = [], []
+        for s in range(0, n_edges, size):
+            rec = receiver[s : s + size]
+            lo, hi = int(rec.min()), int(rec.max()) + 1
+            part = checkpoint(self._edge_conv, backend, x, edge_attrs[s : s + size], radial_basis[s : s + size],
+                              envelope[s : s + size], sender[s : s + size], rec - lo, hi - lo,
+                              use_reentrant=False, preserve_rng_state=False)
+            parts.append(part)  # [hi - lo, C, D_out]
+            rows.append(torch.arange(lo, hi, device=receiver.device))
+        d_out = self.conv.out_dim
+        out = x.new_zeros((x.shape[0], self.C, d_out))
+        if not parts:  # no edges at all
+            return out
+        return out.index_add(0, torch.cat(rows), torch.cat(parts))
 
 
 @register("equivariant")
@@ -215,6 +274,18 @@ class EquivariantModel(PotentialModel):
 
             ensure_checked(self, device, dtype)
         return module
+
+    def set_edge_chunk_size(self, edge_chunk_size: int | None) -> None:
+        """Turn edge chunking on (``N`` edges per chunk) or off (``None``) on a built or loaded model.
+
+        Updates ``config.edge_chunk_size`` (so a later save keeps it) and every layer; the weights and
+        the results do not change (see :class:`EquivariantConfig`).
+        """
+        cfg = dataclasses.replace(self.config, edge_chunk_size=edge_chunk_size)
+        _validate(cfg)
+        self.config.edge_chunk_size = cfg.edge_chunk_size
+        for layer in self.layers:
+            layer.edge_chunk_size = None if edge_chunk_size is None else int(edge_chunk_size)
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
         sender, receiver = batch.edge_index[0], batch.edge_index[1]
