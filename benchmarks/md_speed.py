@@ -14,6 +14,20 @@ to other processes sharing the cores)::
     python -m benchmarks.md_speed --sizes 108,500,2048,4000,10976
     python -m benchmarks.md_speed --mace-python ''              # without MACE
     python -m benchmarks.md_speed --neighbors-only              # only the neighbour list per step
+    python -m benchmarks.md_speed --families frame-averaged,learned-equivariance --mace-python ''
+
+``--families`` (default all three) picks the mlip families. ``equivariant`` gives the two columns
+above (a custom size from ``--channels`` etc., so that MACE can be built alike); ``frame-averaged``
+and ``learned-equivariance`` run their ``--preset`` (``configs/<family>-<preset>.yaml``) through
+``MLIPCalculator`` with the ``--skin`` setting, in the same interleaved rounds. Frame-averaged runs
+with full averaging (its inference default, exact invariance) and, unless ``--fa-averaging full``,
+with one random frame per step (``stochastic``: not exactly invariant, energy not conserved; a cost
+reference only); the rows record how many frames the steps averaged over (``frames_sample``: the
+last timed sample; ``frames_min``/``frames_max``: every step so far). Cubic cells are near-degenerate:
+the perfect lattice averages over 32 frames instead of 8, and during the MD the count changes from
+step to step with the (near-)degeneracy of the structure (8, 32 or 48 frames were seen in fcc Cu),
+so the cost of full averaging per step is not steady. ``--fa-rattle`` starts the frame-averaged columns from positions rattled by that many Å instead of
+the perfect lattice the other columns start from (default 0: the same start).
 
 ``--neighbors-only`` times, in this process, one full neighbour-list build at ``r_max`` (what
 ``skin=0`` pays every step) against the skin path on a reuse step (displacement test + filtering
@@ -23,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,16 +104,58 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+FAMILIES = ("equivariant", "frame-averaged", "learned-equivariance")
+EQ_REBUILD, EQ_SKIN, MACE_LABEL = "mlip, rebuild every step", "mlip, skin {skin} Å", "MACE (MACECalculator)"
+
+
+def family_label(family: str, preset: str, skin: float, averaging: str | None = None) -> str:
+    """Column label of a preset family run with skin reuse."""
+    mode = {None: "", "full": " (full averaging)", "stochastic": " (1 random frame, not exact)"}[averaging]
+    return f"mlip {family}-{preset}{mode}, skin {skin} Å"
+
+
 def specs(args: argparse.Namespace, mace: bool) -> dict[str, dict]:
+    """Labelled worker specs: the equivariant columns and MACE (as before), then the other families.
+
+    Returns:
+        label -> spec, in column order; :func:`skins` gives each label's skin.
+    """
+    out: dict[str, dict] = {}
     cfg = {"r_max": args.r_max, "num_channels": args.channels, "lmax": args.lmax, "hidden_lmax": args.hidden_lmax,
            "num_layers": args.layers, "correlation": args.correlation, "avg_num_neighbors": 40.0,
            "e0s": {29: -3.5}, "scale": 0.3}
     ours = {"kind": "mlip", "family": "equivariant", "preset": None, "config": cfg, "elements": ELEMENTS,
             "dtype": args.dtype}
-    out = {"mlip, rebuild every step": ours, f"mlip, skin {args.skin} Å": ours}
+    if "equivariant" in args.families:
+        out[EQ_REBUILD] = ours
+        out[EQ_SKIN.format(skin=args.skin)] = ours
     if mace:
-        out["MACE (MACECalculator)"] = speed.mace_spec_like(ours)
+        out[MACE_LABEL] = speed.mace_spec_like(ours)
+    for family in args.families:
+        if family == "equivariant":
+            continue
+        spec = {"kind": "mlip", "family": family, "preset": args.preset, "elements": ELEMENTS, "dtype": args.dtype}
+        if family == "frame-averaged":
+            for mode in args.fa_averaging:
+                out[family_label(family, args.preset, args.skin, mode)] = {**spec, "config": {"eval_averaging": mode}}
+        else:
+            out[family_label(family, args.preset, args.skin)] = spec
     return out
+
+
+def skins(args: argparse.Namespace, labels: list[str]) -> dict[str, dict]:
+    """Per-label MD task fields: skin 0 for the equivariant rebuild column, ``--skin`` for all others
+    (MACE's calculator has its own neighbour handling and ignores it); the frame-averaged columns
+    also start from positions rattled by ``--fa-rattle`` Å."""
+    out = {label: {"skin": 0.0 if label == EQ_REBUILD else args.skin} for label in labels}
+    for label in labels:
+        if label.startswith("mlip frame-averaged") and args.fa_rattle:
+            out[label]["rattle"] = args.fa_rattle
+    return out
+
+
+def _done(row: dict | None) -> dict | None:
+    return None if row is None or "skipped" in row else row
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -118,6 +175,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--correlation", type=int, default=2)
     ap.add_argument("--r-max", type=float, default=4.5)
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help="mlip families, comma-separated: equivariant (the custom size above, next to MACE), "
+                         "frame-averaged, learned-equivariance (their --preset)")
+    ap.add_argument("--preset", default="small", help="configs/<family>-<preset>.yaml of the non-equivariant families")
+    ap.add_argument("--fa-rattle", type=float, default=0.0,
+                    help="Å (Gaussian, seeded): start the frame-averaged columns this far off the perfect lattice "
+                         "(whose frames are degenerate); default 0, the same start as the other columns")
+    ap.add_argument("--fa-averaging", default="full,stochastic",
+                    help="frame-averaged inference modes: full (exact, default) and/or stochastic (1 random frame)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--mace-python", default=speed.MACE_PYTHON, help="python with mace-torch ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -126,6 +192,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="only time the neighbour list per step: full build vs skin reuse")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.families = [f for f in args.families.split(",") if f]
+    args.fa_averaging = [m for m in args.fa_averaging.split(",") if m]
+    bad = [f for f in args.families if f not in FAMILIES] + [m for m in args.fa_averaging if m not in ("full", "stochastic")]
+    if bad:
+        ap.error(f"unknown --families / --fa-averaging entries {bad}; families: {', '.join(FAMILIES)}; "
+                 "modes: full, stochastic")
 
     if args.neighbors_only:
         env = common.environment()
@@ -149,51 +221,77 @@ def main(argv: list[str] | None = None) -> dict | None:
     labels = list(labelled)
     env = common.environment()
     print(f"# MD speed: {common.describe(env)}; velocity Verlet NVE 2 fs, fcc Cu, {args.dtype}, 1 torch thread "
-          f"per process; channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} "
-          f"layers={args.layers} correlation={args.correlation} r_max={args.r_max}", flush=True)
+          f"per process; families {', '.join(args.families)}"
+          + (f"; equivariant (and MACE): channels={args.channels} lmax={args.lmax} hidden_lmax={args.hidden_lmax} "
+             f"layers={args.layers} correlation={args.correlation} r_max={args.r_max}" if "equivariant" in args.families
+             or mace else "")
+          + (f"; other families: configs/<family>-{args.preset}.yaml" if set(args.families) - {"equivariant"} else ""),
+          flush=True)
     workers = speed.start_workers(labelled, args.mace_python)
     try:
         params = {label: w.info["params"] for label, w in workers.items()}
         rows = speed.compare(workers, [f"Cu-{n}" for n in args.sizes], {"task": "md"}, repeats=args.repeats,
                              warmup=args.warmup, budget_s=args.budget, max_call_s=args.max_call,
                              max_mem_mb=args.max_mem, steps=args.steps,
-                             per_worker_task={labels[0]: {"skin": 0.0}, labels[1]: {"skin": args.skin}})
+                             per_worker_task=skins(args, labels))
     finally:
         for w in workers.values():
             w.close()
     end = common.environment()["load_average"]
     by = {(r["engine"], r["n_atoms"]): r for r in rows}
-    table = []
-    for n in args.sizes:
-        line = [n]
-        for label in labels:
-            r = by.get((label, n))
-            if r is None or "skipped" in r:
-                line += ["—", "—"]
-                continue
-            line += [f"{1 / r['cpu_median_s']:.3g} ({1 / r['wall_median_s']:.3g})",
-                     f"{n / r['cpu_median_s']:.3g} ({n / r['wall_median_s']:.3g})"]
-        skin = by.get((labels[1], n))
-        base = by.get((labels[0], n))
-        skin = None if skin is None or "skipped" in skin else skin
-        base = None if base is None or "skipped" in base else base
-        line.append(f"{skin['nl_builds']}/{skin['nl_calls']}" if skin else "—")
-        line.append(f"{base['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and base else "—")
-        if mace:
-            m = by.get((labels[2], n))
-            m = None if m is None or "skipped" in m else m
-            line.append(f"{m['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and m else "—")
-        table.append(line)
-    header = ["atoms"]
-    for label in labels:
-        header += [f"{label}: steps/s", "atoms·steps/s"]
-    header += ["skin: NL builds / calls", "skin speed-up"] + (["MACE time / mlip skin time"] if mace else [])
+    eq_skin = EQ_SKIN.format(skin=args.skin)
+    eq = [label for label in (EQ_REBUILD, eq_skin, MACE_LABEL) if label in labelled]
+    others = [label for label in labels if label not in eq]
+    tables = []
+    if eq:  # the equivariant / MACE table, computed as before
+        table = []
+        for n in args.sizes:
+            line = [n]
+            for label in eq:
+                r = _done(by.get((label, n)))
+                line += (["—", "—"] if r is None else
+                         [f"{1 / r['cpu_median_s']:.3g} ({1 / r['wall_median_s']:.3g})",
+                          f"{n / r['cpu_median_s']:.3g} ({n / r['wall_median_s']:.3g})"])
+            skin, base = _done(by.get((eq_skin, n))), _done(by.get((EQ_REBUILD, n)))
+            if eq_skin in labelled:
+                line.append(f"{skin['nl_builds']}/{skin['nl_calls']}" if skin else "—")
+            if eq_skin in labelled and EQ_REBUILD in labelled:
+                line.append(f"{base['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and base else "—")
+            if mace and eq_skin in labelled:
+                m = _done(by.get((MACE_LABEL, n)))
+                line.append(f"{m['cpu_median_s'] / skin['cpu_median_s']:.2f}" if skin and m else "—")
+            table.append(line)
+        header = ["atoms"]
+        for label in eq:
+            header += [f"{label}: steps/s", "atoms·steps/s"]
+        header += (["skin: NL builds / calls"] if eq_skin in labelled else []) \
+            + (["skin speed-up"] if eq_skin in labelled and EQ_REBUILD in labelled else []) \
+            + (["MACE time / mlip skin time"] if mace and eq_skin in labelled else [])
+        tables.append(common.markdown_table(header, table))
+    if others:  # one line per family column and size
+        table = []
+        for label in others:
+            for n in args.sizes:
+                r = by.get((label, n))
+                if r is None or "skipped" in r:
+                    table.append([label, n, r["skipped"] if r else "not run", "—", "—", "—"])
+                    continue
+                frames = (f"{'/'.join(map(str, r['frames_sample']))} (all steps {r['frames_min']}-{r['frames_max']})"
+                          if "frames_sample" in r else "—")
+                table.append([label, n, f"{1 / r['cpu_median_s']:.3g} ({1 / r['wall_median_s']:.3g})",
+                              f"{n / r['cpu_median_s']:.3g} ({n / r['wall_median_s']:.3g})",
+                              f"{r['nl_builds']}/{r['nl_calls']}", frames])
+        tables.append(common.markdown_table(
+            ["code", "atoms", "steps/s", "atoms·steps/s", "NL builds / calls", "frames per step, last sample"], table))
     print()
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()) + f"; load average at the end {end}")
     print("values: from median process CPU time per step (from median wall-clock time in parentheses)")
-    print(common.markdown_table(header, table), flush=True)
+    for t in tables:
+        print(t, flush=True)
+        print()
     result = {"env": env, "load_average_end": end, "specs": labelled, "params": params, "rows": rows,
-              "steps_per_sample": args.steps, "skin": args.skin}
+              "steps_per_sample": args.steps, "skin": args.skin, "families": args.families, "preset": args.preset,
+              "command": "python -m benchmarks.md_speed " + shlex.join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -112,7 +112,28 @@ class MlipEngine:
         # MACECalculator always computes stress; do the same work here
         calc = MLIPCalculator(self.model, device="cpu", dtype=self.spec.get("dtype", "float32"), skin=skin,
                               compute_stress=True)
-        return calc, lambda: {"nl_builds": calc.neighbors.n_builds, "nl_calls": calc.neighbors.n_calls}
+        seen: list[int] = []  # frame-averaged: frames averaged over at each step (recorded, not changed)
+        if hasattr(calc.model, "frames"):
+            frames = type(calc.model).frames.__get__(calc.model)  # the class method, never a wrapper
+
+            def counted(*args, **kwargs):
+                out = frames(*args, **kwargs)
+                seen.append(int(out.n_frames))
+                return out
+
+            calc.model.frames = counted
+
+        reported = [0]  # steps already covered by an earlier answer
+
+        def extra() -> dict[str, Any]:
+            out = {"nl_builds": calc.neighbors.n_builds, "nl_calls": calc.neighbors.n_calls}
+            if seen:  # over every step so far (warm-up included), and over the steps of this sample
+                recent = seen[reported[0]:] or seen[-1:]
+                reported[0] = len(seen)
+                out.update(frames_min=min(seen), frames_max=max(seen), frames_sample=sorted(set(recent)))
+            return out
+
+        return calc, extra
 
 
 def mace_model(spec: dict[str, Any]):
@@ -337,6 +358,8 @@ def _handler():
                 from ase import units
                 from ase.md.verlet import VelocityVerlet
 
+                if command.get("rattle"):  # Å, seeded: off the perfect lattice (whose frames are degenerate)
+                    atoms.rattle(stdev=float(command["rattle"]), seed=0)
                 common.with_velocities(atoms)
                 calc, extra = engine.md(atoms, float(command.get("skin", 0.0)))
                 atoms.calc = calc
