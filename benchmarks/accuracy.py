@@ -382,6 +382,17 @@ def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> di
 
 
 # -------------------------------------------------------------------------------------- report
+def results_dir(argv: list[str]) -> Path:
+    """The ``--results`` folder named in ``argv`` (as :func:`main` would parse it), else the default."""
+    results = ROOT / "benchmarks" / "results"
+    for k, item in enumerate(argv):
+        if item == "--results" and k + 1 < len(argv):
+            results = Path(argv[k + 1])
+        elif item.startswith("--results="):
+            results = Path(item.split("=", 1)[1])
+    return results
+
+
 def load_results(results: Path, names: list[str] | None = None) -> dict[str, dict]:
     """The ``accuracy-<model>.json`` files under ``results`` (in :data:`MODELS` order)."""
     found = {}

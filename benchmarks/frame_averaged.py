@@ -338,12 +338,7 @@ def accuracy(args: argparse.Namespace, extra: list[str]) -> dict:
     from benchmarks import accuracy as acc
 
     names = ["frame-averaged", "equivariant"]
-    results = ROOT / "benchmarks" / "results"
-    for i, item in enumerate(extra):
-        if item == "--results" and i + 1 < len(extra):
-            results = Path(extra[i + 1])
-        elif item.startswith("--results="):
-            results = Path(item.split("=", 1)[1])
+    results = acc.results_dir(extra)
     runs = acc.load_results(results, names)
     if not (args.reuse and len(runs) == len(names)):
         acc.main(["--models", *names, *extra])

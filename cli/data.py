@@ -5,12 +5,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import click
 import numpy as np
+
+from mlip.atomic import atomic_path
 
 #: info keys recomputed on reading, never written back
 _DERIVED_INFO = ("source", "original_source", "isolated_atom", "energy", "stress")
@@ -292,11 +293,9 @@ def write_extxyz(frames: Iterable, path: str) -> int:
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     n = 0
-    try:
-        with os.fdopen(fd, "w") as handle:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
             for atoms in frames:
                 out = atoms.copy()
                 out.calc = None
@@ -314,9 +313,4 @@ def write_extxyz(frames: Iterable, path: str) -> int:
                     out.calc = SinglePointCalculator(out, **results)
                 write(handle, out, format="extxyz")
                 n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return n

@@ -17,13 +17,7 @@ from mlip.data.transforms import atoms_to_graph
 R_MAX = 3.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Graph building is many tiny torch ops: one intra-op thread is faster, on a busy CI box by far."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_frames(n: int = 12, seed: int = 0) -> list[Atoms]:

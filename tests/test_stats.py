@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.emt import EMT
@@ -27,13 +26,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "data" / "emt_crystals.xyz"
 E0 = {1: -13.587, 6: -1029.41, 8: -2041.7, 29: -1.3e4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Graph building is many tiny torch ops: one intra-op thread is faster, on a busy CI box by far."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_structures(n: int, seed: int = 0) -> list[Atoms]:

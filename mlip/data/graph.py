@@ -14,8 +14,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mlip import keys
-
 _NAN = float("nan")
 
 

@@ -357,17 +357,7 @@ def _vesin_neighbor_list(positions, cell, pbc, r_max):
     pb = pbc.detach().cpu().numpy().astype(bool)
     nl = vesin.NeighborList(cutoff=float(r_max), full_list=True)
     i, j, S = nl.compute(points=pos, box=box, periodic=[bool(p) for p in pb], quantities="ijS")
-    t = torch.from_numpy
-    # vesin uses cutoff <= r_max; keep the strict ASE convention
-    d = pos[j] - pos[i] + S @ box
-    keep = torch.from_numpy(np.sqrt((d * d).sum(1)) < r_max)
-    return _finish(
-        t(i.astype(np.int64))[keep],
-        t(j.astype(np.int64))[keep],
-        t(S.astype(np.int64))[keep],
-        len(pos),
-        positions.device,
-    )
+    return _finish_strict(i, j, S, pos, box, r_max, positions.device)  # vesin keeps d <= r_max
 
 
 def _matscipy_neighbor_list(positions, cell, pbc, r_max):
@@ -380,16 +370,17 @@ def _matscipy_neighbor_list(positions, cell, pbc, r_max):
     pos, box = _boxed(positions, cell, pbc, r_max)
     pb = pbc.detach().cpu().numpy().astype(bool)
     i, j, S = neighbour_list("ijS", positions=pos, cell=box, pbc=pb, cutoff=float(r_max))
-    t = torch.from_numpy
+    return _finish_strict(i, j, S, pos, box, r_max, positions.device)
+
+
+def _finish_strict(i, j, S, pos, box, r_max, device):
+    """Numpy pairs ``i, j`` with integer shifts ``S`` -> :func:`_finish`, keeping only pairs
+    strictly closer than ``r_max`` (ASE's convention; some libraries include ``d == r_max``)."""
     d = pos[j] - pos[i] + S @ box
-    keep = torch.from_numpy(np.sqrt((d * d).sum(1)) < r_max)
-    return _finish(
-        t(i.astype(np.int64))[keep],
-        t(j.astype(np.int64))[keep],
-        t(S.astype(np.int64))[keep],
-        len(pos),
-        positions.device,
-    )
+    keep = np.sqrt((d * d).sum(1)) < r_max
+    t = torch.from_numpy
+    return _finish(t(i[keep].astype(np.int64)), t(j[keep].astype(np.int64)), t(S[keep].astype(np.int64)),
+                   len(pos), device)
 
 
 #: backend name -> implementation ``(positions, cell, pbc, r_max) -> (edge_index, unit_shifts)``

@@ -7,14 +7,16 @@ shares that code.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from mlip.atomic import atomic_path
 from mlip.data.graph import GraphBatch
 
 #: family name -> model class (each class has a ``Config`` dataclass attribute)
@@ -113,22 +115,25 @@ def _import_families() -> None:
                 raise
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Draw a model's initial weights from ``torch.manual_seed(seed)`` without touching the global
+    RNG state (``torch.random.fork_rng``); ``None``: use the global RNG as it is."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(int(seed))
+        yield
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
     a killed process never leaves a truncated file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_model(model: PotentialModel, path: str | os.PathLike) -> None:

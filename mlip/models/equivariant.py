@@ -12,7 +12,6 @@ come from :mod:`mlip.models.outputs`. The default configuration is exactly O(3)-
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -23,7 +22,7 @@ import torch
 from mlip.data.graph import GraphBatch
 from mlip.kernels import BACKENDS, get_backend
 from mlip.kernels.reference import spline_coefficients
-from mlip.models.base import PotentialModel, register
+from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
@@ -236,10 +235,7 @@ class EquivariantModel(PotentialModel):
         super().__init__(config)
         _validate(config)
         cfg = config
-        seed_ctx = contextlib.nullcontext() if cfg.seed is None else torch.random.fork_rng()
-        with seed_ctx:
-            if cfg.seed is not None:
-                torch.manual_seed(int(cfg.seed))
+        with seeded(cfg.seed):
             C = int(cfg.num_channels)
             lh = int(cfg.lmax if cfg.hidden_lmax is None else cfg.hidden_lmax)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)

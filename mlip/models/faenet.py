@@ -19,14 +19,13 @@ exactly ``shift + E0``. Optional direct force head (``direct_forces``): see :cla
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.models.base import PotentialModel, register
+from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
@@ -159,10 +158,7 @@ class FrameAveragedModel(PotentialModel):
         super().__init__(config)
         _validate(config)
         cfg = config
-        seed_ctx = contextlib.nullcontext() if cfg.seed is None else torch.random.fork_rng()
-        with seed_ctx:
-            if cfg.seed is not None:
-                torch.manual_seed(int(cfg.seed))
+        with seeded(cfg.seed):
             C, K = int(cfg.num_channels), int(cfg.num_radial)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)
             self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None

@@ -49,14 +49,13 @@ returned as ``forces`` (*not* the gradient of the energy: non-conservative, drif
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.models.base import PotentialModel, register
+from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.attention import TransformerBlock
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
@@ -210,10 +209,7 @@ class LearnedEquivarianceModel(PotentialModel):
         C = int(cfg.num_channels)
         self.n_inv = C // 2 if cfg.invariant_channels is None else int(cfg.invariant_channels)
         n_read = self.n_inv if self.n_inv > 0 else C
-        seed_ctx = contextlib.nullcontext() if cfg.seed is None else torch.random.fork_rng()
-        with seed_ctx:
-            if cfg.seed is not None:
-                torch.manual_seed(int(cfg.seed))
+        with seeded(cfg.seed):
             K = int(cfg.num_radial)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)
             self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None

@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from mlip.atomic import atomic_path
+
 
 class ConfigError(ValueError):
     """A training config that cannot be used (unknown key, wrong type, bad value)."""
@@ -373,12 +375,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def all_keys() -> dict[str, Any]:

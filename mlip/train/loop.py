@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mlip.atomic import atomic_path
 from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
-from mlip.models.base import MODELS, PotentialModel, _import_families, build_model as _build, load_model, save_model
+from mlip.models.base import MODELS, PotentialModel, _import_families, load_model, save_model
+from mlip.models.base import build_model as _build
 from mlip.models.outputs import predict
 from mlip.train import checkpoint as ckpt
 from mlip.train import distributed as ddp
@@ -544,12 +545,10 @@ def _rewrite_csv(jsonl: Path, csv_path: Path) -> None:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, csv_path)
 
 
 def _truncate_logs(out: Path, state: RunState) -> None:

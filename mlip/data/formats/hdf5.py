@@ -20,7 +20,6 @@ each process and is picklable (for ``DataLoader`` workers).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 from ase import Atoms
 
 from mlip import keys as K
+from mlip.atomic import atomic_path
 from mlip.data.formats.validate import LabelKeys, check_required, error, is_isolated_atom, validate_atoms
 
 EXTENSIONS = (".h5", ".hdf5")
@@ -123,11 +123,8 @@ def write_hdf5(frames: Iterable[Atoms], path: str | os.PathLike, chunk_size: int
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     h5py = _h5py()
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
     n_written = 0
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             _create(f, chunk_size)
             buffer: list[Atoms] = []
@@ -145,11 +142,6 @@ def write_hdf5(frames: Iterable[Atoms], path: str | os.PathLike, chunk_size: int
                 _append(f, buffer)
                 n_written += len(buffer)
             f.attrs["n_structures"] = n_written
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return n_written
 
 

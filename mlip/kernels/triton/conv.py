@@ -39,6 +39,7 @@ from types import ModuleType
 
 import torch
 
+from mlip.atomic import atomic_path
 from mlip.kernels.reference import SPLINE_ROWS, clebsch_gordan, tp_out_dim, tp_paths
 
 #: coefficients smaller than this (in absolute value) are structural zeros of the CG tensors
@@ -419,10 +420,9 @@ def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int, spline: bool = 
     name = f"mlip_{'spline' if spline else 'conv'}_{lmax_in}{lmax_sh}{lmax_out}_{digest}"
     path = _cache_dir() / f"{name}.py"
     if not path.is_file() or path.read_text() != src:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(src)
-        os.replace(tmp, path)  # atomic: concurrent processes never import a half-written file
+        with atomic_path(path) as tmp:  # concurrent processes never import a half-written file
+            with open(tmp, "w") as fh:
+                fh.write(src)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
