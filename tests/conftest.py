@@ -9,7 +9,7 @@ import os
 # It changes nothing else: only an explicit kernel="triton" runs Triton, and not on the CPU otherwise.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
+import pytest  # imported after TRITON_INTERPRET is set (see above)
 import torch
 
 

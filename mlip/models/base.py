@@ -151,6 +151,29 @@ def save_model(model: PotentialModel, path: str | os.PathLike) -> None:
     atomic_torch_save(payload, path)
 
 
+def load_torch_file(
+    path: str | os.PathLike,
+    what: str,
+    required: tuple[str, ...],
+    map_location: str | torch.device = "cpu",
+    missing: str | None = None,
+) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of an mlip file (``what``: "model file", "training
+    checkpoint"), with errors naming the file: ``FileNotFoundError(missing)`` if absent,
+    ``ValueError`` if unreadable or lacking a ``required`` key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing or f"no {what} at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: not a readable mlip {what} ({err})") from err
+    for key in required:
+        if key not in payload:
+            raise ValueError(f"{path}: {what} lacks {key!r}")
+    return payload
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PotentialModel:
     """Restore a model written by :func:`save_model` (``weights_only=True``, ``strict=True``).
 
@@ -158,16 +181,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     compared with the torch reference (:func:`mlip.kernels.validate.check_loaded`); a mismatch
     raises :class:`~mlip.kernels.validate.BackendMismatchError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: not a readable mlip model file ({err})") from err
-    for key in ("family", "config", "state_dict"):
-        if key not in payload:
-            raise ValueError(f"{path}: model file lacks {key!r}")
+    payload = load_torch_file(path, "model file", ("family", "config", "state_dict"), map_location,
+                              missing=f"no model file at {path}")
     model = build_model(payload["family"], payload["config"])
     floats = [v for v in payload["state_dict"].values() if v.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32

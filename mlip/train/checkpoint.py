@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mlip.models.base import atomic_torch_save
+from mlip.models.base import atomic_torch_save, load_torch_file
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -68,14 +67,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a training checkpoint; clear errors for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (nothing to resume; run without --resume)")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: not a readable mlip training checkpoint ({err})") from err
-    for key in ("model", "optimizer", "schedule", "epoch", "step", "rng", "config"):
-        if key not in state:
-            raise ValueError(f"{path}: checkpoint lacks {key!r}")
+    state = load_torch_file(path, "training checkpoint",
+                            ("model", "optimizer", "schedule", "epoch", "step", "rng", "config"), map_location,
+                            missing=f"no checkpoint at {path} (nothing to resume; run without --resume)")
     return state
