@@ -284,7 +284,7 @@ def _mace_env(threads: int) -> dict:
 def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> dict:
     """Train MACE with ``mace_run_train`` for the CPU budget, export its checkpoint, predict ``test``."""
     from mlip.data.formats.extxyz import iter_extxyz
-    from mlip.data.formats.validate import LabelKeys
+    from mlip.data.formats.labels import LabelKeys
 
     python = args.mace_python
     check = subprocess.run([python, "-c", "import mace, torch; print(mace.__version__, torch.__version__)"],
@@ -466,7 +466,7 @@ def rescore(results: Path, test: Path, names: list[str]) -> None:
     """Recompute ``test`` errors of the finished runs in ``results`` from their saved models (mlip) or
     saved predictions (MACE's ``test_predictions.xyz``), e.g. after :func:`errors` gained a field."""
     from mlip.data.formats.extxyz import iter_extxyz
-    from mlip.data.formats.validate import LabelKeys
+    from mlip.data.formats.labels import LabelKeys
 
     for name, run in load_results(results, names).items():
         if name == "mace":

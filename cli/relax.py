@@ -87,8 +87,8 @@ def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool
     """
     from ase.io import write
 
-    from mlip.md.relax import relax as relax_one
-    from mlip.md.relax import relax_batch
+    from mlip.md.relaxation import relax as relax_one
+    from mlip.md.relaxation import relax_batch
 
     optimizer = optimizer.lower()
     if batched is None:

@@ -17,8 +17,8 @@ def load(path, map_location="cpu"):
 
 
 def relax(structure, model=None, **kwargs):
-    """Relax a pymatgen ``Structure`` or ASE ``Atoms`` (see :func:`mlip.md.relax.relax`)."""
-    from mlip.md.relax import relax as _relax
+    """Relax a pymatgen ``Structure`` or ASE ``Atoms`` (see :func:`mlip.md.relaxation.relax`)."""
+    from mlip.md.relaxation import relax as _relax
 
     return _relax(structure, model, **kwargs)
 

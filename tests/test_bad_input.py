@@ -240,7 +240,7 @@ def _brute_force_pairs(atoms: Atoms, cutoff: float) -> set:
 
 def test_close_pairs_matches_brute_force():
     """The O(N) overlap search finds exactly the brute-force pairs in triclinic, mixed-pbc cells."""
-    from mlip.data.formats.validate import close_pairs
+    from mlip.data.formats.labels import close_pairs
 
     rng = np.random.default_rng(0)
     n_pairs = 0

@@ -121,7 +121,7 @@ def test_extxyz_user_keys_and_stress_forms(tmp_path, stress_form):
 
 def test_voigt_order_is_ase():
     """Voigt (xx, yy, zz, yz, xz, xy) -> symmetric 3x3, checked element by element."""
-    from mlip.data.formats.validate import convert_label
+    from mlip.data.formats.labels import convert_label
 
     s = convert_label("stress", [1, 2, 3, 4, 5, 6], 1, "f", 0, "stress")
     np.testing.assert_array_equal(s, [[1, 6, 5], [6, 2, 4], [5, 4, 3]])

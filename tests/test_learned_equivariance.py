@@ -24,7 +24,7 @@ from conformance import (
 from mlip.data.graph import collate
 from mlip.models.base import build_model
 from mlip.models.outputs import predict
-from mlip.models.transip import random_rotations, rotate_rows
+from mlip.models.learned_equivariance import random_rotations, rotate_rows
 from mlip.train.equivariance import equivariance_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

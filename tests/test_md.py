@@ -180,7 +180,7 @@ def test_progress_bar_and_periodic_log(tmp_path, capsys):
 
 def test_unknown_element_named_with_a_trained_model(trained_model):
     from mlip.calculator import MLIPCalculator
-    from mlip.md.relax import relax_batch
+    from mlip.md.relaxation import relax_batch
 
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     atoms.numbers[1] = 79

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from test_calculator import calc64, morse_model, rattled_cu, single_thread  # noqa: F401
 
 import mlip
-from mlip.md.relax import relax_batch
+from mlip.md.relaxation import relax_batch
 from mlip.models.base import save_model
 
 
@@ -102,7 +102,7 @@ def test_batched_relaxation_makes_one_model_call_per_step(monkeypatch):
     shrinks as structures converge), so the number of calls is the longest relaxation's, not the sum."""
     import importlib
 
-    relax_module = importlib.import_module("mlip.md.relax")  # the module (mlip.md.relax is also a function)
+    relax_module = importlib.import_module("mlip.md.relaxation")
     calls = []
     real_predict = relax_module.predict
 

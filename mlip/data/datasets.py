@@ -214,7 +214,7 @@ def open_dataset(
 
 def _check_hdf5_required(reader: Any, required: Sequence[str]) -> None:
     """Every structure of an mlip HDF5 file has the ``required`` labels (NaN means missing)."""
-    from mlip.data.formats.validate import check_required, error
+    from mlip.data.formats.labels import check_required, error
 
     required = check_required(required)
     if not required:

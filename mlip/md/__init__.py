@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from mlip.md.dynamics import MDBlowUpError, MDResult, run_md
-from mlip.md.relax import RelaxResult, relax, relax_batch
+from mlip.md.relaxation import RelaxResult, relax, relax_batch
 
 __all__ = ["MDBlowUpError", "MDResult", "RelaxResult", "relax", "relax_batch", "run_md"]

@@ -107,7 +107,7 @@ def _import_families() -> None:
     """Import the family modules so their ``@register`` runs."""
     import importlib
 
-    for mod in ("mlip.models.equivariant", "mlip.models.faenet", "mlip.models.transip"):
+    for mod in ("mlip.models.equivariant", "mlip.models.frame_averaged", "mlip.models.learned_equivariance"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as err:

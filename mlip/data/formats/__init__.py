@@ -22,7 +22,7 @@ from mlip.data.formats.asedb import iter_asedb
 from mlip.data.formats.extxyz import iter_extxyz
 from mlip.data.formats.hdf5 import HDF5Reader, check_present, iter_hdf5, write_hdf5
 from mlip.data.formats.mptrj import iter_mptrj, mptrj_keys
-from mlip.data.formats.validate import (
+from mlip.data.formats.labels import (
     DataError,
     LabelKeys,
     canonicalize,

@@ -12,7 +12,7 @@ from typing import Any
 
 from ase import Atoms
 
-from mlip.data.formats.validate import LabelKeys, error, process
+from mlip.data.formats.labels import LabelKeys, error, process
 
 EXTENSIONS = (".db", ".aselmdb")
 

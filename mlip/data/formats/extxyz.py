@@ -10,7 +10,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from ase.io.extxyz import read_xyz
 
-from mlip.data.formats.validate import PARSE_ERRORS, LabelKeys, error, process
+from mlip.data.formats.labels import PARSE_ERRORS, LabelKeys, error, process
 
 EXTENSIONS = (".xyz", ".extxyz")
 
@@ -76,10 +76,10 @@ def iter_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None,
         path: ``.xyz`` / ``.extxyz`` file.
         keys: source key names (default: the canonical names).
         required: canonical labels every frame must carry.
-        validate: run the shared checks (:func:`mlip.data.formats.validate.validate_atoms`).
+        validate: run the shared checks (:func:`mlip.data.formats.labels.validate_atoms`).
 
     Yields:
-        ``ase.Atoms`` with canonical labels (see :func:`~mlip.data.formats.validate.canonicalize`).
+        ``ase.Atoms`` with canonical labels (see :func:`~mlip.data.formats.labels.canonicalize`).
     """
     if os.path.getsize(path) == 0:
         raise error(path, 0, None, "file is empty (no frames found)")

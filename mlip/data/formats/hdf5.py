@@ -28,7 +28,7 @@ from ase import Atoms
 
 from mlip import keys as K
 from mlip.atomic import atomic_path
-from mlip.data.formats.validate import LabelKeys, check_required, error, is_isolated_atom, validate_atoms
+from mlip.data.formats.labels import LabelKeys, check_required, error, is_isolated_atom, validate_atoms
 
 EXTENSIONS = (".h5", ".hdf5")
 FORMAT_NAME = "mlip-hdf5"
@@ -114,7 +114,7 @@ def write_hdf5(frames: Iterable[Atoms], path: str | os.PathLike, chunk_size: int
         frames: iterable (e.g. a generator) of ``ase.Atoms`` with canonical labels.
         path: output ``.h5`` / ``.hdf5`` file.
         chunk_size: structures per append (and per HDF5 chunk of per-structure datasets).
-        validate: check every frame (:func:`~mlip.data.formats.validate.validate_atoms`).
+        validate: check every frame (:func:`~mlip.data.formats.labels.validate_atoms`).
 
     Returns:
         Number of structures written.

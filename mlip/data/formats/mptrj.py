@@ -22,7 +22,7 @@ import numpy as np
 from ase import Atoms
 
 from mlip import keys as K
-from mlip.data.formats.validate import LabelKeys, error, process
+from mlip.data.formats.labels import LabelKeys, error, process
 from mlip.units import KBAR_VASP_TO_EV_A3
 
 EXTENSIONS = (".json", ".json.gz")
