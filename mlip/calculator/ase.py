@@ -21,6 +21,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlip.data.graph import GraphBatch
+from mlip.dtypes import resolve_dtype
 from mlip.data.neighbors import neighbor_list
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
@@ -29,7 +30,6 @@ __all__ = ["MLIPCalculator", "NeighborCache", "prepare_model", "resolve_device",
 
 #: CUDA out-of-memory (``torch.OutOfMemoryError`` since torch 2.5)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -37,17 +37,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float32"``/``"float64"`` (or a torch dtype) -> torch dtype; anything else is an error."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 def prepare_model(

@@ -23,6 +23,7 @@ import torch
 
 from mlip.atomic import atomic_path
 from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
+from mlip.dtypes import resolve_dtype
 from mlip.models.base import MODELS, PotentialModel, _import_families, load_model, save_model
 from mlip.models.base import build_model as _build
 from mlip.models.outputs import predict
@@ -37,7 +38,7 @@ from mlip.train.metrics import Metrics, format_summary
 
 log = logging.getLogger("mlip.train")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +137,7 @@ class RunState:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.cfg.dtype]
+        return resolve_dtype(self.cfg.dtype)
 
     def to_checkpoint(self) -> dict:
         return {
@@ -230,7 +231,7 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
             if key == "e0s" and init is not None and cfg.data.e0s == "auto":
                 continue  # fine-tuning keeps the pretrained reference energies unless asked otherwise
             base[key] = value
-    model = _build(family, base).to(DTYPES[cfg.dtype])
+    model = _build(family, base).to(resolve_dtype(cfg.dtype))
     if init is not None:
         own = model.state_dict()
         loadable = {k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape}
