@@ -77,8 +77,9 @@ def data() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @_key_options
 @click.option("--e0s", "show_e0s", is_flag=True,
-              help="Also print per-element E0s: from isolated atoms and from a least-squares fit "
-                   "(holds the compositions of all structures in memory).")
+              help="Also print per-element E0s (per head): from isolated atoms and from the least-squares "
+                   "fit that training uses (holds the compositions of all structures in memory). Two "
+                   "isolated atoms of one element with different energies are an error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of a table.")
 def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> None:
     """Summarize FILE: sizes, elements, label coverage, energy/force/stress ranges.
@@ -98,11 +99,11 @@ def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> Non
     with _data_errors():
         keys = _label_keys(key_options)
         frames: Iterable = iter_read(file, keys=keys)
-        kept: list = []
+        tables: dict = {}
         if show_e0s:
-            frames = _keep_light(frames, kept)
+            frames = _keep_light(frames, tables)
         summary = summarize(frames)
-        e0s = _e0_tables(kept) if show_e0s else {}
+        e0s = _e0_tables(tables) if show_e0s else {}
     if as_json:
         out = dict(summary, file=file)
         out["charges"] = {f"{k:g}": v for k, v in summary["charges"].items()}
@@ -122,36 +123,40 @@ def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> Non
             click.echo(f"    {chemical_symbols[int(z)]:<4s} {value:16.8f}")
 
 
-def _keep_light(frames: Iterable, kept: list) -> Iterable:
-    """Pass frames through, keeping only what the E0 estimates need (numbers, energy, flags)."""
-    from ase import Atoms
+def _keep_light(frames: Iterable, tables: dict) -> Iterable:
+    """Pass frames through, recording what the E0s need (numbers, energy, isolated flag) per head."""
+    from mlip import keys as K
+    from mlip.data.formats import is_isolated_atom
+    from mlip.data.stats import E0Table
 
-    for atoms in frames:
-        light = Atoms(numbers=atoms.numbers, pbc=atoms.pbc)
-        light.info = {k: atoms.info[k] for k in ("energy", "isolated_atom", "config_type", "source") if k in atoms.info}
-        kept.append(light)
+    for i, atoms in enumerate(frames):
+        energy = atoms.info.get(K.ENERGY)
+        tables.setdefault(str(atoms.info.get(K.HEAD, "default")), E0Table()).add(
+            atoms.numbers, float("nan") if energy is None else float(energy), is_isolated_atom(atoms),
+            str(atoms.info.get(K.SOURCE, f"structure {i}")))
         yield atoms
 
 
-def _e0_tables(frames: list) -> dict[str, Any]:
-    """E0s from isolated atoms and from a fit; a string explains why one is not available."""
+def _e0_tables(tables: dict) -> dict[str, Any]:
+    """E0s from isolated atoms and from a fit, per head (the head's name is added when there are
+    several); a string explains why one is not available."""
     import warnings
 
-    from mlip.data.stats import e0s_from_isolated_atoms, fit_e0s
-
     out: dict[str, Any] = {}
-    try:
-        out["isolated_atoms"] = e0s_from_isolated_atoms(frames)
-    except ValueError as err:
-        out["isolated_atoms"] = f"not available: {err}"
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out["least_squares_fit"] = fit_e0s(frames)
-        for w in caught:
-            click.echo(f"Warning: {w.message}", err=True)
-    except ValueError as err:
-        out["least_squares_fit"] = f"not available: {err}"
+    for head, table in sorted(tables.items()):
+        suffix = "" if len(tables) == 1 else f"_{head}"
+        try:
+            out["isolated_atoms" + suffix] = table.from_isolated()
+        except ValueError as err:
+            out["isolated_atoms" + suffix] = f"not available: {err}"
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out["least_squares_fit" + suffix] = table.fit()
+            for w in caught:
+                click.echo(f"Warning: {w.message}", err=True)
+        except ValueError as err:
+            out["least_squares_fit" + suffix] = f"not available: {err}"
     return out
 
 
@@ -213,6 +218,8 @@ def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: 
 
     Structures are assigned by a random permutation drawn from --seed; each part keeps the
     input order. Part sizes are the fractions of the total, rounded so they add up exactly.
+    Isolated-atom reference frames always go to train (they set the E0s); the fractions apply
+    to the other structures. Training's valid_fraction/test_fraction split the same way.
     Outputs carry mlip's canonical label names (energy, forces, stress, charge, spin, ...).
 
     Example:
@@ -221,7 +228,8 @@ def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: 
         mlip data split data/emt_crystals.xyz --fractions 0.8,0.1,0.1 --seed 0 --out-dir splits
         # -> splits/train.xyz, splits/valid.xyz, splits/test.xyz
     """
-    from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
+    from mlip.data.formats import HDF5Reader, detect_format, is_isolated_atom, iter_read, write_hdf5
+    from mlip.data.split import isolated_indices, split_indices
 
     with _data_errors():
         fracs = _parse_fractions(fractions)
@@ -234,10 +242,12 @@ def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: 
         if in_format == "hdf5":
             reader = HDF5Reader(input_file)
             n = len(reader)
+            isolated = isolated_indices(reader, reader.n_atoms)
         else:
             reader = None
-            n = sum(1 for _ in iter_read(input_file, keys=keys, required=required))
-        parts = split_indices(n, fracs, seed)
+            flags = [is_isolated_atom(a) for a in iter_read(input_file, keys=keys, required=required)]
+            n, isolated = len(flags), np.flatnonzero(flags)
+        parts = split_indices(n, fracs, seed, keep_in_first=isolated)
         os.makedirs(out_dir, exist_ok=True)
         for name, idx in zip(names, parts):
             path = os.path.join(out_dir, name + ext)
@@ -264,22 +274,6 @@ def _parse_fractions(text: str) -> list[float]:
         raise click.BadParameter(f"fractions must be >= 0 and sum to 1, got {text!r} (sum {sum(fracs):g})",
                                  param_hint="--fractions")
     return fracs
-
-
-def split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Disjoint, complete, sorted index sets of sizes ``fractions * n`` (largest remainders).
-
-    >>> [p.tolist() for p in split_indices(5, [0.6, 0.4], seed=0)]
-    [[2, 3, 4], [0, 1]]
-    """
-    exact = np.asarray(fractions, dtype=np.float64) * n
-    sizes = np.floor(exact).astype(np.int64)
-    # hand the structures lost to rounding to the largest remainders (ties: earlier part first)
-    for k in np.argsort(-(exact - sizes), kind="stable")[: n - int(sizes.sum())]:
-        sizes[k] += 1
-    order = np.random.default_rng(seed).permutation(n)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
 
 
 def write_extxyz(frames: Iterable, path: str) -> int:

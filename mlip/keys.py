@@ -20,6 +20,9 @@ CHARGE = "charge"              # (n_graphs,)     | total charge                 
 SPIN = "spin"                  # (n_graphs,)     | spin multiplicity 2S+1          | -
 HEAD = "head"                  # (n_graphs,)     | dataset/head tag (string -> id) | -
 WEIGHT = "weight"              # (n_graphs,)     | per-structure loss weight       | -
+ISOLATED = "isolated_atom"     # (n_graphs,)     | isolated-atom reference frame   | bool
+CONFIG_TYPE = "config_type"    # (n_graphs,)     | data set's own frame category   | -
+SOURCE = "source"              # (n_graphs,)     | "<file> frame <i>" of a frame   | -
 
 # --- labels (targets) ---------------------------------------------------------
 ENERGY = "energy"              # (n_graphs,)     | total energy                    | eV

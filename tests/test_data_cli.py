@@ -12,7 +12,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from click.testing import CliRunner
-from mlip.cli.data import data, split_indices
+from mlip.cli.data import data
+from mlip.data.split import split_indices
 from mlip.cli.main import main
 
 from mlip.data.formats import read, write_hdf5
@@ -183,7 +184,11 @@ def test_split_options(tmp_path):
     result = run(["data", "split", str(src), "--fractions", "0.5,0.5", "--out-dir", str(tmp_path / "two"),
                   "--format", "hdf5"])
     assert result.exit_code == 0, result.output
-    assert len(read(tmp_path / "two" / "train.h5")) == len(read(tmp_path / "two" / "valid.h5")) == 3
+    # the isolated atom (last frame) stays in train; the fraction splits the five other frames
+    train_part, valid_part = read(tmp_path / "two" / "train.h5"), read(tmp_path / "two" / "valid.h5")
+    assert (len(train_part), len(valid_part)) == (4, 2)
+    assert [a.info["isolated_atom"] for a in train_part].count(True) == 1
+    assert not any(a.info["isolated_atom"] for a in valid_part)
     assert not (tmp_path / "two" / "test.h5").exists()
     for bad in ("0.5,0.6", "1", "a,b", "0.5,0.25,0.25,0"):
         result = CliRunner().invoke(data, ["split", str(src), "--fractions", bad, "--out-dir", str(tmp_path / "x")])

@@ -25,7 +25,9 @@ class AtomGraph:
         positions [n_atoms, 3] Å; numbers [n_atoms]; cell [3, 3] Å (rows are lattice
         vectors, zeros for a molecule); pbc [3]; edge_index [2, n_edges] (sender, receiver);
         unit_shifts [n_edges, 3] integer; energy [] eV; forces [n_atoms, 3] eV/Å;
-        stress [3, 3] eV/Å³ (ASE sign); charge [] e; spin [] (multiplicity 2S+1); weight [].
+        stress [3, 3] eV/Å³ (ASE sign); charge [] e; spin [] (multiplicity 2S+1); weight [];
+        isolated [] bool: an isolated-atom reference frame (sets E0s; not a training or test
+        structure), as the readers flag it; a one-atom periodic cell is not one.
     """
 
     positions: torch.Tensor
@@ -41,6 +43,7 @@ class AtomGraph:
     spin: torch.Tensor = field(default_factory=lambda: torch.tensor(_NAN, dtype=torch.float64))
     weight: torch.Tensor = field(default_factory=lambda: torch.tensor(1.0, dtype=torch.float64))
     head: str = "default"
+    isolated: torch.Tensor = field(default_factory=lambda: torch.tensor(False))
 
     def __post_init__(self) -> None:
         if self.forces is None:
@@ -63,7 +66,8 @@ class GraphBatch:
         positions [n_atoms, 3] Å; numbers [n_atoms]; batch [n_atoms]; ptr [n_graphs + 1];
         cell [n_graphs, 3, 3] Å; pbc [n_graphs, 3]; edge_index [2, n_edges] (sender, receiver);
         unit_shifts [n_edges, 3]; energy [n_graphs] eV; forces [n_atoms, 3] eV/Å;
-        stress [n_graphs, 3, 3] eV/Å³; charge, spin, weight [n_graphs]; head: list of n_graphs str.
+        stress [n_graphs, 3, 3] eV/Å³; charge, spin, weight [n_graphs]; head: list of n_graphs str;
+        isolated [n_graphs] bool (isolated-atom reference frames, see :class:`AtomGraph`).
     """
 
     positions: torch.Tensor
@@ -81,6 +85,11 @@ class GraphBatch:
     spin: torch.Tensor
     weight: torch.Tensor
     head: list[str]
+    isolated: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.isolated is None:
+            self.isolated = torch.zeros(self.n_graphs, dtype=torch.bool, device=self.ptr.device)
 
     @property
     def n_graphs(self) -> int:
@@ -141,7 +150,7 @@ class GraphBatch:
                     pbc=self.pbc[g], edge_index=self.edge_index[:, emask] - a,
                     unit_shifts=self.unit_shifts[emask], energy=self.energy[g], forces=self.forces[a:b],
                     stress=self.stress[g], charge=self.charge[g], spin=self.spin[g],
-                    weight=self.weight[g], head=self.head[g],
+                    weight=self.weight[g], head=self.head[g], isolated=self.isolated[g],
                 )
             )
         return out
@@ -171,6 +180,7 @@ def collate(graphs: Sequence[AtomGraph]) -> GraphBatch:
         spin=torch.stack([g.spin for g in graphs]),
         weight=torch.stack([g.weight for g in graphs]),
         head=[g.head for g in graphs],
+        isolated=torch.stack([torch.as_tensor(g.isolated, dtype=torch.bool) for g in graphs]),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,14 +18,15 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from mlip import keys as K
+from mlip.data.formats.labels import is_isolated_atom
 
 __all__ = [
+    "E0Table",
     "average_num_neighbors",
     "e0s_from_isolated_atoms",
     "fit_e0s",
     "fit_e0s_compositions",
     "format_summary",
-    "is_isolated",
     "summarize",
 ]
 
@@ -43,75 +44,131 @@ def _energy(atoms: Atoms) -> float:
     return float("nan") if value is None else float(value)
 
 
-def is_isolated(atoms: Atoms) -> bool:
-    """An isolated-atom reference frame: ``info["isolated_atom"]`` as set by the readers, else
-    ``config_type`` IsolatedAtom or a single atom without periodic boundaries."""
-    flag = atoms.info.get("isolated_atom")
-    if flag is not None:
-        return bool(flag)
-    config_type = str(atoms.info.get("config_type", "")).lower()
-    if config_type in ("isolatedatom", "isolated_atom", "isolated-atom"):
-        return True
-    return len(atoms) == 1 and not bool(np.any(atoms.pbc))
+class E0Table:
+    """The compositions and energies of one head's structures, streamed: the one place E0s are taken.
+
+    Both ways of taking E0s read from it: the isolated-atom energies (:meth:`from_isolated`) and
+    the least-squares fit over every labelled structure (:meth:`fit`, see
+    :func:`fit_e0s_compositions`). Only element counts and energies are kept, so a data set
+    larger than memory can be streamed through :meth:`add`.
+
+    >>> t = E0Table()
+    >>> t.add([1], -13.6, isolated=True, where="H atom")
+    >>> t.add([1, 1], -31.7, isolated=False, where="H2")
+    >>> t.from_isolated()
+    {1: -13.6}
+    """
+
+    def __init__(self) -> None:
+        self.compositions: list[tuple[dict[int, int], float]] = []
+        #: per entry of ``compositions``: an isolated-atom frame
+        self.flags: list[bool] = []
+        self.elements: set[int] = set()
+        self.isolated: dict[int, tuple[float, str]] = {}
+        self.unlabelled_isolated: dict[int, str] = {}
+
+    def add(self, numbers: Iterable[int], energy: float, isolated: bool, where: str) -> None:
+        """Record one structure (``energy`` in eV, NaN when unlabelled; ``where`` names it in errors).
+
+        Raises:
+            ValueError: an isolated-atom frame with more than one atom; an element whose
+                isolated-atom energies differ by more than :data:`E0_CONFLICT_TOL`.
+        """
+        comp = dict(Counter(int(z) for z in numbers))
+        energy = float(energy)
+        self.elements.update(comp)
+        self.compositions.append((comp, energy))
+        self.flags.append(bool(isolated))
+        if not isolated:
+            return
+        if sum(comp.values()) != 1:
+            raise ValueError(f"{where}: marked as an isolated atom but has {sum(comp.values())} atoms")
+        (z,) = comp
+        if not math.isfinite(energy):
+            self.unlabelled_isolated.setdefault(z, where)
+            return
+        if z in self.isolated and abs(self.isolated[z][0] - energy) > E0_CONFLICT_TOL:
+            first, origin = self.isolated[z]
+            raise ValueError(
+                f"two different isolated-atom energies for {chemical_symbols[z]} (Z={z}): {first!r} eV "
+                f"({origin}) and {energy!r} eV ({where}); split the data by head (level of theory) or remove one")
+        self.isolated.setdefault(z, (energy, where))
+
+    def structures(self) -> Iterator[tuple[dict[int, int], float]]:
+        """``({Z: count}, energy)`` of every structure that is not an isolated-atom frame."""
+        return (c for c, iso in zip(self.compositions, self.flags) if not iso)
+
+    def covered(self, elements: Iterable[int] | None = None) -> bool:
+        """Every element (default: every element seen) has an isolated-atom energy."""
+        return set(self.elements if elements is None else elements) <= set(self.isolated)
+
+    def from_isolated(self, elements: Iterable[int] | None = None) -> dict[int, float]:
+        """``{Z: E0 in eV}`` from the isolated-atom frames, for ``elements`` (default: every element seen).
+
+        Raises:
+            ValueError: an element without an isolated-atom frame (or only unlabelled ones).
+        """
+        needed = sorted(self.elements if elements is None else {int(z) for z in elements})
+        missing = [z for z in needed if z not in self.isolated]
+        unlabelled = [z for z in missing if z in self.unlabelled_isolated]
+        if unlabelled:
+            z = unlabelled[0]
+            raise ValueError(f"{self.unlabelled_isolated[z]}: isolated-atom frame of {chemical_symbols[z]} "
+                             "has no energy label")
+        if missing:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            raise ValueError(f"no isolated-atom frame for {names}; add one per element or fit the E0s")
+        return {z: self.isolated[z][0] for z in needed}
+
+    def fit(self, elements: Sequence[int] | None = None) -> dict[int, float]:
+        """Least-squares E0s over every labelled structure (:func:`fit_e0s_compositions`)."""
+        return fit_e0s_compositions(self.compositions, elements)
+
+
+def _table(atoms_list: Iterable[Atoms], fitted: Sequence[int] | None = None) -> E0Table:
+    """An :class:`E0Table` of ``atoms_list``; a labelled frame with an element outside ``fitted``
+    (when given) is an error naming the frame."""
+    wanted = None if fitted is None else {int(z) for z in fitted}
+    table = E0Table()
+    for i, atoms in enumerate(atoms_list):
+        energy = _energy(atoms)
+        extra = set() if wanted is None or not math.isfinite(energy) else set(atoms.numbers.tolist()) - wanted
+        if extra:
+            raise ValueError(f"{_where(atoms, i)}: contains {[chemical_symbols[z] for z in sorted(extra)]}, not "
+                             f"among the elements to fit {[chemical_symbols[z] for z in sorted(wanted)]}")
+        table.add(atoms.numbers, energy, is_isolated_atom(atoms), _where(atoms, i))
+    return table
 
 
 def e0s_from_isolated_atoms(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) -> dict[int, float]:
-    """Per-element reference energies from isolated-atom frames.
+    """Per-element reference energies from isolated-atom frames (:meth:`E0Table.from_isolated`).
 
     Args:
         atoms_list: structures with canonical labels; the isolated-atom frames among them (see
-            :func:`is_isolated`) give the E0s, the others say which elements are needed.
+            :func:`~mlip.data.formats.labels.is_isolated_atom`) give the E0s, the others say which
+            elements are needed.
         elements: atomic numbers that need an E0 (default: every element of ``atoms_list``).
 
     Returns:
         ``{Z: E0 in eV}`` for every needed element, sorted by Z.
 
     Raises:
-        ValueError: an isolated-atom frame with more than one atom or without energy; one element
-            with two different isolated-atom energies (more than :data:`E0_CONFLICT_TOL` apart);
-            a needed element without an isolated-atom frame.
+        ValueError: see :meth:`E0Table.add` and :meth:`E0Table.from_isolated`.
 
     >>> from ase import Atoms
     >>> frames = [Atoms("H", info={"energy": -13.6, "isolated_atom": True}), Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])]
     >>> e0s_from_isolated_atoms(frames)
     {1: -13.6}
     """
-    found: dict[int, tuple[float, str]] = {}
-    present: set[int] = set()
-    for i, atoms in enumerate(atoms_list):
-        present.update(int(z) for z in np.unique(atoms.numbers))
-        if not is_isolated(atoms):
-            continue
-        where = _where(atoms, i)
-        if len(atoms) != 1:
-            raise ValueError(f"{where}: marked as an isolated atom but has {len(atoms)} atoms")
-        energy = _energy(atoms)
-        if not math.isfinite(energy):
-            raise ValueError(f"{where}: isolated-atom frame of {atoms.get_chemical_symbols()[0]} has no energy label")
-        z = int(atoms.numbers[0])
-        if z in found and abs(found[z][0] - energy) > E0_CONFLICT_TOL:
-            raise ValueError(
-                f"two different isolated-atom energies for {chemical_symbols[z]} (Z={z}): "
-                f"{found[z][0]!r} eV ({found[z][1]}) and {energy!r} eV ({where}); "
-                "split the data by head (level of theory) or remove one"
-            )
-        found.setdefault(z, (energy, where))
-    needed = sorted(present if elements is None else {int(z) for z in elements})
-    missing = [z for z in needed if z not in found]
-    if missing:
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
-        raise ValueError(f"no isolated-atom frame for {names}; add one per element or fit E0s with fit_e0s()")
-    return {z: found[z][0] for z in needed}
+    return _table(atoms_list).from_isolated(elements)
 
 
 def fit_e0s(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) -> dict[int, float]:
     """Per-element energies by least squares, ``E_total ≈ Σ_Z n_Z · E0_Z``, over labelled frames.
 
-    Frames without an energy label are skipped. When the compositions do not determine every
-    E0 (e.g. a data set of water only fixes ``2 E0_H + E0_O``), the solution is the one closest
-    to the mean per-atom energy ``μ`` in the undetermined directions: ``x = μ·1 + lstsq(A, y - A μ·1)``
-    (the minimum-norm least-squares deviation from ``μ``), and a ``UserWarning`` names the
-    elements whose E0 is not determined. The fit still reproduces every determined combination.
+    Frames without an energy label are skipped; two isolated-atom frames of one element that
+    disagree are an error (:meth:`E0Table.add`). See :func:`fit_e0s_compositions` for the method
+    and the rank-deficient case.
 
     Args:
         atoms_list: structures with ``info["energy"]`` in eV.
@@ -121,41 +178,30 @@ def fit_e0s(atoms_list: Iterable[Atoms], elements: Sequence[int] | None = None) 
     Returns:
         ``{Z: E0 in eV}``, sorted by Z.
 
-    Raises:
-        ValueError: no labelled frame, or a frame containing an element outside ``elements``.
-
-    Shapes:
-        the design matrix A is [n_labelled, n_elements] element counts; y [n_labelled] eV.
-
     >>> from ase import Atoms
     >>> frames = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7]], info={"energy": -2.0}),
     ...           Atoms("HO", positions=[[0, 0, 0], [0, 0, 1.0]], info={"energy": -5.0})]
     >>> {z: round(e, 9) for z, e in fit_e0s(frames).items()}
     {1: -1.0, 8: -4.0}
     """
-    wanted = None if elements is None else {int(z) for z in elements}
-
-    def compositions() -> Iterable[tuple[dict[int, int], float]]:
-        for i, atoms in enumerate(atoms_list):
-            energy = _energy(atoms)
-            if not math.isfinite(energy):
-                continue
-            c = Counter(int(z) for z in atoms.numbers)
-            if wanted is not None and set(c) - wanted:
-                extra = [chemical_symbols[z] for z in sorted(set(c) - wanted)]
-                raise ValueError(f"{_where(atoms, i)}: contains {extra}, not among the elements to fit "
-                                 f"{[chemical_symbols[z] for z in sorted(wanted)]}")
-            yield dict(c), energy
-
-    return fit_e0s_compositions(compositions(), elements)
+    return _table(atoms_list, fitted=elements).fit(elements)
 
 
 def fit_e0s_compositions(compositions: Iterable[tuple[dict[int, int], float]],
                          elements: Sequence[int] | None = None) -> dict[int, float]:
-    """:func:`fit_e0s` on ``({Z: count}, energy in eV)`` pairs, for callers that keep only compositions.
+    """Least-squares per-element energies, ``E ≈ Σ_Z n_Z · E0_Z``, from ``({Z: count}, energy in eV)`` pairs.
 
-    Pairs with a non-finite energy are skipped; see :func:`fit_e0s` for the method and the
-    rank-deficient case.
+    Pairs with a non-finite energy are skipped. When the compositions do not determine every
+    E0 (e.g. a data set of water only fixes ``2 E0_H + E0_O``), the solution is the one closest
+    to the mean per-atom energy ``μ`` in the undetermined directions: ``x = μ·1 + lstsq(A, y - A μ·1)``
+    (the minimum-norm least-squares deviation from ``μ``), and a ``UserWarning`` names the
+    elements whose E0 is not determined. The fit still reproduces every determined combination.
+
+    Raises:
+        ValueError: no labelled structure, or one containing an element outside ``elements``.
+
+    Shapes:
+        the design matrix A is [n_labelled, n_elements] element counts; y [n_labelled] eV.
 
     >>> e0s = fit_e0s_compositions([({1: 2}, -2.0), ({1: 1, 8: 1}, -5.0)], [1, 8])
     >>> {z: round(e, 9) for z, e in e0s.items()}
@@ -303,7 +349,7 @@ def summarize(atoms_list: Iterable[Atoms]) -> dict[str, Any]:
             molecular += 1
         else:
             partial += 1
-        isolated += int(is_isolated(atoms))
+        isolated += int(is_isolated_atom(atoms))
         for name in labels:
             if (name == K.FORCES and K.FORCES in atoms.arrays) or (name != K.FORCES and atoms.info.get(name) is not None):
                 labels[name] += 1

@@ -16,6 +16,7 @@ import torch
 from ase import Atoms
 
 from mlip import keys
+from mlip.data.formats.labels import is_isolated_atom
 from mlip.data.graph import AtomGraph
 from mlip.data.neighbors import neighbor_list
 
@@ -184,6 +185,7 @@ def atoms_to_graph(
         spin=_scalar(atoms, keys.SPIN, _NAN),
         weight=_scalar(atoms, keys.WEIGHT, 1.0),
         head=str(head),
+        isolated=torch.tensor(is_isolated_atom(atoms)),
     )
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from mlip.data.graph import AtomGraph
+from mlip.data.split import isolated_indices, split_indices
+from mlip.data.stats import E0Table
 from mlip.train.config import ConfigError
 
 
@@ -53,13 +55,19 @@ class _Tagged:
     per epoch); it is off for parts streamed from HDF5 unless asked for.
     """
 
-    def __init__(self, parts: list[tuple[Any, float, bool]]) -> None:
+    def __init__(self, parts: list[tuple[Any, float, bool]], paths: list[str]) -> None:
         self.parts = parts
+        self.paths = paths
         self.offsets = np.cumsum([0] + [len(d) for d, _, _ in parts])
         self.cache: dict[int, AtomGraph] = {}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def where(self, i: int) -> str:
+        """``"<file> frame <k>"`` of structure ``i`` (for error messages)."""
+        p = int(np.searchsorted(self.offsets, int(i), side="right") - 1)
+        return f"{self.paths[p]} frame {int(i) - int(self.offsets[p])}"
 
     def __getitem__(self, i: int) -> AtomGraph:
         i = int(i)
@@ -144,7 +152,7 @@ def _open(entry_list: list[Entry], cfg, r_max: float) -> tuple[Any, np.ndarray, 
         streamed = detect_format(e.path) == "hdf5"
         cache = cfg.data.cache_graphs is True or (cfg.data.cache_graphs == "auto" and not streamed)
         parts.append((ds, e.weight, cache))
-    ds = _Tagged(parts)
+    ds = _Tagged(parts, [e.path for e in entry_list])
     n_atoms = np.concatenate([_n_atoms(d) for d, _, _ in parts]).astype(np.int64)
     if cfg.batch.max_edges is not None or all(c for _, _, c in parts):
         n_edges = np.array([ds[i].n_edges for i in range(len(ds))], dtype=np.int64)
@@ -160,117 +168,148 @@ def _n_atoms(ds: Any) -> np.ndarray:
 
 
 def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  # noqa: ANN001
-    """Open the configured files, split by fraction or by file, collect heads, elements,
-    E0s (isolated atoms, else a least-squares fit) and the average neighbour count.
+    """Open the configured files, split by fraction (:func:`mlip.data.split.split_indices`) or by
+    file, collect heads, elements, E0s (isolated atoms, else a least-squares fit) and the average
+    neighbour count.
 
-    Single-atom structures (isolated-atom reference energies) always stay in the training
-    split: they set the E0s and would say nothing as validation data.
+    Isolated-atom reference frames (flagged by the readers; a one-atom periodic cell is not one)
+    always stay in the training split: they set the E0s and would say nothing as validation or
+    test data. Given valid/test files lose theirs too.
     """
     d = cfg.data
     train_e = entries(d.train, d.head, "train")
     ds, n_atoms, n_edges = _open(train_e, cfg, r_max)
     if len(ds) == 0:
         raise ConfigError(f"data.train ({[e.path for e in train_e]}) holds no structures")
-    isolated = np.flatnonzero(n_atoms == 1)
-    rest = np.flatnonzero(n_atoms != 1)
-    order = rest[np.random.default_rng(d.split_seed).permutation(len(rest))]
-    n_valid = int(round(d.valid_fraction * len(rest))) if d.valid is None else 0
-    n_test = int(round(d.test_fraction * len(rest))) if d.test is None else 0
-    if n_valid + n_test >= len(rest):
-        raise ConfigError(f"data.train has {len(rest)} structures: too few to split off {n_valid} valid + {n_test} test")
-    valid = Split(ds, np.sort(order[:n_valid]), n_atoms, n_edges) if n_valid else None
-    test = Split(ds, np.sort(order[n_valid:n_valid + n_test]), n_atoms, n_edges) if n_test else None
-    train = Split(ds, np.sort(np.concatenate([order[n_valid + n_test:], isolated])), n_atoms, n_edges)
+    isolated = isolated_indices(ds, n_atoms)
+    v = d.valid_fraction if d.valid is None else 0.0
+    t = d.test_fraction if d.test is None else 0.0
+    n_rest = len(ds) - len(isolated)
+    try:
+        train_idx, valid_idx, test_idx = split_indices(len(ds), [1.0 - v - t, v, t], d.split_seed,
+                                                       keep_in_first=isolated)
+    except ValueError:
+        train_idx = isolated
+    if len(train_idx) == len(isolated):
+        raise ConfigError(f"data.train has {n_rest} structures besides isolated atoms: too few to split off "
+                          f"valid_fraction {v} + test_fraction {t}")
+    valid = Split(ds, valid_idx, n_atoms, n_edges) if len(valid_idx) else None
+    test = Split(ds, test_idx, n_atoms, n_edges) if len(test_idx) else None
+    train = Split(ds, train_idx, n_atoms, n_edges)
     for name in ("valid", "test"):
         value = getattr(d, name)
         if value is not None:
             sds, sa, se = _open(entries(value, d.head, name), cfg, r_max)
-            split = Split(sds, np.arange(len(sds)), sa, se)
+            keep = np.setdiff1d(np.arange(len(sds)), isolated_indices(sds, sa))
+            split = Split(sds, keep, sa, se)
             valid, test = (split, test) if name == "valid" else (valid, split)
 
-    heads, elements, e0s, avg, shift, scale, from_isolated, charge_spin = _statistics(train, cfg, log)
-    if from_isolated and len(isolated):
+    stats = _statistics(train, cfg, log)
+    if stats.from_isolated and len(isolated):
         # they define the E0s (exactly, as the model's per-element constants); as MACE does,
         # they are not fitted again, so they cannot pull on the interaction energy
-        train = Split(ds, np.sort(order[n_valid + n_test:]), n_atoms, n_edges)
+        train = Split(ds, np.setdiff1d(train_idx, isolated), n_atoms, n_edges)
         if log is not None:
             log.info("%d isolated-atom structures set the E0s and are left out of the training loss", len(isolated))
-    return Data(train, valid, test, heads, elements, e0s, avg, shift, scale, charge_spin)
+    return Data(train, valid, test, stats.heads, stats.elements, stats.e0s, stats.avg_num_neighbors, stats.shift,
+                stats.scale, stats.charge_spin)
 
 
-def _statistics(train: Split, cfg, log: logging.Logger | None):  # noqa: ANN001, ANN202
-    """One streaming pass over the training split: heads, elements, E0s, average neighbour
-    count, the mean per-atom energy left after E0s (``shift``, eV) and the force RMS (``scale``,
-    eV/Å), as MACE scales its atomic energies.
+@dataclass
+class Statistics:
+    """What one pass over the training split yields (see :func:`_statistics`)."""
+
+    heads: list[str]
+    elements: list[int]
+    #: ``{head: {Z: eV}}``, or ``None`` for ``data.e0s: none``
+    e0s: dict[str, dict[int, float]] | None
+    #: edges per atom over structures other than isolated atoms
+    avg_num_neighbors: float
+    #: mean per-atom energy left after the E0s (eV), ``None`` without energies
+    shift: float | None
+    #: force RMS (eV/Å), ``None`` without forces
+    scale: float | None
+    #: the E0s of every head came from isolated-atom frames
+    from_isolated: bool
+    #: every training structure carries a finite total charge and spin multiplicity
+    charge_spin: bool
+
+
+def _statistics(train: Split, cfg, log: logging.Logger | None) -> Statistics:  # noqa: ANN001
+    """One streaming pass over the training split: heads, elements, E0s (one :class:`E0Table` per
+    head), average neighbour count, the mean per-atom energy left after E0s (``shift``, eV) and the
+    force RMS (``scale``, eV/Å), as MACE scales its atomic energies.
 
     Only per-structure compositions and energies are kept, so this works on datasets larger
     than memory.
     """
-    comps: dict[str, list[tuple[dict[int, int], float]]] = {}
-    elements: set[int] = set()
+    tables: dict[str, E0Table] = {}
     n_edges = n_nodes = 0
-    isolated: dict[str, dict[int, float]] = {}
     f_sq, f_n = 0.0, 0
     charge_spin = len(train) > 0
     for k in range(len(train)):
         g = train[k]
         charge_spin = charge_spin and bool(torch.isfinite(g.charge)) and bool(torch.isfinite(g.spin))
-        if g.n_atoms > 1:
+        isolated = bool(g.isolated)
+        if not isolated:  # isolated atoms have no forces and would only dilute the neighbour count
             ok = torch.isfinite(g.forces)
             f_sq += float(g.forces[ok].double().square().sum())
             f_n += int(ok.sum())
-        zs, counts = np.unique(g.numbers.numpy(), return_counts=True)
-        comp = {int(z): int(c) for z, c in zip(zs, counts)}
-        elements.update(comp)
-        if g.n_atoms > 1:  # isolated atoms would only dilute the neighbour count
             n_edges += g.n_edges
             n_nodes += g.n_atoms
-        energy = float(g.energy)
-        comps.setdefault(g.head, []).append((comp, energy))
-        if g.n_atoms == 1 and math.isfinite(energy):
-            isolated.setdefault(g.head, {})[int(g.numbers[0])] = energy
-    heads = sorted(comps)
-    avg = n_edges / max(n_nodes, 1)
-    spec = cfg.data.e0s
-    e0s: dict[str, dict[int, float]] | None
-    from_isolated = False
-    if isinstance(spec, dict):
-        e0s = _explicit_e0s(spec, heads)
-    elif spec == "none":
-        e0s = None
-    else:
-        e0s = {}
-        from_isolated = True
-        for h in heads:
-            need = sorted({z for comp, _ in comps[h] for z in comp})
-            have = isolated.get(h, {})
-            if spec == "isolated" or (spec == "auto" and set(need) <= set(have)):
-                missing = set(need) - set(have)
-                if missing:
-                    from ase.data import chemical_symbols
-
-                    raise ConfigError(
-                        f"data.e0s: isolated: head {h!r} of data.train has no single-atom structure with an "
-                        f"energy for {[chemical_symbols[z] for z in sorted(missing)]}; add them, give data.e0s "
-                        f"as a mapping, or use fit")
-                e0s[h] = {z: have[z] for z in need}
-                how = "isolated atoms"
-            else:
-                e0s[h] = fit_e0s(comps[h], need)
-                how = "a least-squares fit"
-                from_isolated = False
-            if log is not None:
-                log.info("E0s for head %r from %s: %s", h, how, {z: round(v, 6) for z, v in e0s[h].items()})
+        try:
+            tables.setdefault(g.head, E0Table()).add(g.numbers.tolist(), float(g.energy), isolated,
+                                                     train.dataset.where(train.indices[k]))
+        except ValueError as err:
+            raise ConfigError(f"data.train: {err}") from err
+    heads = sorted(tables)
+    e0s, from_isolated = _e0s(tables, cfg.data.e0s, log)
     residuals = [
         (energy - sum(c * (e0s[h].get(z, 0.0) if e0s else 0.0) for z, c in comp.items())) / sum(comp.values())
-        for h in heads for comp, energy in comps[h] if math.isfinite(energy) and sum(comp.values()) > 1
+        for h in heads for comp, energy in tables[h].structures() if math.isfinite(energy)
     ]
     shift = float(np.mean(residuals)) if residuals else None
     scale = math.sqrt(f_sq / f_n) if f_n and f_sq > 0 else None
+    avg = n_edges / max(n_nodes, 1)
     if log is not None:
         log.info("average neighbours %.3f, mean per-atom energy after E0s %s eV, force RMS %s eV/Å", avg,
                  f"{shift:.4f}" if shift is not None else "n/a", f"{scale:.4f}" if scale is not None else "n/a")
-    return heads, sorted(elements), e0s, avg, shift, scale, from_isolated, charge_spin
+    elements = sorted(set().union(*(t.elements for t in tables.values())))
+    return Statistics(heads, elements, e0s, avg, shift, scale, from_isolated, charge_spin)
+
+
+def _e0s(tables: dict[str, E0Table], spec, log: logging.Logger | None  # noqa: ANN001
+         ) -> tuple[dict[str, dict[int, float]] | None, bool]:
+    """E0s per head as ``data.e0s`` asks (auto, isolated, fit, none or a mapping); whether every
+    head's came from isolated-atom frames."""
+    heads = sorted(tables)
+    if isinstance(spec, dict):
+        return _explicit_e0s(spec, heads), False
+    if spec == "none":
+        return None, False
+    e0s: dict[str, dict[int, float]] = {}
+    from_isolated = True
+    for h in heads:
+        table = tables[h]
+        need = sorted(table.elements)
+        if spec == "isolated" or (spec == "auto" and table.covered(need)):
+            missing = sorted(set(need) - set(table.isolated))
+            if missing:
+                from ase.data import chemical_symbols
+
+                raise ConfigError(
+                    f"data.e0s: isolated: head {h!r} of data.train has no isolated-atom structure (no single-atom "
+                    f"structure without pbc) with an energy for {[chemical_symbols[z] for z in missing]}; add "
+                    "them, give data.e0s as a mapping, or use fit")
+            e0s[h] = table.from_isolated(need)
+            how = "isolated atoms"
+        else:
+            e0s[h] = table.fit(need)
+            how = "a least-squares fit"
+            from_isolated = False
+        if log is not None:
+            log.info("E0s for head %r from %s: %s", h, how, {z: round(v, 6) for z, v in e0s[h].items()})
+    return e0s, from_isolated
 
 
 def _explicit_e0s(spec: dict, heads: list[str]) -> dict[str, dict[int, float]]:
@@ -291,29 +330,3 @@ def _explicit_e0s(spec: dict, heads: list[str]) -> dict[str, dict[int, float]]:
             raise ConfigError(f"data.e0s gives no table for head(s) {sorted(missing)}")
         return {h: table(spec[h]) for h in heads}
     return {h: table(spec) for h in heads}
-
-
-def fit_e0s(compositions: list[tuple[dict[int, int], float]], elements: list[int]) -> dict[int, float]:
-    """Least-squares per-element energies, ``E ≈ Σ_Z n_Z · E0_Z``, over labelled structures.
-
-    Args:
-        compositions: ``({Z: count}, energy in eV)`` per structure (NaN energy = unlabelled).
-        elements: atomic numbers to fit.
-
-    >>> fit_e0s([({1: 2}, -2.0), ({1: 1, 8: 1}, -5.0)], [1, 8])
-    {1: -1.0, 8: -4.0}
-    """
-    col = {z: i for i, z in enumerate(elements)}
-    rows, ys = [], []
-    for comp, energy in compositions:
-        if not math.isfinite(energy):
-            continue
-        row = np.zeros(len(elements))
-        for z, c in comp.items():
-            row[col[z]] += c
-        rows.append(row)
-        ys.append(energy)
-    if not rows:
-        return {z: 0.0 for z in elements}
-    sol, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
-    return {z: round(float(v), 12) for z, v in zip(elements, sol)}

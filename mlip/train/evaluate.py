@@ -1,25 +1,82 @@
-"""``mlip evaluate``: errors of a saved model on a data set, its measured rotation-equivariance
-error, and the predicted/reference values for parity plots."""
+"""Errors of a model on data: the one evaluation loop (:func:`evaluate_batches`) behind validation
+during training, test metrics and ``mlip evaluate`` (with the measured rotation-equivariance error
+and the predicted/reference values for parity plots)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from mlip.data.graph import BoundedBatchSampler, collate
+from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
+from mlip.data.split import isolated_indices
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 from mlip.train.equivariance import equivariance_error
+from mlip.train.loss import TERMS, loss_sums
 from mlip.train.metrics import Metrics
 
 
-def _n_atoms(split: Any) -> np.ndarray:
-    if hasattr(split, "n_atoms"):
-        return np.asarray(split.n_atoms)
-    return np.array([split[i].n_atoms for i in range(len(split))])
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_batches` accumulates (this process's share; reduce over ranks yourself).
+
+    Shapes:
+        loss_sums, loss_counts: [3] float64, the :data:`~mlip.train.loss.TERMS` energy, forces, stress.
+    """
+
+    metrics: Metrics
+    loss_sums: torch.Tensor
+    loss_counts: torch.Tensor
+
+
+def evaluate_batches(
+    model: PotentialModel,
+    batches: Iterable[GraphBatch],
+    device: torch.device,
+    dtype: torch.dtype,
+    stress: bool = True,
+    loss_kind: str = "mse",
+    huber_delta: float = 0.01,
+    collect: dict[str, list] | None = None,
+) -> Evaluation:
+    """The one evaluation loop (validation during training, ``mlip evaluate``, test metrics).
+
+    Each batch is moved to ``device``/``dtype`` and predicted with forces (and stress when
+    ``stress`` is set and the batch has stress labels); metrics and loss sums accumulate.
+
+    Args:
+        model: in eval mode (the caller decides; frame-averaged models average all frames then).
+        collect: if given, filled with ``energy_per_atom``, ``forces``, ``stress`` as lists of
+            ``(reference, predicted)`` numpy arrays for parity plots.
+    """
+    metrics = Metrics()
+    sums_t = torch.zeros(len(TERMS), dtype=torch.float64)
+    counts_t = torch.zeros(len(TERMS), dtype=torch.float64)
+    for batch in batches:
+        batch = batch.to(device, dtype)
+        want_s = stress and bool(torch.isfinite(batch.stress).any())
+        pred = {k: v.detach() for k, v in predict(model, batch, forces=True, stress=want_s).items()}
+        sums, counts = loss_sums(pred, batch, loss_kind, huber_delta)
+        sums_t += torch.stack([sums[k] for k in TERMS]).double().cpu()
+        counts_t += torch.stack([counts[k] for k in TERMS]).double().cpu()
+        metrics.update(pred, batch)
+        if collect is not None:
+            _collect(collect, batch, pred, want_s)
+    return Evaluation(metrics, sums_t, counts_t)
+
+
+def _collect(collect: dict[str, list], batch: GraphBatch, pred: dict[str, torch.Tensor], stress: bool) -> None:
+    na = (batch.ptr[1:] - batch.ptr[:-1]).to(batch.energy.dtype)
+    collect.setdefault("energy_per_atom", []).append(
+        ((batch.energy / na).cpu().numpy(), (pred["energy"] / na).cpu().numpy()))
+    collect.setdefault("forces", []).append((batch.forces.cpu().numpy(), pred["forces"].cpu().numpy()))
+    if stress:
+        collect.setdefault("stress", []).append((batch.stress.cpu().numpy(), pred["stress"].cpu().numpy()))
 
 
 def evaluate_split(
@@ -39,41 +96,27 @@ def evaluate_split(
         max_atoms, max_edges, max_graphs: bounds of an evaluation batch (at least one; edges
             need ``split.n_edges``).
         equivariance_structures: how many structures enter the rotation test (0 = skip).
-        collect: if given, filled with ``energy_per_atom``, ``forces``, ``stress`` as lists of
-            ``(reference, predicted)`` numpy arrays for parity plots.
+        collect: see :func:`evaluate_batches`.
 
     Returns:
-        :meth:`Metrics.summary` over structures of two or more atoms, ``equivariance_*`` (see
-        :func:`~mlip.train.equivariance.equivariance_error`), and ``isolated_atoms``
-        ({symbol: {reference, predicted}} in eV) for single-atom structures.
+        :meth:`Metrics.summary` over every structure but the isolated-atom reference frames,
+        ``equivariance_*`` (see :func:`~mlip.train.equivariance.equivariance_error`), and
+        ``isolated_atoms`` ({symbol: {reference, predicted}} in eV) for the reference frames.
     """
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None else torch.float64
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
-    n_atoms = _n_atoms(split)
-    # single atoms are reference points for E0s, not test data: reported apart from the metrics
-    single = np.flatnonzero(n_atoms == 1)
-    many = np.flatnonzero(n_atoms != 1)
+    n_atoms = np.asarray(split.n_atoms) if hasattr(split, "n_atoms") else np.array(
+        [split[i].n_atoms for i in range(len(split))])
+    # isolated atoms are reference points for E0s, not test data: reported apart from the metrics
+    single = isolated_indices(split, n_atoms)
+    many = np.setdiff1d(np.arange(len(n_atoms)), single)
     n_edges = np.asarray(split.n_edges)[many] if max_edges is not None else None
     sampler = BoundedBatchSampler(n_atoms[many], n_edges, max_atoms=max_atoms, max_edges=max_edges,
                                   max_graphs=max_graphs)
-    metrics = Metrics()
-    for pos in sampler:
-        idx = many[pos].tolist()
-        batch = collate([split[i] for i in idx]).to(device, dtype)
-        want_s = bool(torch.isfinite(batch.stress).any())
-        pred = predict(model, batch, forces=True, stress=want_s)
-        pred = {k: v.detach() for k, v in pred.items()}
-        metrics.update(pred, batch)
-        if collect is not None:
-            na = (batch.ptr[1:] - batch.ptr[:-1]).to(dtype)
-            collect.setdefault("energy_per_atom", []).append(
-                ((batch.energy / na).cpu().numpy(), (pred["energy"] / na).cpu().numpy()))
-            collect.setdefault("forces", []).append((batch.forces.cpu().numpy(), pred["forces"].cpu().numpy()))
-            if want_s:
-                collect.setdefault("stress", []).append((batch.stress.cpu().numpy(), pred["stress"].cpu().numpy()))
-    out = metrics.summary()
+    batches = (collate([split[i] for i in many[pos].tolist()]) for pos in sampler)
+    out = evaluate_batches(model, batches, device, dtype, collect=collect).metrics.summary()
     if len(single):
         from ase.data import chemical_symbols
 

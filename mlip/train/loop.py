@@ -33,8 +33,9 @@ from mlip.train.config import ConfigError, TrainConfig, config_to_dict, save_con
 from mlip.train.data import Data, Split, build_data
 from mlip.train.ema import EMA
 from mlip.train.equivariance import equivariance_error, is_exact_by_construction
-from mlip.train.loss import LossWeights, combine, loss_sums, needs, weights_at_epoch
-from mlip.train.metrics import Metrics, format_summary
+from mlip.train.evaluate import evaluate_batches
+from mlip.train.loss import TERMS, LossWeights, combine, loss_sums, needs, weights_at_epoch
+from mlip.train.metrics import format_summary
 
 log = logging.getLogger("mlip.train")
 
@@ -351,32 +352,22 @@ def _skip(state: RunState, why: str) -> None:
 
 
 def validate(state: RunState, split: Split, weights: LossWeights) -> dict:
-    """Loss and metrics of the (EMA) model on ``split``, summed over ranks."""
+    """Loss and metrics of the (EMA) model on ``split`` (:func:`~mlip.train.evaluate.evaluate_batches`),
+    summed over ranks."""
     cfg, info = state.cfg, state.dist
     model = state.model
     was_training = model.training
     model.eval()  # deterministic: full frame averaging, no random rotations (restored below)
-    metrics = Metrics()
-    sums_t = torch.zeros(3, dtype=torch.float64)
-    counts_t = torch.zeros(3, dtype=torch.float64)
     parts = _batches(split, cfg, 0, shuffle=False, max_atoms=cfg.batch.valid_max_atoms)
     local, real = _local(state, parts)
+    batches = (b for b, ok in zip(_load(split, local, 0), real) if ok)
     want_s = cfg.loss.stress_weight > 0 or cfg.loss.stage_two.stress_weight > 0
-    for batch, ok in zip(_load(split, local, 0), real):
-        if not ok:
-            continue
-        batch = batch.to(info.device, state.dtype)
-        pred = predict(model, batch, forces=True, stress=want_s and bool(torch.isfinite(batch.stress).any()))
-        pred = {k: v.detach() for k, v in pred.items()}
-        sums, counts = loss_sums(pred, batch, cfg.loss.kind, cfg.loss.huber_delta)
-        sums_t += torch.stack([sums[k] for k in ("energy", "forces", "stress")]).double().cpu()
-        counts_t += torch.stack([counts[k] for k in ("energy", "forces", "stress")]).double().cpu()
-        metrics.update(pred, batch)
-    metrics.all_reduce(info.device)
-    sums_t, counts_t = ddp.all_reduce_sum(sums_t, info), ddp.all_reduce_sum(counts_t, info)
-    keys = ("energy", "forces", "stress")
-    loss, _ = combine(dict(zip(keys, sums_t)), dict(zip(keys, counts_t)), weights)
-    out = {"loss": float(loss), **metrics.summary()}
+    result = evaluate_batches(model, batches, info.device, state.dtype, stress=want_s, loss_kind=cfg.loss.kind,
+                              huber_delta=cfg.loss.huber_delta)
+    result.metrics.all_reduce(info.device)
+    sums_t, counts_t = ddp.all_reduce_sum(result.loss_sums, info), ddp.all_reduce_sum(result.loss_counts, info)
+    loss, _ = combine(dict(zip(TERMS, sums_t)), dict(zip(TERMS, counts_t)), weights)
+    out = {"loss": float(loss), **result.metrics.summary()}
     check = cfg.train.equivariance_check
     if check is True or (check == "auto" and not is_exact_by_construction(model)):
         n = min(cfg.train.equivariance_structures, len(split))

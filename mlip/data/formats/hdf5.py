@@ -239,15 +239,15 @@ class HDF5Reader:
             value = float(f[name][i])
             if not np.isnan(value):
                 atoms.info[name] = value
-        for name in (K.HEAD, "config_type"):
+        for name in (K.HEAD, K.CONFIG_TYPE):
             value = _decode(f[name][i])
             if value:
                 atoms.info[name] = value
         original = _decode(f["source"][i])
         if original:
             atoms.info["original_source"] = original
-        atoms.info["source"] = f"{self.path} frame {i}"
-        atoms.info["isolated_atom"] = is_isolated_atom(atoms, atoms.info.get("config_type"))
+        atoms.info[K.SOURCE] = f"{self.path} frame {i}"
+        atoms.info[K.ISOLATED] = is_isolated_atom(atoms)
         if self.validate:
             validate_atoms(atoms, path=self.path, frame=i)
         return atoms

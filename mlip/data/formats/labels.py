@@ -180,8 +180,17 @@ def convert_label(label: str, value: Any, n_atoms: int, path: Any, frame: int, k
     return float(arr.reshape(()))
 
 
-def is_isolated_atom(atoms: Atoms, config_type: Any = None) -> bool:
-    """An isolated-atom reference frame: config_type IsolatedAtom, or one atom without pbc."""
+def is_isolated_atom(atoms: Atoms) -> bool:
+    """An isolated-atom reference frame (its energy is an element's E0, not a training target).
+
+    ``info["isolated_atom"]`` when a reader set it, else ``config_type`` IsolatedAtom (any case),
+    else a single atom without periodic boundaries. A one-atom *periodic* cell (an elemental
+    crystal in its primitive cell) is a structure like any other.
+    """
+    flag = atoms.info.get(K.ISOLATED)
+    if flag is not None:
+        return bool(flag)
+    config_type = atoms.info.get(K.CONFIG_TYPE)
     if isinstance(config_type, str) and config_type.lower() in ISOLATED_CONFIG_TYPES:
         return True
     return len(atoms) == 1 and not bool(np.any(atoms.pbc))
@@ -242,8 +251,8 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
         atoms.info[name] = value
     for name, value in (extra_arrays or {}).items():
         atoms.arrays[name] = np.asarray(value)
-    atoms.info["source"] = f"{path} frame {frame}"
-    atoms.info["isolated_atom"] = is_isolated_atom(atoms, atoms.info.get("config_type"))
+    atoms.info[K.SOURCE] = f"{path} frame {frame}"
+    atoms.info[K.ISOLATED] = is_isolated_atom(atoms)
     if validate:
         validate_atoms(atoms, path=path, frame=frame, keys=keys)
     return atoms
