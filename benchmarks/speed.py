@@ -60,12 +60,10 @@ def _preset(family: str, preset: str) -> dict[str, Any]:
 
 def mlip_config(spec: dict[str, Any]) -> dict[str, Any]:
     """The full model config of an ``mlip`` spec: preset, then overrides, then elements."""
-    import dataclasses
 
-    from mlip.models.base import MODELS, _import_families
+    from mlip.models.base import config_fields
 
-    _import_families()
-    fields = {f.name for f in dataclasses.fields(MODELS[spec["family"]].Config)}
+    fields = set(config_fields(spec["family"]))
     base = _preset(spec["family"], spec["preset"]) if spec.get("preset") else {}
     # a normalisation the training data would set; a fixed value keeps the runs comparable
     cfg = {**({"avg_num_neighbors": 30.0} if "avg_num_neighbors" in fields else {}), **base, **spec.get("config", {})}
@@ -582,13 +580,11 @@ def suite_specs(families: list[str], preset: str, dtype: str, mace: bool, e3nn: 
 def with_overrides(specs: dict[str, dict[str, Any]], items: list[str]) -> dict[str, dict[str, Any]]:
     """Add ``KEY=VALUE`` config overrides (values parsed as YAML) to the ``mlip`` specs whose family
     config has ``KEY``; those specs' labels get `` [KEY=VALUE ...]``. Other specs are unchanged."""
-    import dataclasses
 
     import yaml
 
-    from mlip.models.base import MODELS, _import_families
+    from mlip.models.base import config_fields
 
-    _import_families()
     pairs = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -598,7 +594,7 @@ def with_overrides(specs: dict[str, dict[str, Any]], items: list[str]) -> dict[s
     out: dict[str, dict[str, Any]] = {}
     for label, spec in specs.items():
         if spec["kind"] == "mlip":
-            fields = {f.name for f in dataclasses.fields(MODELS[spec["family"]].Config)}
+            fields = set(config_fields(spec["family"]))
             extra = {k: v for k, v in pairs if k in fields}
             if extra:
                 spec = {**spec, "config": {**spec.get("config", {}), **extra}}

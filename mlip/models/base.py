@@ -76,7 +76,8 @@ class PotentialModel(torch.nn.Module):
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """A config dataclass (model or training config, nested dataclasses included) or mapping as a plain dict."""
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -94,13 +95,31 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 def build_model(family: str, config: dict[str, Any] | Any) -> PotentialModel:
     """Build a model of ``family`` from a config dict or dataclass."""
+    cls = model_class(family)
+    cfg = config_from_dict(cls.Config, dict(config)) if isinstance(config, dict) else config
+    return cls(cfg)
+
+
+def model_class(family: str) -> type[PotentialModel]:
+    """The class registered for ``family`` (the built-in families are imported on first use).
+
+    Raises:
+        KeyError: an unknown family, naming the nearest known one.
+    """
     if family not in MODELS:
         _import_families()
     if family not in MODELS:
-        raise KeyError(f"unknown model family {family!r}; known: {sorted(MODELS)}")
-    cls = MODELS[family]
-    cfg = config_from_dict(cls.Config, dict(config)) if isinstance(config, dict) else config
-    return cls(cfg)
+        import difflib
+
+        near = difflib.get_close_matches(str(family), sorted(MODELS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise KeyError(f"unknown model family {family!r}{hint} (known: {sorted(MODELS)})")
+    return MODELS[family]
+
+
+def config_fields(family: str) -> list[str]:
+    """The field names of ``family``'s ``Config`` dataclass."""
+    return [f.name for f in dataclasses.fields(model_class(family).Config)]
 
 
 def _import_families() -> None:

@@ -16,6 +16,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from mlip.atomic import atomic_path
+from mlip.models.base import config_to_dict
 
 
 class ConfigError(ValueError):
@@ -278,23 +279,16 @@ def check_label_keys(keys: dict) -> None:
 
 def check_model_section(section: dict) -> None:
     """Reject an unknown family or an unknown key of the family's ``Config`` (nearest name suggested)."""
-    from mlip.models.base import MODELS, _import_families
+    from mlip.models.base import config_fields
 
     family = section["family"]
-    if family not in MODELS:
-        _import_families()
-    if family not in MODELS:
-        near = difflib.get_close_matches(str(family), sorted(MODELS), n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"unknown model family {family!r}{hint} (known: {sorted(MODELS)})")
-    names = [f.name for f in dataclasses.fields(MODELS[family].Config)]
+    try:
+        names = config_fields(family)
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from None
     for key in section:
         if key != "family" and key not in names:
             raise _suggest(f"model.{key}", names, f" (family {family!r})")
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,12 +24,12 @@ import torch
 from mlip.atomic import atomic_path
 from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
 from mlip.dtypes import resolve_dtype
-from mlip.models.base import MODELS, PotentialModel, _import_families, load_model, save_model
+from mlip.models.base import PotentialModel, config_fields, config_to_dict, load_model, model_class, save_model
 from mlip.models.base import build_model as _build
 from mlip.models.outputs import predict
 from mlip.train import checkpoint as ckpt
 from mlip.train import distributed as ddp
-from mlip.train.config import ConfigError, TrainConfig, config_to_dict, save_config
+from mlip.train.config import ConfigError, TrainConfig, save_config
 from mlip.train.data import Data, Split, build_data
 from mlip.train.ema import EMA
 from mlip.train.equivariance import equivariance_error, is_exact_by_construction
@@ -157,7 +157,7 @@ class RunState:
             "elapsed_s": time.time() - self.started,
             "config": config_to_dict(self.cfg),
             "model_family": self.model.family,
-            "model_config": config_to_dict_any(self.model.config),
+            "model_config": config_to_dict(self.model.config),
         }
 
     def load_checkpoint(self, state: dict) -> None:
@@ -180,12 +180,6 @@ class RunState:
         ckpt.set_rng_state(state["rng"])
 
 
-def config_to_dict_any(cfg: Any) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-
-
 # ----------------------------------------------------------------------------- build_model
 def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
@@ -200,15 +194,9 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
         init = load_model(cfg.train.init_from)
         if init.family != family:
             raise ConfigError(f"--init-from {cfg.train.init_from} is a {init.family!r} model; the config asks for {family!r}")
-        base = config_to_dict_any(init.config)
+        base = config_to_dict(init.config)
     base.update(section)
-    if family not in MODELS:
-        _import_families()
-    if family not in MODELS:
-        raise KeyError(f"unknown model family {family!r} in config section 'model'; known: {sorted(MODELS)}")
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(MODELS[family].Config)}
+    names = set(config_fields(family))
     derived = {
         "elements": data.elements,
         "heads": data.heads,
@@ -678,12 +666,7 @@ def _r_max(cfg: TrainConfig) -> float:
         return float(cfg.model["r_max"])
     if cfg.train.init_from:
         return load_model(cfg.train.init_from).r_max
-    family = cfg.model["family"]
-    if family not in MODELS:
-        _import_families()
-    if family not in MODELS:
-        raise KeyError(f"unknown model family {family!r} in config section 'model'; known: {sorted(MODELS)}")
-    return float(MODELS[family].Config().r_max)
+    return float(model_class(cfg.model["family"]).Config().r_max)
 
 
 def _enable_tf32(info: ddp.DistInfo) -> None:
