@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -133,6 +134,110 @@ def _heights(w: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # torch cell list
 # --------------------------------------------------------------------------------------------
+@dataclass
+class _Bins:
+    """A cell list: atoms wrapped into the cell and sorted into bins (see :func:`_torch_neighbor_list`).
+
+    Shapes:
+        w [3, 3] working cell (Å); pos [n, 3] positions as given; pos_w [n, 3] wrapped (Å), in bin
+        order (candidate gathers stay local), and pos_w_t [3, n] the same transposed;
+        img_atom [n, 3] integer image each atom was wrapped from; bin3 [n, 3] bin of each atom;
+        order [n] atoms sorted by bin; counts, starts [n_bins]; offsets [n_offsets, 3] bin offsets.
+    """
+
+    w: torch.Tensor
+    pos: torch.Tensor
+    pos_w: torch.Tensor
+    pos_w_t: torch.Tensor
+    img_atom: torch.Tensor
+    nb: list[int]
+    bin3: torch.Tensor
+    order: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _wrap(pos: torch.Tensor, cell64: torch.Tensor, pbc_list: list[bool]
+          ) -> tuple[torch.Tensor, list[float], torch.Tensor, torch.Tensor]:
+    """Working cell, its heights (Å), fractional positions wrapped into [0, 1) along periodic
+    directions ``[n, 3]`` and the image each atom was wrapped from ``[n, 3]``."""
+    w = _working_cell(cell64, pbc_list)
+    h_list = _heights(w).tolist()  # 1 along non-periodic directions by construction
+    for k in range(3):
+        if pbc_list[k] and not h_list[k] > _MIN_HEIGHT:
+            raise ValueError(f"cell is (nearly) singular: height {h_list[k]:.3g} Å along periodic direction {k}")
+    frac = torch.linalg.solve(w.T, pos.T).T  # [n, 3]; pos = frac @ w
+    periodic = torch.tensor(pbc_list, device=pos.device)
+    img_atom = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))  # [n, 3]
+    return w, h_list, frac - img_atom, img_atom
+
+
+def _bin_layout(frac_w: torch.Tensor, h_list: list[float], pbc_list: list[bool], r_max: float,
+                bins_per_cutoff: int) -> tuple[list[int], list[int], list[float], list[float]]:
+    """Bins per direction, reach ``m`` (bins), bin width (fractional units) and origin.
+
+    Bins are ``r_bin / bins_per_cutoff`` wide (perpendicular to the faces), so a pair within
+    ``r_max`` is at most ``m = ceil(r_bin / width)`` bins apart. Finer bins test fewer far-away
+    candidates at the price of more (receiver, bin) groups; 2 per cutoff was fastest for fcc Cu.
+    """
+    r_bin = r_max * (1.0 + _BIN_SLACK)
+    lo = frac_w.min(dim=0).values.tolist()
+    hi = frac_w.max(dim=0).values.tolist()
+    nb, m, width, origin = [], [], [], []
+    for k in range(3):
+        if pbc_list[k]:
+            nb_k = max(1, int(h_list[k] * bins_per_cutoff / r_bin))
+            nb.append(nb_k)
+            width.append(1.0 / nb_k)
+            origin.append(0.0)
+            m.append(math.ceil(r_bin * nb_k / h_list[k]))
+        else:
+            span = (hi[k] - lo[k]) * h_list[k]  # Å
+            nb.append(int(span * bins_per_cutoff / r_bin) + 1)
+            width.append(r_bin / (bins_per_cutoff * h_list[k]))
+            origin.append(lo[k])
+            m.append(bins_per_cutoff)
+    # Very sparse systems (two atoms in a huge box, a molecule spread over microns) would get
+    # far more bins than atoms; coarser bins stay correct (the reach m is recomputed).
+    max_bins = max(8 * frac_w.shape[0], 64)
+    while nb[0] * nb[1] * nb[2] > max_bins:
+        k = int(np.argmax(nb))
+        nb[k] = (nb[k] + 1) // 2
+        if pbc_list[k]:
+            width[k] = 1.0 / nb[k]
+        else:
+            width[k] = max(width[k], (hi[k] - lo[k]) / nb[k] * (1.0 + _BIN_SLACK))
+        m[k] = math.ceil(r_bin / (width[k] * h_list[k]))
+    n_offsets = (2 * m[0] + 1) * (2 * m[1] + 1) * (2 * m[2] + 1)
+    if n_offsets > _MAX_OFFSETS:
+        raise ValueError(f"r_max={r_max} Å needs {n_offsets} periodic images for cell heights {h_list} Å; "
+                         "the cell is (nearly) degenerate")
+    return nb, m, width, origin
+
+
+def _bin_atoms(pos: torch.Tensor, cell64: torch.Tensor, pbc_list: list[bool], r_max: float,
+               bins_per_cutoff: int) -> _Bins:
+    """Wrap the atoms into the cell and sort them into bins."""
+    device = pos.device
+    w, h_list, frac_w, img_atom = _wrap(pos, cell64, pbc_list)
+    nb, m, width, origin = _bin_layout(frac_w, h_list, pbc_list, r_max, bins_per_cutoff)
+    nb_t = torch.tensor(nb, device=device)
+    width_t = torch.tensor(width, dtype=torch.float64, device=device)
+    origin_t = torch.tensor(origin, dtype=torch.float64, device=device)
+    bin3 = torch.floor((frac_w - origin_t) / width_t).long()
+    bin3 = torch.minimum(bin3.clamp_min(0), nb_t - 1)  # [n, 3]
+    bin_id = (bin3[:, 0] * nb[1] + bin3[:, 1]) * nb[2] + bin3[:, 2]  # [n]
+    order = torch.argsort(bin_id, stable=True)  # atoms grouped by bin
+    counts = torch.bincount(bin_id, minlength=nb[0] * nb[1] * nb[2])  # [n_bins]
+    grids = [torch.arange(-m[k], m[k] + 1, device=device) for k in range(3)]
+    pos_w = (pos - img_atom @ w)[order]
+    return _Bins(w=w, pos=pos, pos_w=pos_w, pos_w_t=pos_w.T.contiguous(), img_atom=img_atom.long(), nb=nb,
+                 bin3=bin3[order],
+                 order=order, counts=counts, starts=torch.cumsum(counts, 0) - counts,
+                 offsets=torch.cartesian_prod(*grids).reshape(-1, 3))
+
+
 def _torch_neighbor_list(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -156,150 +261,82 @@ def _torch_neighbor_list(
     if max_pairs_per_chunk is None:  # ~100 bytes of temporaries per candidate pair
         max_pairs_per_chunk = (1 << 24) if device.type == "cuda" else (1 << 21)
     n = int(positions.shape[0])
-    empty = (
-        torch.zeros(2, 0, dtype=torch.long, device=device),
-        torch.zeros(0, 3, dtype=torch.long, device=device),
-    )
     if n == 0:
-        return empty
-    pos = positions.to(torch.float64)
-    cell64 = cell.to(device=device, dtype=torch.float64)
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
     pbc_list = [bool(p) for p in pbc.tolist()]
+    cell64 = cell.to(device=device, dtype=torch.float64)
+    bins = _bin_atoms(positions.to(torch.float64), cell64, pbc_list, r_max, bins_per_cutoff)
     periodic = torch.tensor(pbc_list, device=device)
-
-    w = _working_cell(cell64, pbc_list)
-    heights = _heights(w)  # [3]; 1 along non-periodic directions by construction
-    h_list = heights.tolist()
-    for k in range(3):
-        if pbc_list[k] and not h_list[k] > _MIN_HEIGHT:
-            raise ValueError(
-                f"cell is (nearly) singular: height {h_list[k]:.3g} Å along periodic direction {k}"
-            )
-    frac = torch.linalg.solve(w.T, pos.T).T  # [n, 3]; pos = frac @ w
-    img_atom = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))  # [n, 3] image of each atom
-    frac_w = frac - img_atom  # in [0, 1] along periodic directions
-
-    r_bin = r_max * (1.0 + _BIN_SLACK)
-    lo = frac_w.min(dim=0).values.tolist()
-    hi = frac_w.max(dim=0).values.tolist()
-    # Bins are r_bin / bins_per_cutoff wide (perpendicular to the faces), so a pair within r_max
-    # is at most m = ceil(r_bin / width) bins apart. Finer bins test fewer far-away candidates
-    # at the price of more (receiver, bin) groups; 2 per cutoff was fastest for fcc Cu at 5 Å.
-    nb, m, width, origin = [], [], [], []  # bins, reach (bins), bin width (fractional units), origin
-    for k in range(3):
-        if pbc_list[k]:
-            nb_k = max(1, int(h_list[k] * bins_per_cutoff / r_bin))
-            nb.append(nb_k)
-            width.append(1.0 / nb_k)
-            origin.append(0.0)
-            m.append(math.ceil(r_bin * nb_k / h_list[k]))
-        else:
-            span = (hi[k] - lo[k]) * h_list[k]  # Å
-            nb.append(int(span * bins_per_cutoff / r_bin) + 1)
-            width.append(r_bin / (bins_per_cutoff * h_list[k]))
-            origin.append(lo[k])
-            m.append(bins_per_cutoff)
-    # Very sparse systems (two atoms in a huge box, a molecule spread over microns) would get
-    # far more bins than atoms; coarser bins stay correct (the reach m is recomputed).
-    max_bins = max(8 * n, 64)
-    while nb[0] * nb[1] * nb[2] > max_bins:
-        k = int(np.argmax(nb))
-        nb[k] = (nb[k] + 1) // 2
-        if pbc_list[k]:
-            width[k] = 1.0 / nb[k]
-        else:
-            width[k] = max(width[k], (hi[k] - lo[k]) / nb[k] * (1.0 + _BIN_SLACK))
-        m[k] = math.ceil(r_bin / (width[k] * h_list[k]))
-    n_offsets = (2 * m[0] + 1) * (2 * m[1] + 1) * (2 * m[2] + 1)
-    if n_offsets > _MAX_OFFSETS:
-        raise ValueError(
-            f"r_max={r_max} Å needs {n_offsets} periodic images for cell heights {h_list} Å; "
-            "the cell is (nearly) degenerate"
-        )
-
-    nb_t = torch.tensor(nb, device=device)
-    width_t = torch.tensor(width, dtype=torch.float64, device=device)
-    origin_t = torch.tensor(origin, dtype=torch.float64, device=device)
-    bin3 = torch.floor((frac_w - origin_t) / width_t).long()
-    bin3 = torch.minimum(bin3.clamp_min(0), nb_t - 1)  # [n, 3]
-    bin_id = (bin3[:, 0] * nb[1] + bin3[:, 1]) * nb[2] + bin3[:, 2]  # [n]
-    n_bins = nb[0] * nb[1] * nb[2]
-    order = torch.argsort(bin_id, stable=True)  # atoms grouped by bin
-    counts = torch.bincount(bin_id, minlength=n_bins)  # [n_bins]
-    starts = torch.cumsum(counts, 0) - counts  # [n_bins] first slot of each bin in `order`
-
-    img_atom_l = img_atom.long()
-    pos_w = pos - img_atom @ w  # [n, 3] wrapped positions (Å)
-    pos_w_sorted = pos_w[order]  # [n, 3] in bin order: candidate gathers stay local
-    pos_w_t = pos_w_sorted.T.contiguous()  # [3, n]
-    bin3_sorted = bin3[order]
-    grids = [torch.arange(-m[k], m[k] + 1, device=device) for k in range(3)]
-    offsets = torch.cartesian_prod(*grids).reshape(-1, 3)  # [n_offsets, 3] bin offsets
-    r_coarse2 = (r_max * (1.0 + _BIN_SLACK)) ** 2  # coarse test on wrapped positions (superset)
-
     out_r, out_s, out_S = [], [], []
     # Receivers are taken in bin order, in chunks bounding the (receiver, offset) tables.
-    rec_chunk = max(1, (1 << 20) // n_offsets)
+    rec_chunk = max(1, (1 << 20) // bins.offsets.shape[0])
     for r_start in range(0, n, rec_chunk):
-        r_end = min(n, r_start + rec_chunk)
-        ext = bin3_sorted[r_start:r_end, None, :] + offsets[None, :, :]  # [c, n_off, 3] extended bins
-        img = torch.div(ext, nb_t, rounding_mode="floor")  # [c, n_off, 3] image of the neighbour bin
-        wrapped = ext - img * nb_t
-        valid = ((img == 0) | periodic).all(dim=-1)  # no images along non-periodic directions
-        nbin = (wrapped[..., 0] * nb[1] + wrapped[..., 1]) * nb[2] + wrapped[..., 2]
-        nbin = torch.where(valid, nbin, torch.zeros_like(nbin))
-        cnt = torch.where(valid, counts[nbin], torch.zeros_like(nbin))  # [c, n_off] candidates
-        first_slot = starts[nbin]  # [c, n_off]
-        # vector from the receiver to the neighbour bin's image origin: edge = pos_w[j] + base
-        base = img.to(torch.float64) @ w - pos_w_sorted[r_start:r_end, None, :]  # [c, n_off, 3]
-        # split further so that no sub-chunk exceeds the candidate-pair budget
-        cum = torch.cumsum(cnt.sum(dim=1), 0)  # [c]
-        total = int(cum[-1])
-        if total == 0:
-            continue
-        cuts = [0, r_end - r_start]
-        if total > max_pairs_per_chunk:
-            marks = torch.arange(max_pairs_per_chunk, total, max_pairs_per_chunk, device=device)
-            inner = sorted({int(x) + 1 for x in torch.searchsorted(cum, marks).tolist()})
-            cuts = [0] + [x for x in inner if x < r_end - r_start] + [r_end - r_start]
-        for a, b in itertools.pairwise(cuts):
-            g_cnt = cnt[a:b].reshape(-1)  # [groups]
-            n_pairs = int(g_cnt.sum()) if b > a else 0
-            if n_pairs == 0:
-                continue
-            group = torch.repeat_interleave(
-                torch.arange(g_cnt.numel(), device=device), g_cnt, output_size=n_pairs
-            )
-            # slot in `order` of each candidate: its bin's first slot + its rank inside the group
-            slot_base = first_slot[a:b].reshape(-1) - (torch.cumsum(g_cnt, 0) - g_cnt)  # [groups]
-            slot = slot_base.index_select(0, group) + torch.arange(n_pairs, device=device)
-            # coarse test on wrapped positions; [3, pairs] layout and index_select are much
-            # faster on CPU than row gathers of [pairs, 3] and boolean-mask indexing
-            base_t = base[a:b].reshape(-1, 3).T.contiguous()  # [3, groups]
-            vec_t = pos_w_t.index_select(1, slot) + base_t.index_select(1, group)  # [3, pairs]
-            near = torch.nonzero((vec_t * vec_t).sum(dim=0) < r_coarse2).squeeze(1)
-            group, slot = group.index_select(0, near), slot.index_select(0, near)
-            # exact test, from the positions as given, exactly as ASE computes it
-            receiver = order.index_select(0, r_start + a + torch.div(group, n_offsets, rounding_mode="floor"))
-            sender = order.index_select(0, slot)
-            shift = (
-                img[a:b].reshape(-1, 3).index_select(0, group)
-                - img_atom_l.index_select(0, sender)
-                + img_atom_l.index_select(0, receiver)
-            )  # [pairs, 3]
-            vec = (
-                pos.index_select(0, sender) - pos.index_select(0, receiver) + shift.to(torch.float64) @ cell64
-            )
-            dist = torch.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1] + vec[:, 2] * vec[:, 2])
-            # strict cutoff after the sqrt like ASE; drop each atom's zero-shift self pair
-            keep = (dist < r_max) & ~((sender == receiver) & (shift == 0).all(dim=1))
-            keep = torch.nonzero(keep).squeeze(1)
-            out_r.append(receiver.index_select(0, keep))
-            out_s.append(sender.index_select(0, keep))
-            out_S.append(shift.index_select(0, keep))
+        for r, s_, S in _chunk_pairs(bins, cell64, periodic, r_start, min(n, r_start + rec_chunk), r_max,
+                                     max_pairs_per_chunk):
+            out_r.append(r)
+            out_s.append(s_)
+            out_S.append(S)
     if not out_r:
-        return empty
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
     return _finish(torch.cat(out_r), torch.cat(out_s), torch.cat(out_S), n, device)
+
+
+def _chunk_pairs(bins: _Bins, cell64: torch.Tensor, periodic: torch.Tensor, r_start: int, r_end: int,
+                 r_max: float, max_pairs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Edges ``(receiver, sender, unit shift)`` of the receivers ``r_start:r_end`` (in bin order),
+    candidates taken from the neighbouring bins in sub-chunks of at most ``max_pairs`` pairs."""
+    nb, n_offsets = bins.nb, bins.offsets.shape[0]
+    nb_t = torch.tensor(nb, device=cell64.device)
+    ext = bins.bin3[r_start:r_end, None, :] + bins.offsets[None, :, :]  # [c, n_off, 3] extended bins
+    img = torch.div(ext, nb_t, rounding_mode="floor")  # [c, n_off, 3] image of the neighbour bin
+    wrapped = ext - img * nb_t
+    valid = ((img == 0) | periodic).all(dim=-1)  # no images along non-periodic directions
+    nbin = (wrapped[..., 0] * nb[1] + wrapped[..., 1]) * nb[2] + wrapped[..., 2]
+    nbin = torch.where(valid, nbin, torch.zeros_like(nbin))
+    cnt = torch.where(valid, bins.counts[nbin], torch.zeros_like(nbin))  # [c, n_off] candidates
+    first_slot = bins.starts[nbin]  # [c, n_off]
+    # vector from the receiver to the neighbour bin's image origin: edge = pos_w[j] + base
+    base = img.to(torch.float64) @ bins.w - bins.pos_w[r_start:r_end, None, :]  # [c, n_off, 3]
+    cum = torch.cumsum(cnt.sum(dim=1), 0)  # [c]
+    total = int(cum[-1])
+    if total == 0:
+        return
+    cuts = [0, r_end - r_start]
+    if total > max_pairs:  # split further so that no sub-chunk exceeds the candidate-pair budget
+        marks = torch.arange(max_pairs, total, max_pairs, device=cell64.device)
+        inner = sorted({int(x) + 1 for x in torch.searchsorted(cum, marks).tolist()})
+        cuts = [0] + [x for x in inner if x < r_end - r_start] + [r_end - r_start]
+    r_coarse2 = (r_max * (1.0 + _BIN_SLACK)) ** 2  # coarse test on wrapped positions (superset)
+    for a, b in itertools.pairwise(cuts):
+        g_cnt = cnt[a:b].reshape(-1)  # [groups]
+        n_pairs = int(g_cnt.sum()) if b > a else 0
+        if n_pairs == 0:
+            continue
+        group = torch.repeat_interleave(torch.arange(g_cnt.numel(), device=cell64.device), g_cnt, output_size=n_pairs)
+        # slot in `order` of each candidate: its bin's first slot + its rank inside the group
+        slot_base = first_slot[a:b].reshape(-1) - (torch.cumsum(g_cnt, 0) - g_cnt)  # [groups]
+        slot = slot_base.index_select(0, group) + torch.arange(n_pairs, device=cell64.device)
+        # coarse test on wrapped positions; [3, pairs] layout and index_select are much
+        # faster on CPU than row gathers of [pairs, 3] and boolean-mask indexing
+        base_t = base[a:b].reshape(-1, 3).T.contiguous()  # [3, groups]
+        vec_t = bins.pos_w_t.index_select(1, slot) + base_t.index_select(1, group)  # [3, pairs]
+        near = torch.nonzero((vec_t * vec_t).sum(dim=0) < r_coarse2).squeeze(1)
+        group, slot = group.index_select(0, near), slot.index_select(0, near)
+        receiver = bins.order.index_select(0, r_start + a + torch.div(group, n_offsets, rounding_mode="floor"))
+        sender = bins.order.index_select(0, slot)
+        shift = (img[a:b].reshape(-1, 3).index_select(0, group) - bins.img_atom.index_select(0, sender)
+                 + bins.img_atom.index_select(0, receiver))  # [pairs, 3]
+        yield _exact_edges(bins.pos, cell64, receiver, sender, shift, r_max)
+
+
+def _exact_edges(pos: torch.Tensor, cell64: torch.Tensor, receiver: torch.Tensor, sender: torch.Tensor,
+                 shift: torch.Tensor, r_max: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the candidates within ``r_max``, from the positions as given, exactly as ASE computes it."""
+    vec = pos.index_select(0, sender) - pos.index_select(0, receiver) + shift.to(torch.float64) @ cell64
+    dist = torch.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1] + vec[:, 2] * vec[:, 2])
+    # strict cutoff after the sqrt like ASE; drop each atom's zero-shift self pair
+    keep = torch.nonzero((dist < r_max) & ~((sender == receiver) & (shift == 0).all(dim=1))).squeeze(1)
+    return receiver.index_select(0, keep), sender.index_select(0, keep), shift.index_select(0, keep)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,8 +430,8 @@ BACKENDS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
 
 
 def _auto_backend(device: torch.device) -> str:
-    # Measured by benchmarks/neighbors.py: on the CPU vesin builds small cells ~10x faster than
-    # our torch cell list (whose cost is per-op overhead); on a GPU the torch list avoids copies.
+    # On the CPU vesin is faster than our torch cell list, whose cost is per-op overhead
+    # (benchmarks/neighbors.py, docs/benchmarks.md); on a GPU the torch list avoids copies.
     if device.type == "cpu":
         try:
             import vesin  # noqa: F401
