@@ -302,6 +302,87 @@ class _Moments:
         return math.sqrt(self.m2 / self.n) if self.n else float("nan")
 
 
+class _Summary:
+    """Running statistics of :func:`summarize`, one structure at a time."""
+
+    def __init__(self) -> None:
+        self.n_structures = self.n_atoms_total = 0
+        self.atom_counts = _Moments()
+        self.elements: Counter = Counter()
+        self.element_structures: Counter = Counter()
+        self.labels = {name: 0 for name in (K.ENERGY, K.FORCES, K.STRESS, K.CHARGE, K.SPIN, K.WEIGHT, K.HEAD)}
+        self.periodic = self.molecular = self.partial = self.isolated = 0
+        self.e_per_atom = _Moments()
+        self.force_sq, self.force_n, self.force_max = 0.0, 0, 0.0
+        self.stress = _Moments()
+        self.tags: dict[str, Counter] = {name: Counter() for name in ("heads", "config_types", "charges", "spins")}
+
+    def add(self, atoms: Atoms) -> None:
+        n = len(atoms)
+        self.n_structures += 1
+        self.n_atoms_total += n
+        self.atom_counts.add(np.array([n]))
+        zs, cnt = np.unique(atoms.numbers, return_counts=True)
+        for z, c in zip(zs.tolist(), cnt.tolist()):
+            self.elements[z] += c
+            self.element_structures[z] += 1
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        self.periodic += int(pbc.all())
+        self.molecular += int(not pbc.any())
+        self.partial += int(pbc.any() and not pbc.all())
+        self.isolated += int(is_isolated_atom(atoms))
+        for name in self.labels:
+            present = name in atoms.arrays if name == K.FORCES else atoms.info.get(name) is not None
+            self.labels[name] += int(present)
+        self._add_labels(atoms, n)
+        info = atoms.info
+        self.tags["heads"][str(info.get(K.HEAD, "default"))] += 1
+        for tag, key, cast in (("config_types", K.CONFIG_TYPE, str), ("charges", K.CHARGE, float),
+                               ("spins", K.SPIN, float)):
+            if info.get(key) is not None:
+                self.tags[tag][cast(info[key])] += 1
+
+    def _add_labels(self, atoms: Atoms, n: int) -> None:
+        energy = _energy(atoms)
+        if math.isfinite(energy):
+            self.e_per_atom.add(np.array([energy / n]))
+        if K.FORCES in atoms.arrays:
+            f = np.asarray(atoms.arrays[K.FORCES], dtype=np.float64)
+            self.force_sq += float((f**2).sum())
+            self.force_n += f.size
+            self.force_max = max(self.force_max, float(np.linalg.norm(f, axis=1).max()) if n else 0.0)
+        if atoms.info.get(K.STRESS) is not None:
+            self.stress.add(np.asarray(atoms.info[K.STRESS], dtype=np.float64))
+
+    def result(self) -> dict[str, Any]:
+        nan, some = float("nan"), self.n_structures > 0
+        e, st = self.e_per_atom, self.stress
+        return {
+            "n_structures": self.n_structures,
+            "n_atoms_total": self.n_atoms_total,
+            "n_atoms_min": int(self.atom_counts.min) if some else 0,
+            "n_atoms_max": int(self.atom_counts.max) if some else 0,
+            "n_atoms_mean": self.atom_counts.mean if some else nan,
+            "elements": {chemical_symbols[z]: self.elements[z] for z in sorted(self.elements)},
+            "element_structures": {chemical_symbols[z]: self.element_structures[z]
+                                   for z in sorted(self.element_structures)},
+            "labels": self.labels,
+            "n_periodic": self.periodic,
+            "n_molecular": self.molecular,
+            "n_partially_periodic": self.partial,
+            "n_isolated_atoms": self.isolated,
+            "energy_per_atom_mean": e.mean if e.n else nan,
+            "energy_per_atom_std": e.std,
+            "energy_per_atom_min": e.min if e.n else nan,
+            "energy_per_atom_max": e.max if e.n else nan,
+            "forces_rms": math.sqrt(self.force_sq / self.force_n) if self.force_n else nan,
+            "forces_max": self.force_max if self.force_n else nan,
+            "stress_min": st.min if st.n else nan,
+            "stress_max": st.max if st.n else nan,
+            **{tag: dict(sorted(c.items())) for tag, c in self.tags.items()},
+        }
+
+
 def summarize(atoms_list: Iterable[Atoms]) -> dict[str, Any]:
     """Statistics of a data set for ``mlip data inspect``; streams (one structure at a time).
 
@@ -320,83 +401,10 @@ def summarize(atoms_list: Iterable[Atoms]) -> dict[str, Any]:
         ``heads``, ``config_types``, ``charges``, ``spins`` (value -> n structures). Statistics
         with no data are NaN.
     """
-    n_structures = n_atoms_total = 0
-    atom_counts = _Moments()
-    elements: Counter = Counter()
-    element_structures: Counter = Counter()
-    labels = {name: 0 for name in (K.ENERGY, K.FORCES, K.STRESS, K.CHARGE, K.SPIN, K.WEIGHT, K.HEAD)}
-    periodic = molecular = partial = isolated = 0
-    e_per_atom = _Moments()
-    force_sq, force_n, force_max = 0.0, 0, 0.0
-    stress = _Moments()
-    heads: Counter = Counter()
-    config_types: Counter = Counter()
-    charges: Counter = Counter()
-    spins: Counter = Counter()
+    summary = _Summary()
     for atoms in atoms_list:
-        n_structures += 1
-        n = len(atoms)
-        n_atoms_total += n
-        atom_counts.add(np.array([n]))
-        zs, cnt = np.unique(atoms.numbers, return_counts=True)
-        for z, c in zip(zs.tolist(), cnt.tolist()):
-            elements[z] += c
-            element_structures[z] += 1
-        pbc = np.asarray(atoms.pbc, dtype=bool)
-        if pbc.all():
-            periodic += 1
-        elif not pbc.any():
-            molecular += 1
-        else:
-            partial += 1
-        isolated += int(is_isolated_atom(atoms))
-        for name in labels:
-            if (name == K.FORCES and K.FORCES in atoms.arrays) or (name != K.FORCES and atoms.info.get(name) is not None):
-                labels[name] += 1
-        energy = _energy(atoms)
-        if math.isfinite(energy):
-            e_per_atom.add(np.array([energy / n]))
-        if K.FORCES in atoms.arrays:
-            f = np.asarray(atoms.arrays[K.FORCES], dtype=np.float64)
-            force_sq += float((f**2).sum())
-            force_n += f.size
-            force_max = max(force_max, float(np.linalg.norm(f, axis=1).max()) if n else 0.0)
-        if atoms.info.get(K.STRESS) is not None:
-            stress.add(np.asarray(atoms.info[K.STRESS], dtype=np.float64))
-        heads[str(atoms.info.get(K.HEAD, "default"))] += 1
-        if atoms.info.get("config_type") is not None:
-            config_types[str(atoms.info["config_type"])] += 1
-        if atoms.info.get(K.CHARGE) is not None:
-            charges[float(atoms.info[K.CHARGE])] += 1
-        if atoms.info.get(K.SPIN) is not None:
-            spins[float(atoms.info[K.SPIN])] += 1
-    nan = float("nan")
-    return {
-        "n_structures": n_structures,
-        "n_atoms_total": n_atoms_total,
-        "n_atoms_min": int(atom_counts.min) if n_structures else 0,
-        "n_atoms_max": int(atom_counts.max) if n_structures else 0,
-        "n_atoms_mean": atom_counts.mean if n_structures else nan,
-        "elements": {chemical_symbols[z]: elements[z] for z in sorted(elements)},
-        "element_structures": {chemical_symbols[z]: element_structures[z] for z in sorted(element_structures)},
-        "labels": labels,
-        "n_periodic": periodic,
-        "n_molecular": molecular,
-        "n_partially_periodic": partial,
-        "n_isolated_atoms": isolated,
-        "energy_per_atom_mean": e_per_atom.mean if e_per_atom.n else nan,
-        "energy_per_atom_std": e_per_atom.std,
-        "energy_per_atom_min": e_per_atom.min if e_per_atom.n else nan,
-        "energy_per_atom_max": e_per_atom.max if e_per_atom.n else nan,
-        "forces_rms": math.sqrt(force_sq / force_n) if force_n else nan,
-        "forces_max": force_max if force_n else nan,
-        "stress_min": stress.min if stress.n else nan,
-        "stress_max": stress.max if stress.n else nan,
-        "heads": dict(sorted(heads.items())),
-        "config_types": dict(sorted(config_types.items())),
-        "charges": dict(sorted(charges.items())),
-        "spins": dict(sorted(spins.items())),
-    }
+        summary.add(atoms)
+    return summary.result()
 
 
 def format_summary(summary: dict[str, Any], title: str | None = None) -> str:
