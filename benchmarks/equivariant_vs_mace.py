@@ -1,4 +1,4 @@
-"""Time mlip's ``equivariant`` model against mace-torch's MACE of the same size on CPU (issue 3).
+"""Time mlip's ``equivariant`` model against mace-torch's MACE of the same size on CPU.
 
 Both models see the same structures and the same neighbour list (ASE, ``r_max``, built once per
 structure outside the timing) and are timed on energy + forces (+ stress for crystals). Each runs

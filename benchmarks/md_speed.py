@@ -1,4 +1,4 @@
-"""MD speed through the ASE calculator: steps/s and atoms*steps/s for fcc Cu crystals (issue 5).
+"""MD speed through the ASE calculator: steps/s and atoms*steps/s for fcc Cu crystals.
 
 Velocity-Verlet NVE (2 fs, from 300 K) of ``MLIPCalculator`` with a full neighbour rebuild every
 step (``skin=0``) and with skin reuse (``--skin``: rebuild only when an atom moved more than about
