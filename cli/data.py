@@ -11,10 +11,11 @@ from typing import Any
 import click
 import numpy as np
 
+from mlip import keys as K
 from mlip.atomic import atomic_path
 
 #: info keys recomputed on reading, never written back
-_DERIVED_INFO = ("source", "original_source", "isolated_atom", "energy", "stress")
+_DERIVED_INFO = (K.SOURCE, K.ORIGINAL_SOURCE, K.ISOLATED, K.ENERGY, K.STRESS)
 #: (option, LabelKeys field) of the label-key options shared by the commands
 _KEY_OPTIONS = (
     ("--energy-key", "energy"), ("--forces-key", "forces"), ("--stress-key", "stress"),
@@ -125,7 +126,6 @@ def inspect(file: str, show_e0s: bool, as_json: bool, **key_options: Any) -> Non
 
 def _keep_light(frames: Iterable, tables: dict) -> Iterable:
     """Pass frames through, recording what the E0s need (numbers, energy, isolated flag) per head."""
-    from mlip import keys as K
     from mlip.data.formats import is_isolated_atom
     from mlip.data.stats import E0Table
 
@@ -294,13 +294,14 @@ def write_extxyz(frames: Iterable, path: str) -> int:
                 out = atoms.copy()
                 out.calc = None
                 results = {}
-                if "energy" in atoms.info:
-                    results["energy"] = float(atoms.info["energy"])
-                if "forces" in atoms.arrays:
-                    results["forces"] = np.asarray(atoms.arrays["forces"], dtype=np.float64)
-                    del out.arrays["forces"]
-                if "stress" in atoms.info:
-                    results["stress"] = np.asarray(atoms.info["stress"], dtype=np.float64)
+                # ASE's calculator results take the labels under ASE's own names
+                if K.ENERGY in atoms.info:
+                    results["energy"] = float(atoms.info[K.ENERGY])
+                if K.FORCES in atoms.arrays:
+                    results["forces"] = np.asarray(atoms.arrays[K.FORCES], dtype=np.float64)
+                    del out.arrays[K.FORCES]
+                if K.STRESS in atoms.info:
+                    results["stress"] = np.asarray(atoms.info[K.STRESS], dtype=np.float64)
                 out.info = {k: v for k, v in atoms.info.items()
                             if k not in _DERIVED_INFO and isinstance(v, (str, bool, int, float, np.number))}
                 if results:

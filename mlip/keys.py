@@ -1,7 +1,9 @@
 """Canonical field names used everywhere in mlip, with shape, meaning and unit.
 
 Readers (``mlip.data.formats``) store labels on ``ase.Atoms`` under these names:
-per-structure values in ``atoms.info``, per-atom values in ``atoms.arrays``.
+per-structure values in ``atoms.info``, per-atom values in ``atoms.arrays``; mlip's HDF5 files
+use them as dataset names. Code reads and writes labels through these constants, never through
+string literals. Model outputs (:func:`mlip.models.outputs.predict`) use the same names.
 Edges are ``(sender, receiver)``: messages flow from ``edge_index[0]`` to
 ``edge_index[1]`` and aggregate at the receiver.
 """
@@ -23,6 +25,7 @@ WEIGHT = "weight"              # (n_graphs,)     | per-structure loss weight    
 ISOLATED = "isolated_atom"     # (n_graphs,)     | isolated-atom reference frame   | bool
 CONFIG_TYPE = "config_type"    # (n_graphs,)     | data set's own frame category   | -
 SOURCE = "source"              # (n_graphs,)     | "<file> frame <i>" of a frame   | -
+ORIGINAL_SOURCE = "original_source"  # (n_graphs,) | source before HDF5 conversion | -
 
 # --- labels (targets) ---------------------------------------------------------
 ENERGY = "energy"              # (n_graphs,)     | total energy                    | eV

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from mlip import keys as K
 from mlip.data.graph import AtomGraph, BoundedBatchSampler, collate
 from mlip.data.transforms import atoms_to_graph
 
@@ -224,14 +225,14 @@ def _check_hdf5_required(reader: Any, required: Sequence[str]) -> None:
     f = reader._open()
     offsets = reader.offsets
     for label in required:
-        if label == "head":
+        if label == K.HEAD:
             per_structure = np.array([len(v) == 0 for v in f[label][:]], dtype=bool)
             values = None
         else:
             values = np.asarray(f[label][:], dtype=np.float64)
         if values is None:
             pass
-        elif label == "forces":
+        elif label == K.FORCES:
             # per atom: a structure misses forces when all its rows are NaN
             nan_rows = np.isnan(values).all(axis=1).astype(np.int64)
             per_structure = np.add.reduceat(nan_rows, offsets[:-1]) == np.diff(offsets)

@@ -35,7 +35,7 @@ E0_CONFLICT_TOL = 1e-6
 
 
 def _where(atoms: Atoms, i: int) -> str:
-    return str(atoms.info.get("source", f"structure {i}"))
+    return str(atoms.info.get(K.SOURCE, f"structure {i}"))
 
 
 def _energy(atoms: Atoms) -> float:

@@ -38,7 +38,7 @@ def voigt_to_matrix(voigt: np.ndarray) -> np.ndarray:
 
 
 def _source(atoms: Atoms) -> str:
-    return str(atoms.info.get("source", "structure"))
+    return str(atoms.info.get(keys.SOURCE, "structure"))
 
 
 def _scalar(atoms: Atoms, key: str, default: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ FORMAT_NAME = "mlip-hdf5"
 VERSION = 1
 
 _SCALARS = (K.ENERGY, K.CHARGE, K.SPIN, K.WEIGHT)
-_STRINGS = (K.HEAD, "config_type", "source")
+_STRINGS = (K.HEAD, K.CONFIG_TYPE, K.SOURCE)
 
 
 def _h5py() -> Any:
@@ -130,7 +130,7 @@ def write_hdf5(frames: Iterable[Atoms], path: str | os.PathLike, chunk_size: int
             buffer: list[Atoms] = []
             for atoms in frames:
                 if validate:
-                    source = atoms.info.get("source", "input")
+                    source = atoms.info.get(K.SOURCE, "input")
                     validate_atoms(atoms, path=f"{path} (writing structure from {source})",
                                    frame=n_written + len(buffer))
                 buffer.append(atoms)
@@ -243,9 +243,9 @@ class HDF5Reader:
             value = _decode(f[name][i])
             if value:
                 atoms.info[name] = value
-        original = _decode(f["source"][i])
+        original = _decode(f[K.SOURCE][i])
         if original:
-            atoms.info["original_source"] = original
+            atoms.info[K.ORIGINAL_SOURCE] = original
         atoms.info[K.SOURCE] = f"{self.path} frame {i}"
         atoms.info[K.ISOLATED] = is_isolated_atom(atoms)
         if self.validate:

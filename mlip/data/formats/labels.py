@@ -242,11 +242,11 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
             atoms.arrays[K.FORCES] = value
         else:
             atoms.info[label] = value
-    config_type = raw.info.get("config_type")
+    config_type = raw.info.get(K.CONFIG_TYPE)
     if isinstance(config_type, bytes):
         config_type = config_type.decode()
     if config_type is not None and not _is_missing(config_type):
-        atoms.info["config_type"] = config_type if isinstance(config_type, str) else str(config_type)
+        atoms.info[K.CONFIG_TYPE] = config_type if isinstance(config_type, str) else str(config_type)
     for name, value in (extra_info or {}).items():
         atoms.info[name] = value
     for name, value in (extra_arrays or {}).items():
