@@ -60,9 +60,10 @@ def _write_native(atoms, name: str, path: Path, out_dir: Path) -> None:
 @click.command("relax")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("structures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--fmax", type=float, default=0.05, show_default=True, help="Force threshold, eV/Å.")
+@click.option("--fmax", type=float, default=0.05, show_default=True,
+              help="Threshold on atom forces and (with --relax-cell) FrechetCellFilter's cell forces, eV/Å.")
 @click.option("--relax-cell/--fixed-cell", default=False, show_default=True,
-              help="Relax the cell too (FrechetCellFilter; UnitCellFilter-type DOFs when batched).")
+              help="Relax the cell too (FrechetCellFilter's degrees of freedom, batched or sequential).")
 @click.option("--optimizer", type=click.Choice(["fire", "bfgs", "lbfgs"], case_sensitive=False), default="fire",
               show_default=True, help="Optimiser for --sequential (batched relaxation always uses FIRE).")
 @click.option("--batched/--sequential", default=None,

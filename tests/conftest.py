@@ -21,3 +21,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread():
+    """One BLAS thread for a module (with ``one_torch_thread``): OpenBLAS, used by ASE's cell filters
+    through scipy, otherwise fights torch for the cores of a small shared machine (speed only)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    import scipy.linalg  # noqa: F401 - scipy bundles its own OpenBLAS: load it so that the limit covers it
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """A small equivariant model fitted for a few seconds to the Cu frames of data/emt_crystals.xyz
+    (see ``toy_models.fit_small_equivariant``); shared read-only by the MD and example tests."""
+    from pathlib import Path
+
+    from toy_models import fit_small_equivariant
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest
+    try:
+        model, force_rmse = fit_small_equivariant(Path(__file__).resolve().parents[1] / "data/emt_crystals.xyz")
+    finally:
+        torch.set_num_threads(n_threads)
+    assert force_rmse[-1] < 0.6 * force_rmse[0]  # it learned something from the data
+    return model

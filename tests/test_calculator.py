@@ -1,13 +1,8 @@
 """MLIPCalculator: forces and stress against finite differences, skin reuse against rebuilds,
-resets on changed atoms/cell/pbc/charge, unknown elements, out-of-memory, TorchSim interface.
-
-Also defines ``test-morse``, a smooth Morse pair potential used by the MD and relaxation tests
-(any smooth conservative model is valid for those physics checks).
+resets on changed atoms/cell/pbc/charge, unknown elements, out-of-memory, TorchSim interface,
+and the one inference-batch builder they share. The ``test-morse`` model lives in toy_models.py.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -18,110 +13,13 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
+from toy_models import calc64, morse_model, rattled_cu
 
 from mlip.calculator import MLIPCalculator, NeighborCache
-from mlip.data.graph import GraphBatch
 from mlip.data.neighbors import neighbor_list
-from mlip.models.base import MODELS, PotentialModel, register, save_model
+from mlip.models.base import save_model
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One torch thread and one BLAS thread while a test runs. The structures here are tiny, and on
-    a small shared machine two threads fighting for busy cores make each op ~10x slower (and
-    OpenBLAS, used by ASE's cell filters through scipy, fights torch too); speed only, same results."""
-    n_torch = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    try:
-        if threadpool_limits is None:
-            yield
-        else:
-            with threadpool_limits(limits=1, user_api="blas"):
-                yield
-    finally:
-        torch.set_num_threads(n_torch)
-
-
-# --------------------------------------------------------------------------------------------
-# test model
-# --------------------------------------------------------------------------------------------
-@dataclass
-class MorseConfig:
-    r_max: float = 4.0
-    elements: list = field(default_factory=lambda: [29])
-    depth: float = 0.34  # eV (Girifalco-Weizer copper)
-    alpha: float = 1.36  # 1/Å
-    r0: float = 2.87  # Å
-    use_charge_spin: bool = False
-    heads: list = field(default_factory=lambda: ["default"])
-
-
-class MorsePair(PotentialModel):
-    """``E = Σ_i E0(Z_i) + ½ Σ_edges D_ij [(1 - e^{-α_ij (r - r0_ij)})² - 1] (1 - (r/r_max)²)³``.
-
-    The cutoff factor has zero value, slope and curvature at ``r_max``: a smooth, conservative
-    potential. With ``use_charge_spin`` the energy gains ``0.3 Q² + 0.1 (S - 1)`` per structure.
-    Shapes: edge_vec [n_edges, 3] Å -> node_energy [n_atoms], energy [n_graphs] eV.
-    """
-
-    Config = MorseConfig
-
-    def __init__(self, config: MorseConfig) -> None:
-        super().__init__(config)
-        n = len(config.elements)
-        table = torch.full((119,), -1, dtype=torch.long)
-        table[torch.tensor(config.elements)] = torch.arange(n)
-        self.register_buffer("z_index", table)
-        self.log_depth = torch.nn.Parameter(torch.full((n, n), math.log(config.depth), dtype=torch.float64))
-        self.log_alpha = torch.nn.Parameter(torch.full((n, n), math.log(config.alpha), dtype=torch.float64))
-        self.r0 = torch.nn.Parameter(torch.full((n, n), config.r0, dtype=torch.float64))
-        self.e0 = torch.nn.Parameter(torch.zeros(n, dtype=torch.float64))
-
-    def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:
-        sender, receiver = batch.edge_index
-        r = edge_vec.norm(dim=-1)  # [n_edges]
-        x = (r / self.r_max).clamp(max=1.0)
-        fcut = (1.0 - x * x) ** 3
-        z = self.z_index[batch.numbers]
-        zs, zr = z[sender], z[receiver]
-        sym = lambda p: 0.5 * (p + p.T)
-        depth, alpha, r0 = sym(self.log_depth).exp(), sym(self.log_alpha).exp(), sym(self.r0)
-        morse = depth[zs, zr] * ((1.0 - torch.exp(-alpha[zs, zr] * (r - r0[zs, zr]))) ** 2 - 1.0)
-        pair = morse * fcut  # [n_edges]
-        node = torch.zeros_like(batch.positions[:, 0]).index_add(0, receiver, 0.5 * pair) + self.e0[z]
-        energy = torch.zeros(batch.n_graphs, dtype=node.dtype, device=node.device).index_add(0, batch.batch, node)
-        if self.config.use_charge_spin:
-            if not bool(torch.isfinite(batch.charge).all() & torch.isfinite(batch.spin).all()):
-                raise ValueError("test-morse with use_charge_spin needs charge and spin")
-            energy = energy + 0.3 * batch.charge**2 + 0.1 * (batch.spin - 1.0)
-        return {"node_energy": node, "energy": energy}
-
-
-if "test-morse" not in MODELS:
-    MorsePair = register("test-morse")(MorsePair)
-else:  # re-imported under another module name: use the registered class
-    MorsePair = MODELS["test-morse"]
-
-
-def morse_model(**kw) -> PotentialModel:
-    return MorsePair(MorseConfig(**kw))
-
-
-def rattled_cu(repeat=(2, 2, 2), a=3.61, rattle=0.05, seed=0, triclinic=False) -> Atoms:
-    atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat(repeat)
-    if triclinic:
-        cell = np.asarray(atoms.cell) @ np.array([[1.0, 0.05, 0.02], [0.0, 0.97, -0.04], [0.03, 0.0, 1.02]])
-        atoms.set_cell(cell, scale_atoms=True)
-    atoms.rattle(rattle, seed=seed)
-    return atoms
-
-
-def calc64(model=None, **kw) -> MLIPCalculator:
-    return MLIPCalculator(model if model is not None else morse_model(), device="cpu", dtype="float64", **kw)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")  # tiny structures: speed only
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +292,59 @@ def test_charge_and_spin_from_atoms_info():
     plain = rattled_cu()
     plain.calc = calc64(model, charge=0, spin=1)
     assert plain.get_potential_energy() == pytest.approx(e_neutral, abs=1e-10)
+
+
+def test_one_charge_spin_head_policy_for_calculator_relaxation_and_torchsim():
+    """The calculator, batched relaxation and TorchSim build their batches with one function and one
+    policy: atoms.info, else the caller's default, else NaN, which a use_charge_spin model refuses
+    with the same message everywhere."""
+    from mlip.calculator.inference import inference_batch, structure_settings
+    from mlip.md.relaxation import relax_batch
+
+    model = morse_model(use_charge_spin=True)
+    atoms = rattled_cu(repeat=(1, 1, 1))
+    atoms.calc = calc64(model)
+    message = r"set atoms.info\['charge'\] and atoms.info\['spin'\]"
+    with pytest.raises(ValueError, match=message):
+        atoms.get_potential_energy()
+    with pytest.raises(ValueError, match=message):
+        relax_batch([atoms], model, device="cpu", dtype="float64", max_steps=0)
+    # the caller's defaults fill in what info lacks; info wins where it has a value
+    with_info = atoms.copy()
+    with_info.info.update(charge=1)
+    energies = {}
+    for name, a in (("defaults", atoms.copy()), ("info", with_info)):
+        a.calc = calc64(model, charge=0, spin=3)
+        energies[name] = a.get_potential_energy()
+        relaxed = relax_batch([a], model, device="cpu", dtype="float64", max_steps=0, charge=0, spin=3)[0]
+        assert relaxed.energy == pytest.approx(energies[name], abs=1e-12)
+    assert energies["info"] == pytest.approx(energies["defaults"] + 0.3, abs=1e-10)
+    # the builder itself: NaN where nothing is known, an unlabelled batch, the head from info
+    charge, spin, head = structure_settings({"head": "pbe"}, spin=2)
+    assert np.isnan(charge) and (spin, head) == (2.0, "pbe")
+    nan = float("nan")
+    no_edges = (torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long))
+    batch = inference_batch(
+        torch.zeros(3, 3), torch.tensor([29, 29, 29]), torch.eye(3).repeat(2, 1, 1), torch.ones(2, 3, dtype=torch.bool),
+        *no_edges, batch=torch.tensor([0, 0, 1]), charge=[0.0, nan], spin=[1.0, nan], head=["default", "pbe"],
+        dtype=torch.float32,
+    )
+    assert batch.ptr.tolist() == [0, 2, 3] and batch.head == ["default", "pbe"]
+    assert batch.positions.dtype == torch.float32 and not batch.isolated.any()
+    assert torch.isnan(batch.energy).all() and torch.isnan(batch.forces).all() and torch.isnan(batch.stress).all()
+    with pytest.raises(ValueError, match=r"missing for structure\(s\) \[1\]"):
+        inference_batch(batch.positions, batch.numbers, batch.cell, batch.pbc, *no_edges, batch=batch.batch,
+                        charge=[0.0, nan], spin=[1.0, 1.0], head=batch.head, dtype=torch.float32,
+                        needs_charge_spin=True)
+    # TorchSim states carry no info: the caller's values, else the same error
+    ts = pytest.importorskip("torch_sim")
+    from mlip.calculator import MLIPTorchSimModel
+
+    with pytest.raises(ValueError, match=message):
+        MLIPTorchSimModel(model, device="cpu", dtype=torch.float64)
+    ts_model = MLIPTorchSimModel(model, device="cpu", dtype=torch.float64, charge=0, spin=3)
+    state = ts.io.atoms_to_state([atoms], torch.device("cpu"), torch.float64)
+    assert float(ts_model(state)["energy"][0]) == pytest.approx(energies["defaults"], abs=1e-12)
 
 
 @pytest.mark.parametrize("family", ["equivariant", "frame-averaged", "learned-equivariance"])

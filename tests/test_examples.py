@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_md import trained_model  # noqa: F401 - a small equivariant model fitted to the bundled data
 
 from mlip.models.base import save_model
 
@@ -25,7 +24,8 @@ def _run(args: list[str], cwd: Path, timeout: float = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_file(trained_model, tmp_path_factory):  # noqa: F811
+def model_file(trained_model, tmp_path_factory):
+    """The conftest's small equivariant model (fitted to the bundled data), saved to a file."""
     path = tmp_path_factory.mktemp("model") / "cu.pt"
     save_model(trained_model, path)
     return path

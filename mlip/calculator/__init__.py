@@ -1,5 +1,6 @@
 """ASE calculator (:class:`MLIPCalculator`) and, if ``torch-sim-atomistic`` is installed, a TorchSim model.
 
+Both, and batched relaxation, build their model inputs with :func:`mlip.calculator.inference.inference_batch`.
 ``MLIPTorchSimModel`` is imported lazily so that ``torch_sim`` stays optional.
 """
 from __future__ import annotations

@@ -10,7 +10,6 @@ model sees is exactly the one a full rebuild gives (same edges, same order).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -20,9 +19,10 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
-from mlip.dtypes import resolve_dtype
 from mlip.data.neighbors import neighbor_list
+from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 
@@ -212,16 +212,6 @@ class NeighborCache:
         return self._edges[:, keep], self._shifts[keep]
 
 
-def _info_scalar(atoms: Atoms, key: str, default: float | None) -> float:
-    value = atoms.info.get(key, default)
-    if value is None:
-        return float("nan")
-    try:
-        return float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"atoms.info[{key!r}] must be a number, got {value!r}") from err
-
-
 class MLIPCalculator(Calculator):
     """ASE calculator for any mlip potential (all families share :func:`mlip.models.outputs.predict`).
 
@@ -273,7 +263,7 @@ class MLIPCalculator(Calculator):
         self.default_charge = charge
         self.default_spin = spin
         self.compute_stress = compute_stress
-        self.uses_charge_spin = bool(getattr(self.model.config, "use_charge_spin", False))
+        self.uses_charge_spin = uses_charge_spin(self.model)
 
     # -- state ------------------------------------------------------------------------------
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
@@ -293,39 +283,19 @@ class MLIPCalculator(Calculator):
 
     # -- evaluation -------------------------------------------------------------------------
     def batch_from_atoms(self, atoms: Atoms) -> GraphBatch:
-        """One-structure :class:`GraphBatch` on the calculator's device and dtype (edges from the cache)."""
-        dev = self.device
-        pos64 = torch.as_tensor(atoms.positions, dtype=torch.float64, device=dev)
-        cell64 = torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64, device=dev)
-        pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool), device=dev)
-        numbers = torch.as_tensor(atoms.numbers, dtype=torch.long, device=dev)
-        edge_index, unit_shifts = self.neighbors(pos64, cell64, pbc, numbers)
-        n = len(atoms)
-        charge = _info_scalar(atoms, "charge", self.default_charge)
-        spin = _info_scalar(atoms, "spin", self.default_spin)
-        if self.uses_charge_spin and not (math.isfinite(charge) and math.isfinite(spin)):
-            raise ValueError(
-                "this model uses the total charge and spin multiplicity: set atoms.info['charge'] and "
-                "atoms.info['spin'] (e.g. 0 and 1 for a neutral singlet) or pass charge=/spin= to MLIPCalculator"
-            )
-        nan = float("nan")
-        dt = self.dtype
-        return GraphBatch(
-            positions=pos64.to(dt),
-            numbers=numbers,
-            cell=cell64.to(dt)[None],
-            pbc=pbc[None],
-            edge_index=edge_index,
-            unit_shifts=unit_shifts,
-            batch=torch.zeros(n, dtype=torch.long, device=dev),
-            ptr=torch.tensor([0, n], device=dev),
-            energy=torch.full((1,), nan, dtype=dt, device=dev),
-            forces=torch.full((n, 3), nan, dtype=dt, device=dev),
-            stress=torch.full((1, 3, 3), nan, dtype=dt, device=dev),
-            charge=torch.tensor([charge], dtype=dt, device=dev),
-            spin=torch.tensor([spin], dtype=dt, device=dev),
-            weight=torch.ones(1, dtype=dt, device=dev),
-            head=[str(atoms.info.get("head", self.head))],
+        """One-structure :class:`GraphBatch` on the calculator's device and dtype (edges from the cache).
+
+        Charge, spin and head come from ``atoms.info``, else from this calculator's defaults
+        (:func:`mlip.calculator.inference.structure_settings`).
+        """
+        positions, numbers, cell, pbc = structure_tensors(atoms, self.device)
+        edge_index, unit_shifts = self.neighbors(positions, cell, pbc, numbers)
+        charge, spin, head = structure_settings(atoms.info, self.default_charge, self.default_spin, self.head)
+        return inference_batch(
+            positions, numbers, cell[None], pbc[None], edge_index, unit_shifts,
+            batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
+            charge=[charge], spin=[spin], head=[head], dtype=self.dtype,
+            needs_charge_spin=self.uses_charge_spin,
         )
 
     def calculate(

@@ -2,12 +2,13 @@
 
 Needs the optional package ``torch-sim-atomistic`` (``pip install torch-sim-atomistic``). One call
 evaluates every system of a ``SimState`` together: edges come from
-:func:`mlip.data.neighbors.batch_neighbor_list`, energies/forces/stress from
-:func:`mlip.models.outputs.predict` (stress 3x3, ASE sign, as TorchSim expects).
+:func:`mlip.data.neighbors.batch_neighbor_list`, the batch from
+:func:`mlip.calculator.inference.inference_batch` (the ASE calculator's builder and charge/spin/head
+policy), energies/forces/stress from :func:`mlip.models.outputs.predict` (stress 3x3, ASE sign, as
+TorchSim expects).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,9 +22,10 @@ except ImportError as _err:  # pragma: no cover - exercised only without the opt
         "pip install torch-sim-atomistic"
     ) from _err
 
-from mlip.calculator.ase import prepare_model, resolve_device, resolve_dtype
-from mlip.data.graph import GraphBatch
+from mlip.calculator.ase import prepare_model, resolve_device
+from mlip.calculator.inference import check_charge_spin, inference_batch, structure_settings, uses_charge_spin
 from mlip.data.neighbors import batch_neighbor_list
+from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 
@@ -41,7 +43,9 @@ class MLIPTorchSimModel(ModelInterface):
         compute_forces: return ``forces`` [n_atoms, 3] (eV/Å).
         head: model head used for every system.
         charge, spin: total charge and spin multiplicity of every system (TorchSim states do not
-            carry them); needed only by models built with ``use_charge_spin``.
+            carry them); needed only by models built with ``use_charge_spin``, which raise the ASE
+            calculator's error here if they are missing.
+        neighbor_backend: see :func:`mlip.data.neighbors.neighbor_list` (``"auto"`` as in the calculator).
 
     ``forward(state)`` returns ``energy`` [n_systems] (eV) and, if enabled, forces and stress.
     """
@@ -56,6 +60,7 @@ class MLIPTorchSimModel(ModelInterface):
         head: str = "default",
         charge: float | None = None,
         spin: float | None = None,
+        neighbor_backend: str = "auto",
     ) -> None:
         super().__init__()
         self._device = resolve_device(device)
@@ -64,19 +69,18 @@ class MLIPTorchSimModel(ModelInterface):
         self._compute_forces = bool(compute_forces)
         self._memory_scales_with = "n_atoms_x_density"
         self.model = prepare_model(model, self._device, self._dtype)
-        self.head = head
-        self.charge = float("nan") if charge is None else float(charge)
-        self.spin = float("nan") if spin is None else float(spin)
-        if getattr(self.model.config, "use_charge_spin", False) and not (
-            math.isfinite(self.charge) and math.isfinite(self.spin)
-        ):
-            raise ValueError("this model uses total charge and spin multiplicity: pass charge= and spin=")
+        self.neighbor_backend = neighbor_backend
+        # a state carries no info dict: every system gets the caller's values, else NaN
+        self.charge, self.spin, self.head = structure_settings({}, charge, spin, head)
+        self.uses_charge_spin = uses_charge_spin(self.model)
+        if self.uses_charge_spin:  # fail at construction, not at the first step
+            check_charge_spin(torch.tensor([self.charge]), torch.tensor([self.spin]))
 
     def forward(self, state: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Energies (and forces, stress) of every system in ``state`` (a ``SimState`` or its dict)."""
         if isinstance(state, dict):
             state = ts.SimState(**state, masses=torch.ones_like(state["positions"][:, 0]))
-        dev, dt = self._device, self._dtype
+        dev = self._device
         positions = state.positions.detach().to(device=dev)
         cell = state.row_vector_cell.detach().to(device=dev)  # [n_systems, 3, 3], rows = lattice vectors
         system_idx = state.system_idx.to(dev)
@@ -86,22 +90,13 @@ class MLIPTorchSimModel(ModelInterface):
         if pbc.ndim == 2 and pbc.shape[0] == 1 and n_systems > 1:
             pbc = pbc.expand(n_systems, 3)
         edge_index, unit_shifts = batch_neighbor_list(
-            positions.to(torch.float64), cell.to(torch.float64), pbc, system_idx, self.model.r_max
+            positions.to(torch.float64), cell.to(torch.float64), pbc, system_idx, self.model.r_max,
+            backend=self.neighbor_backend,
         )
-        n_atoms = int(positions.shape[0])
-        counts = torch.bincount(system_idx, minlength=n_systems)
-        ptr = torch.zeros(n_systems + 1, dtype=torch.long, device=dev)
-        ptr[1:] = torch.cumsum(counts, 0)
-        nan = float("nan")
-        batch = GraphBatch(
-            positions=positions.to(dt), numbers=state.atomic_numbers.to(dev, torch.long), cell=cell.to(dt),
-            pbc=pbc, edge_index=edge_index, unit_shifts=unit_shifts, batch=system_idx, ptr=ptr,
-            energy=torch.full((n_systems,), nan, dtype=dt, device=dev),
-            forces=torch.full((n_atoms, 3), nan, dtype=dt, device=dev),
-            stress=torch.full((n_systems, 3, 3), nan, dtype=dt, device=dev),
-            charge=torch.full((n_systems,), self.charge, dtype=dt, device=dev),
-            spin=torch.full((n_systems,), self.spin, dtype=dt, device=dev),
-            weight=torch.ones(n_systems, dtype=dt, device=dev), head=[self.head] * n_systems,
+        batch = inference_batch(
+            positions, state.atomic_numbers, cell, pbc, edge_index, unit_shifts, batch=system_idx,
+            charge=[self.charge] * n_systems, spin=[self.spin] * n_systems, head=[self.head] * n_systems,
+            dtype=self._dtype, needs_charge_spin=self.uses_charge_spin,
         )
         out = predict(self.model, batch, forces=self._compute_forces, stress=self._compute_stress)
         result = {"energy": out["energy"].detach()}

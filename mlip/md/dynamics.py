@@ -127,6 +127,143 @@ def _make_dynamics(
                   tdamp=tdamp * units.fs, pdamp=pdamp * units.fs)
 
 
+def _check_options(
+    atoms: Atoms, ensemble: str, thermostat: str, steps: int, timestep: float, log_every: int, traj_every: int
+) -> None:
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"unknown thermostat {thermostat!r}; choose from {THERMOSTATS}")
+    if steps < 0 or timestep <= 0 or log_every < 1 or traj_every < 1:
+        raise ValueError("steps >= 0, timestep > 0, log_every >= 1 and traj_every >= 1 are required")
+    if ensemble == "npt" and not bool(np.all(atoms.pbc)):
+        raise ValueError("NPT needs a cell periodic in all three directions")
+
+
+def _draw_velocities(atoms: Atoms, temperature: float, seed: int) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature`` (K), no centre-of-mass motion (nor rotation of a molecule)."""
+    from ase.md import velocitydistribution as vd
+
+    rng = np.random.default_rng(seed)
+    if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
+        vd.thermalize_momenta(atoms, temperature, rng=rng)
+    else:  # pragma: no cover - older ASE
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    vd.Stationary(atoms)
+    if not np.any(atoms.pbc):
+        with np.errstate(divide="ignore", invalid="ignore"):  # a linear molecule has a zero moment
+            vd.ZeroRotation(atoms)
+
+
+@dataclass
+class _Sample:
+    """What one MD step is judged and logged by (eV, K, Å³, eV/Å)."""
+
+    step: int
+    epot: float
+    ekin: float
+    temperature: float
+    conserved: float
+    volume: float
+    max_force: float
+    finite: bool
+
+
+def _observe(atoms: Atoms, dyn: Any) -> _Sample:
+    """The present step of ``dyn``; the conserved quantity includes thermostat/barostat terms where
+    the integrator defines them (Nose-Hoover, MTK), else it is the total energy."""
+    epot = float(atoms.get_potential_energy())
+    forces = atoms.get_forces()
+    ekin = float(atoms.get_kinetic_energy())
+    n_atoms = len(atoms)
+    conserved = float(dyn.get_conserved_energy()) if hasattr(dyn, "get_conserved_energy") else epot + ekin
+    return _Sample(
+        step=int(dyn.nsteps), epot=epot, ekin=ekin, conserved=conserved,
+        temperature=float(atoms.get_temperature()) if n_atoms else 0.0,
+        volume=float(abs(np.linalg.det(np.asarray(atoms.cell)))),
+        max_force=float(np.sqrt((forces**2).sum(axis=1).max())) if n_atoms else 0.0,
+        finite=bool(math.isfinite(epot) and np.all(np.isfinite(forces))),
+    )
+
+
+def _blow_up_reason(sample: _Sample, max_temperature: float, max_force: float) -> str | None:
+    """Why the run must stop at this step, or ``None``."""
+    if not sample.finite:
+        return "the energy or forces are not finite"
+    if sample.temperature > max_temperature:
+        return f"temperature {sample.temperature:.1f} K exceeds the limit {max_temperature:.1f} K"
+    if sample.max_force > max_force:
+        return f"the largest force {sample.max_force:.3g} eV/Å exceeds the limit {max_force:.3g} eV/Å"
+    return None
+
+
+class _Recorder:
+    """The outputs of one run: trajectory frames, CSV rows (kept in ``rows`` too) and a progress bar.
+
+    Steps ``0, every, 2 every, ...`` are written, and any step passed with ``last=True`` (the final
+    one, or the one that blew up). ``close()`` closes the files, which keep what was written.
+    """
+
+    def __init__(
+        self, atoms: Atoms, out: str | None, log: str | None, log_every: int, traj_every: int,
+        timestep: float, progress: bool, steps: int, ensemble: str,
+    ) -> None:
+        self.atoms, self.out, self.log = atoms, out, log
+        self.log_every, self.traj_every, self.timestep = log_every, traj_every, timestep
+        self.rows: list[dict[str, float]] = []
+        self.steps_done = 0
+        self._conserved0: float | None = None
+        self._writer = _TrajectoryWriter(out) if out is not None else None
+        self._log_fh = self._log_csv = None
+        if log is not None:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(log, "w", newline="")  # noqa: SIM115 - closed by close()
+            self._log_csv = csv.DictWriter(self._log_fh, fieldnames=list(LOG_COLUMNS))
+            self._log_csv.writeheader()
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=steps, desc=f"MD {ensemble}", unit="step", dynamic_ncols=True)
+
+    def record(self, s: _Sample, last: bool) -> None:
+        self.steps_done = s.step
+        if self._conserved0 is None:
+            self._conserved0 = s.conserved
+        if s.step % self.log_every == 0 or last:
+            self._log_row(s)
+        if self._writer is not None and (s.step % self.traj_every == 0 or last):
+            self._writer.write(self.atoms)
+
+    def _log_row(self, s: _Sample) -> None:
+        drift = (s.conserved - self._conserved0) / max(len(self.atoms), 1)
+        row = {
+            "step": s.step, "time_fs": s.step * self.timestep, "temperature_K": s.temperature,
+            "epot_eV": s.epot, "ekin_eV": s.ekin, "etot_eV": s.epot + s.ekin, "conserved_eV": s.conserved,
+            "drift_eV_per_atom": drift, "volume_A3": s.volume, "max_force_eV_A": s.max_force,
+        }
+        self.rows.append(row)
+        if self._log_csv is not None:
+            self._log_csv.writerow(row)
+            self._log_fh.flush()  # a run that dies keeps its log
+        if self._bar is not None:
+            self._bar.set_postfix(T=f"{s.temperature:.0f}K", Epot=f"{s.epot:.3f}", drift=f"{drift:.1e}")
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None and step > 0:
+            self._bar.update(1)
+
+    def result(self) -> MDResult:
+        drift = max((abs(r["drift_eV_per_atom"]) for r in self.rows), default=0.0)
+        return MDResult(atoms=self.atoms, steps=self.steps_done, trajectory=self.out, log=self.log,
+                        rows=self.rows, max_abs_drift=drift)
+
+    def close(self) -> None:
+        for closable in (self._bar, self._writer, self._log_fh):
+            if closable is not None:
+                closable.close()
+
+
 def run_md(
     atoms: Atoms,
     model: PotentialModel | str | None = None,
@@ -185,17 +322,8 @@ def run_md(
         MDBlowUpError: the run left the bounds; the message says at which step and why, and
             the trajectory and log up to that step are kept.
     """
-    from ase.md import velocitydistribution as vd
-
     ensemble = ensemble.lower()
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {ensemble!r}; choose from {ENSEMBLES}")
-    if thermostat not in THERMOSTATS:
-        raise ValueError(f"unknown thermostat {thermostat!r}; choose from {THERMOSTATS}")
-    if steps < 0 or timestep <= 0 or log_every < 1 or traj_every < 1:
-        raise ValueError("steps >= 0, timestep > 0, log_every >= 1 and traj_every >= 1 are required")
-    if ensemble == "npt" and not bool(np.all(atoms.pbc)):
-        raise ValueError("NPT needs a cell periodic in all three directions")
+    _check_options(atoms, ensemble, thermostat, steps, timestep, log_every, traj_every)
     if calculator is None:
         if model is None:
             raise ValueError("run_md() needs a model or a calculator")
@@ -204,93 +332,24 @@ def run_md(
     if max_temperature is None:
         max_temperature = max(10.0 * temperature, 5000.0)
     if init_velocities and temperature > 0 and not np.any(atoms.get_momenta()):
-        rng = np.random.default_rng(seed)
-        if hasattr(vd, "thermalize_momenta"):  # ASE >= 3.29
-            vd.thermalize_momenta(atoms, temperature, rng=rng)
-        else:  # pragma: no cover - older ASE
-            vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-        vd.Stationary(atoms)
-        if not np.any(atoms.pbc):
-            with np.errstate(divide="ignore", invalid="ignore"):  # a linear molecule has a zero moment
-                vd.ZeroRotation(atoms)
-
+        _draw_velocities(atoms, temperature, seed)
     dyn = _make_dynamics(atoms, ensemble, thermostat, temperature, timestep, friction, tdamp, pressure, pdamp, seed)
     if log is None and out is not None:
         log = str(Path(out).with_suffix("")) + ".log.csv"
-    writer = _TrajectoryWriter(out) if out is not None else None
-    log_fh = None
-    log_csv = None
-    if log is not None:
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log, "w", newline="")  # noqa: SIM115 - closed in the finally below
-        log_csv = csv.DictWriter(log_fh, fieldnames=list(LOG_COLUMNS))
-        log_csv.writeheader()
-    n_atoms = len(atoms)
-    rows: list[dict[str, float]] = []
-    state = {"conserved0": None, "done": 0}
-
-    def conserved(epot: float, ekin: float) -> float:
-        if hasattr(dyn, "get_conserved_energy"):
-            return float(dyn.get_conserved_energy())
-        return epot + ekin
-
-    def make_result() -> MDResult:
-        drift = max((abs(r["drift_eV_per_atom"]) for r in rows), default=0.0)
-        return MDResult(atoms=atoms, steps=state["done"], trajectory=out, log=log, rows=rows, max_abs_drift=drift)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=f"MD {ensemble}", unit="step", dynamic_ncols=True)
+    recorder = _Recorder(atoms, out, log, log_every, traj_every, timestep, progress, steps, ensemble)
     try:
         for _ in dyn.irun(steps):
-            step = int(dyn.nsteps)
-            state["done"] = step
-            epot = float(atoms.get_potential_energy())
-            forces = atoms.get_forces()
-            ekin = float(atoms.get_kinetic_energy())
-            temp = float(atoms.get_temperature()) if n_atoms else 0.0
-            fmax_now = float(np.sqrt((forces**2).sum(axis=1).max())) if n_atoms else 0.0
-            cons = conserved(epot, ekin)
-            if state["conserved0"] is None:
-                state["conserved0"] = cons
-            reason = None
-            if not (math.isfinite(epot) and np.all(np.isfinite(forces))):
-                reason = "the energy or forces are not finite"
-            elif temp > max_temperature:
-                reason = f"temperature {temp:.1f} K exceeds the limit {max_temperature:.1f} K"
-            elif fmax_now > max_force:
-                reason = f"the largest force {fmax_now:.3g} eV/Å exceeds the limit {max_force:.3g} eV/Å"
-            if step % log_every == 0 or reason is not None or step == steps:
-                row = {
-                    "step": step, "time_fs": step * timestep, "temperature_K": temp, "epot_eV": epot,
-                    "ekin_eV": ekin, "etot_eV": epot + ekin, "conserved_eV": cons,
-                    "drift_eV_per_atom": (cons - state["conserved0"]) / max(n_atoms, 1),
-                    "volume_A3": float(abs(np.linalg.det(np.asarray(atoms.cell)))), "max_force_eV_A": fmax_now,
-                }
-                rows.append(row)
-                if log_csv is not None:
-                    log_csv.writerow(row)
-                    log_fh.flush()
-                if bar is not None:
-                    bar.set_postfix(T=f"{temp:.0f}K", Epot=f"{epot:.3f}", drift=f"{row['drift_eV_per_atom']:.1e}")
-            if writer is not None and (step % traj_every == 0 or reason is not None or step == steps):
-                writer.write(atoms)
+            sample = _observe(atoms, dyn)
+            reason = _blow_up_reason(sample, max_temperature, max_force)
+            recorder.record(sample, last=reason is not None or sample.step == steps)
             if reason is not None:
                 where = f"; trajectory so far kept in {out}" if out is not None else ""
                 raise MDBlowUpError(
-                    f"MD stopped at step {step} ({step * timestep:g} fs): {reason}. The simulation blew up "
-                    f"(try a smaller timestep, a lower temperature, or check the model){where}",
-                    make_result(),
+                    f"MD stopped at step {sample.step} ({sample.step * timestep:g} fs): {reason}. The "
+                    f"simulation blew up (try a smaller timestep, a lower temperature, or check the model){where}",
+                    recorder.result(),
                 )
-            if bar is not None and step > 0:
-                bar.update(1)
+            recorder.advance(sample.step)
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if log_fh is not None:
-            log_fh.close()
-    return make_result()
+        recorder.close()
+    return recorder.result()

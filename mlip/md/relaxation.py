@@ -7,13 +7,12 @@ optimiser (FIRE, BFGS, LBFGS), with ``FrechetCellFilter`` when the cell relaxes 
 in one model call per step (the GPU-efficient path, as in TorchSim), and each structure follows
 its own FIRE trajectory (its own time step, mixing and velocity), so the result of a structure
 does not depend on what it was batched with. Converged structures leave the batch. The FIRE
-update and the cell degrees of freedom follow ASE's ``FIRE`` (Bitzek et al., PRL 97, 170201
-(2006)) and ``UnitCellFilter`` conventions, so a batch of one reproduces
-``FIRE(UnitCellFilter(atoms))`` (or plain ``FIRE(atoms)`` without cell relaxation).
+update follows ASE's ``FIRE`` (Bitzek et al., PRL 97, 170201 (2006)) and the cell degrees of
+freedom ASE's ``FrechetCellFilter``, so a batch of one reproduces ``FIRE(FrechetCellFilter(atoms))``
+(or plain ``FIRE(atoms)`` without cell relaxation), and ``fmax`` means the same in both functions.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,15 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from mlip.calculator.ase import MLIPCalculator, NeighborCache, prepare_model, resolve_device, resolve_dtype
+from mlip.calculator.ase import MLIPCalculator, NeighborCache, prepare_model, resolve_device
+from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
+from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 from mlip.units import GPA
 
-__all__ = ["OPTIMIZERS", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
+__all__ = ["OPTIMIZERS", "FireParams", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
 
 #: ASE optimisers accepted by :func:`relax` (by lower-case name)
 OPTIMIZERS = ("fire", "bfgs", "lbfgs")
@@ -67,17 +68,18 @@ def from_atoms(atoms: Atoms, kind: str) -> Any:
     return structure
 
 
-def _max_force(atoms: Atoms, relax_cell: bool, pressure: float) -> float:
-    """The largest generalised force (eV/Å) that the optimiser's ``fmax`` test sees."""
-    if relax_cell:
-        from ase.filters import FrechetCellFilter
-
-        f = FrechetCellFilter(atoms, scalar_pressure=pressure).get_forces()
-    else:
-        f = atoms.get_forces()
-    return float(np.sqrt((f**2).sum(axis=1).max())) if len(f) else 0.0
+def _check_cells(atoms_list: Sequence[Atoms], relax_cell: bool, name_them: bool) -> None:
+    if not relax_cell:
+        return
+    for i, a in enumerate(atoms_list):
+        if not bool(np.all(a.pbc)):
+            where = f"structure {i} ({a.get_chemical_formula()}): " if name_them else ""
+            raise ValueError(f"{where}relax_cell needs a cell periodic in all three directions")
 
 
+# ---------------------------------------------------------------------------------------------
+# one structure: ASE optimisers
+# ---------------------------------------------------------------------------------------------
 def relax(
     structure: Any,
     model: PotentialModel | str | None = None,
@@ -91,6 +93,11 @@ def relax(
     calculator: MLIPCalculator | None = None,
     trajectory: str | None = None,
     logfile: str | None = None,
+    charge: float | None = None,
+    spin: float | None = None,
+    head: str = "default",
+    skin: float = 0.5,
+    neighbor_backend: str = "auto",
 ) -> Any:
     """Relax one structure with an ASE optimiser; returns the same type as given (a new object).
 
@@ -106,11 +113,14 @@ def relax(
         device, dtype: see :class:`~mlip.calculator.MLIPCalculator` (float32 by default).
         calculator: reuse an existing calculator (and its model) instead of building one.
         trajectory, logfile: passed to the ASE optimiser (``None``: no file, no log).
+        charge, spin, head, skin, neighbor_backend: for the calculator built from ``model`` (see
+            :class:`~mlip.calculator.MLIPCalculator`); ``atoms.info`` values take precedence.
 
     Returns:
         The relaxed structure. An ``Atoms`` carries its energy, forces and stress in a
-        ``SinglePointCalculator`` and ``relax_steps``, ``relax_converged``, ``relax_fmax`` (eV/Å) in
-        ``info``; a ``Structure`` has all of these (``energy`` in eV) in ``properties``.
+        ``SinglePointCalculator`` and ``relax_steps``, ``relax_converged``, ``relax_fmax`` (eV/Å, the
+        largest generalised force the optimiser tested against ``fmax``) in ``info``; a ``Structure``
+        has all of these (``energy`` in eV) in ``properties``.
     """
     import ase.optimize
     from ase.filters import FrechetCellFilter
@@ -119,29 +129,32 @@ def relax(
     if calculator is None:
         if model is None:
             raise ValueError("relax() needs a model or a calculator")
-        calculator = MLIPCalculator(model, device=device, dtype=dtype)
+        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin, head=head, charge=charge,
+                                    spin=spin, neighbor_backend=neighbor_backend)
     name = optimizer.lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {[o.upper() for o in OPTIMIZERS]}")
-    if relax_cell and not bool(np.all(atoms.pbc)):
-        raise ValueError("relax_cell needs a cell periodic in all three directions")
+    _check_cells([atoms], relax_cell, name_them=False)
     atoms.calc = calculator
-    p = pressure * GPA
-    target = FrechetCellFilter(atoms, scalar_pressure=p) if relax_cell else atoms
+    target = FrechetCellFilter(atoms, scalar_pressure=pressure * GPA) if relax_cell else atoms
     cls = {"fire": ase.optimize.FIRE, "bfgs": ase.optimize.BFGS, "lbfgs": ase.optimize.LBFGS}[name]
     opt = cls(target, trajectory=trajectory, logfile=logfile)
     converged = bool(opt.run(fmax=fmax, steps=max_steps))
-    energy = float(atoms.get_potential_energy())
+    f = target.get_forces()  # what the optimiser's fmax test saw (cached: no model call)
     atoms.info.update(
-        relax_steps=int(opt.nsteps), relax_converged=converged, relax_fmax=_max_force(atoms, relax_cell, p),
+        relax_steps=int(opt.nsteps), relax_converged=converged,
+        relax_fmax=float(np.sqrt((f**2).sum(axis=1).max())) if len(f) else 0.0,
     )
-    results = {"energy": energy, "forces": atoms.get_forces()}
+    results = {"energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces()}
     if bool(np.all(atoms.pbc)):
         results["stress"] = atoms.get_stress()
     atoms.calc = SinglePointCalculator(atoms, **results)
     return from_atoms(atoms, kind)
 
 
+# ---------------------------------------------------------------------------------------------
+# many structures: batched FIRE
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class RelaxResult:
     """Outcome of one structure in :func:`relax_batch`.
@@ -149,7 +162,8 @@ class RelaxResult:
     Attributes:
         atoms: relaxed structure (same type as the input), with energy/forces/stress attached.
         energy: final energy (eV); steps: FIRE steps taken; converged: reached ``fmax``;
-        fmax: final largest generalised force (eV/Å); volume: final cell volume (Å³, 0 without a cell).
+        fmax: final largest generalised force (eV/Å; ``FrechetCellFilter``'s with ``relax_cell``, as
+        tested against ``fmax``); volume: final cell volume (Å³, 0 without a cell).
     """
 
     atoms: Any
@@ -158,6 +172,291 @@ class RelaxResult:
     converged: bool
     fmax: float
     volume: float
+
+
+@dataclass
+class FireParams:
+    """ASE's FIRE parameters (and defaults): time step and its bounds in ASE time units, largest step (Å)."""
+
+    dt: float = 0.1
+    maxstep: float = 0.2
+    dtmax: float = 1.0
+    n_min: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+
+
+@dataclass
+class _Selection:
+    """Some structures of the batch, in batch order.
+
+    Shapes: graphs [b] (batch indices); atoms [n] (batch atom indices, structure by structure);
+    graph_of_atom [n] (position in ``graphs``); ptr [b + 1] (into ``atoms``).
+    """
+
+    graphs: torch.Tensor
+    atoms: torch.Tensor
+    graph_of_atom: torch.Tensor
+    ptr: torch.Tensor
+
+    def per_structure_sum(self, atom_rows: torch.Tensor, cell_rows: torch.Tensor) -> torch.Tensor:
+        """Per structure, the sum over its atom rows [n, 3] and cell rows [b, 3, 3] -> [b]."""
+        out = torch.zeros(len(self.graphs), dtype=atom_rows.dtype, device=atom_rows.device)
+        return out.index_add(0, self.graph_of_atom, atom_rows.sum(1)) + cell_rows.sum((1, 2))
+
+    def largest_row2(self, atom_rows: torch.Tensor, cell_rows: torch.Tensor) -> torch.Tensor:
+        """Per structure, the largest squared row norm over atom and cell rows (ASE's fmax test) -> [b]."""
+        out = torch.zeros(len(self.graphs), dtype=atom_rows.dtype, device=atom_rows.device)
+        atom_max = out.scatter_reduce(0, self.graph_of_atom, (atom_rows**2).sum(1), reduce="amax")
+        return torch.maximum(atom_max, (cell_rows**2).sum(2).amax(1))
+
+    def spread(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-structure values [b] broadcast to atom rows [n, 1] and cell rows [b, 1, 1]."""
+        return values[self.graph_of_atom, None], values[:, None, None]
+
+
+def _expm_frechet_adjoint(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``G[m, n] = <d expm(a)/d a[m, n], u>``: the gradient of ``<expm(a), u>`` with respect to ``a``.
+
+    The adjoint of the Fréchet derivative of expm at ``a`` is the Fréchet derivative at ``a^T``,
+    and ``L(x)[e]`` is the upper-right block of ``expm([[x, e], [0, x]])`` (Higham, Functions of
+    Matrices, 2008, ch. 3). ``FrechetCellFilter`` computes the same matrix entry by entry with
+    scipy's ``expm_frechet``; one batched 6x6 exponential does it here.
+
+    Shapes: a, u [b, 3, 3] -> [b, 3, 3].
+    """
+    block = torch.zeros(a.shape[0], 6, 6, dtype=a.dtype, device=a.device)
+    block[:, :3, :3] = block[:, 3:, 3:] = a.transpose(1, 2)
+    block[:, :3, 3:] = u
+    return torch.linalg.matrix_exp(block)[:, :3, 3:]
+
+
+class _Structures:
+    """The structures of a batched relaxation, stacked, in ``FrechetCellFilter``'s coordinates.
+
+    Each structure has reference positions ``x = r F^{-T}`` and the log of its deformation gradient
+    ``F`` (``cell = cell0 F^T``, ``r = x F^T``); the optimiser sees ``x`` and ``n_atoms * log F``, whose
+    forces are ``f F`` and the gradient of the energy (with ``p V``) with respect to ``log F`` over
+    ``n_atoms``. Without cell relaxation ``F = I`` and ``x = r``. Float64 throughout.
+
+    Shapes: x [N, 3] Å; log_deform, cell0 [G, 3, 3]; numbers [N]; pbc [G, 3]; n_atoms [G]; ptr [G + 1].
+    """
+
+    def __init__(
+        self, atoms_list: Sequence[Atoms], device: torch.device, relax_cell: bool, pressure: float,
+        caches: list[NeighborCache], settings: list[tuple[float, float, str]],
+    ) -> None:
+        tensors = [structure_tensors(a, device) for a in atoms_list]
+        self.n_graphs = len(atoms_list)
+        self.relax_cell, self.pressure = relax_cell, pressure * GPA
+        self.caches, self.settings = caches, settings
+        self.x = torch.cat([t[0] for t in tensors])
+        self.numbers = torch.cat([t[1] for t in tensors])
+        self.cell0 = torch.stack([t[2] for t in tensors])
+        self.pbc = torch.stack([t[3] for t in tensors])
+        self.n_atoms = torch.tensor([len(a) for a in atoms_list], device=device)
+        self.ptr = torch.zeros(len(atoms_list) + 1, dtype=torch.long, device=device)
+        self.ptr[1:] = torch.cumsum(self.n_atoms, 0)
+        self.log_deform = torch.zeros_like(self.cell0)
+
+    def select(self, graphs: Sequence[int]) -> _Selection:
+        dev = self.x.device
+        spans = [torch.arange(int(self.ptr[g]), int(self.ptr[g + 1]), device=dev) for g in graphs]
+        graphs_t = torch.tensor(list(graphs), dtype=torch.long, device=dev)
+        counts = self.n_atoms[graphs_t]
+        ptr = torch.zeros(len(graphs) + 1, dtype=torch.long, device=dev)
+        ptr[1:] = torch.cumsum(counts, 0)
+        graph_of_atom = torch.repeat_interleave(torch.arange(len(graphs), device=dev), counts)
+        return _Selection(graphs_t, torch.cat(spans), graph_of_atom, ptr)
+
+    def cartesian(self, sel: _Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions [n, 3], cells [b, 3, 3] and deformation gradients F [b, 3, 3] of ``sel``."""
+        x, cell0 = self.x[sel.atoms], self.cell0[sel.graphs]
+        if not self.relax_cell:
+            return x, cell0, torch.eye(3, dtype=x.dtype, device=x.device).expand_as(cell0)
+        deform = torch.linalg.matrix_exp(self.log_deform[sel.graphs])
+        positions = torch.einsum("ni,nji->nj", x, deform[sel.graph_of_atom])  # x F^T
+        return positions, torch.bmm(cell0, deform.transpose(1, 2)), deform
+
+    def graph_batch(
+        self, sel: _Selection, positions: torch.Tensor, cell: torch.Tensor, dtype: torch.dtype,
+        needs_charge_spin: bool,
+    ) -> GraphBatch:
+        """The model's input for ``sel``: each structure's edges from its own neighbour cache."""
+        edges, shifts = [], []
+        for k, g in enumerate(sel.graphs.tolist()):
+            a0, a1 = int(sel.ptr[k]), int(sel.ptr[k + 1])
+            numbers = self.numbers[int(self.ptr[g]):int(self.ptr[g + 1])]
+            ei, sh = self.caches[g](positions[a0:a1], cell[k], self.pbc[g], numbers)
+            edges.append(ei + a0)
+            shifts.append(sh)
+        charge, spin, head = zip(*(self.settings[g] for g in sel.graphs.tolist()))
+        return inference_batch(
+            positions, self.numbers[sel.atoms], cell, self.pbc[sel.graphs], torch.cat(edges, dim=1),
+            torch.cat(shifts), batch=sel.graph_of_atom, charge=charge, spin=spin, head=head,
+            dtype=dtype, needs_charge_spin=needs_charge_spin,
+        )
+
+    def generalised_forces(
+        self, sel: _Selection, deform: torch.Tensor, cell: torch.Tensor, out: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``FrechetCellFilter.get_forces()`` of ``sel``: atom rows [n, 3] and cell rows [b, 3, 3] (eV/Å)."""
+        forces = out["forces"].detach().to(torch.float64)
+        if not self.relax_cell:
+            return forces, torch.zeros_like(cell)
+        g_x = torch.einsum("ni,nij->nj", forces, deform[sel.graph_of_atom])  # f F
+        volume = torch.linalg.det(cell).abs()
+        eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+        virial = out["virial"].detach().to(torch.float64) - (volume * self.pressure)[:, None, None] * eye
+        ucf_grad = torch.linalg.solve(deform, virial.transpose(1, 2)).transpose(1, 2)  # virial F^{-T}
+        g_c = _expm_frechet_adjoint(self.log_deform[sel.graphs], ucf_grad)
+        return g_x, g_c / self.n_atoms[sel.graphs].to(g_c.dtype)[:, None, None]
+
+    def move(self, sel: _Selection, dx: torch.Tensor, dc: torch.Tensor) -> None:
+        """Step the optimiser's coordinates: ``x += dx``, ``n_atoms log F += dc``."""
+        self.x[sel.atoms] = self.x[sel.atoms] + dx
+        if self.relax_cell:
+            n_atoms = self.n_atoms[sel.graphs][:, None, None]
+            self.log_deform[sel.graphs] = self.log_deform[sel.graphs] + dc / n_atoms
+
+
+class _BatchedFire:
+    """ASE's ``FIRE.step`` for every structure at once, each with its own velocity, ``dt``, mixing
+    ``a`` and count of downhill steps; norms and dot products are taken per structure.
+
+    Shapes: v_x [N, 3]; v_c [G, 3, 3]; dt, a, n_downhill, started [G].
+    """
+
+    def __init__(self, structures: _Structures, params: FireParams) -> None:
+        n_graphs = structures.n_graphs
+        f64, dev = torch.float64, structures.x.device
+        self.p = params
+        self.v_x = torch.zeros_like(structures.x)
+        self.v_c = torch.zeros_like(structures.cell0)
+        self.dt = torch.full((n_graphs,), params.dt, dtype=f64, device=dev)
+        self.a = torch.full((n_graphs,), params.astart, dtype=f64, device=dev)
+        self.n_downhill = torch.zeros(n_graphs, dtype=torch.long, device=dev)
+        self.started = torch.zeros(n_graphs, dtype=torch.bool, device=dev)
+
+    def step(
+        self, sel: _Selection, g_x: torch.Tensor, g_c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The displacements (atom rows [n, 3], cell rows [b, 3, 3]) for generalised forces ``g_x``, ``g_c``."""
+        p, gr = self.p, sel.graphs
+        vx, vc = self.v_x[sel.atoms], self.v_c[gr]
+        a, dt, n_down = self.a[gr], self.dt[gr], self.n_downhill[gr]
+        # ASE skips the mixing on the first step (no velocity yet); afterwards it mixes when going
+        # downhill (v.f > 0) and otherwise stops and shortens the time step
+        vf = sel.per_structure_sum(g_x * vx, g_c * vc)
+        downhill = self.started[gr] & (vf > 0)
+        reset = self.started[gr] & ~(vf > 0)
+        g_norm = sel.per_structure_sum(g_x * g_x, g_c * g_c).sqrt().clamp_min(1e-300)  # 0 only where unused
+        mix = a * sel.per_structure_sum(vx * vx, vc * vc).sqrt() / g_norm
+        (down_x, down_c), (a_x, a_c), (mix_x, mix_c) = sel.spread(downhill), sel.spread(a), sel.spread(mix)
+        vx = torch.where(down_x, (1 - a_x) * vx + mix_x * g_x, vx)
+        vc = torch.where(down_c, (1 - a_c) * vc + mix_c * g_c, vc)
+        grow = downhill & (n_down > p.n_min)
+        dt = torch.where(grow, torch.clamp(dt * p.finc, max=p.dtmax), dt)
+        a = torch.where(grow, a * p.fa, a)
+        n_down = torch.where(downhill, n_down + 1, n_down)
+        reset_x, reset_c = sel.spread(reset)
+        vx, vc = vx.masked_fill(reset_x, 0.0), vc.masked_fill(reset_c, 0.0)
+        a = torch.where(reset, torch.full_like(a, p.astart), a)
+        dt = torch.where(reset, dt * p.fdec, dt)
+        n_down = torch.where(reset, torch.zeros_like(n_down), n_down)
+        dt_x, dt_c = sel.spread(dt)
+        vx, vc = vx + dt_x * g_x, vc + dt_c * g_c
+        dr_x, dr_c = dt_x * vx, dt_c * vc
+        norm = sel.per_structure_sum(dr_x * dr_x, dr_c * dr_c).sqrt()
+        scale = torch.where(norm > p.maxstep, p.maxstep / norm.clamp_min(1e-300), torch.ones_like(norm))
+        scale_x, scale_c = sel.spread(scale)
+        self.v_x[sel.atoms], self.v_c[gr] = vx, vc
+        self.a[gr], self.dt[gr], self.n_downhill[gr] = a, dt, n_down
+        self.started[gr] = True
+        return scale_x * dr_x, scale_c * dr_c
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+@dataclass
+class _Final:
+    """Where one structure's relaxation ended (float64 numpy arrays in eV, Å, eV/Å, eV/Å³)."""
+
+    energy: float
+    forces: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    stress: np.ndarray | None
+    fmax: float
+    steps: int
+    converged: bool
+
+    @classmethod
+    def of(
+        cls, k: int, sel: _Selection, positions: torch.Tensor, cell: torch.Tensor, out: dict[str, torch.Tensor],
+        **kw: Any,
+    ) -> _Final:
+        """Structure ``k`` of ``sel`` with its model outputs ``out``; ``kw``: fmax, steps, converged."""
+        a0, a1 = int(sel.ptr[k]), int(sel.ptr[k + 1])
+        stress = _numpy(out["stress"][k]) if "stress" in out else None
+        return cls(energy=float(out["energy"][k]), forces=_numpy(out["forces"][a0:a1]),
+                   positions=_numpy(positions[a0:a1]), cell=_numpy(cell[k]), stress=stress, **kw)
+
+
+def _run_fire(
+    structures: _Structures, fire: _BatchedFire, model: PotentialModel, dtype: torch.dtype, fmax: float,
+    max_steps: int,
+) -> list[_Final]:
+    """FIRE steps until every structure converged or took ``max_steps``: one model call per step for
+    the structures still relaxing (a finished one leaves the batch)."""
+    needs_charge_spin = uses_charge_spin(model)
+    n_graphs = structures.n_graphs
+    steps = [0] * n_graphs
+    finals: list[_Final | None] = [None] * n_graphs
+    active = list(range(n_graphs))
+    while active:
+        sel = structures.select(active)
+        positions, cell, deform = structures.cartesian(sel)
+        # a 3D-periodic batch gets stress even with a fixed cell: it goes into the results
+        want_stress = structures.relax_cell or bool(structures.pbc[sel.graphs].all())
+        batch = structures.graph_batch(sel, positions, cell, dtype, needs_charge_spin)
+        out = predict(model, batch, forces=True, stress=want_stress)
+        out = {key: value.detach() for key, value in out.items()}
+        g_x, g_c = structures.generalised_forces(sel, deform, cell, out)
+        f2 = sel.largest_row2(g_x, g_c).tolist()  # ASE's test: max squared row < fmax**2
+        for k, g in enumerate(active):
+            if f2[k] < fmax**2 or steps[g] >= max_steps:
+                finals[g] = _Final.of(k, sel, positions, cell, out, fmax=f2[k] ** 0.5, steps=steps[g],
+                                      converged=f2[k] < fmax**2)
+        keep = torch.tensor([finals[g] is None for g in active], device=sel.graphs.device)
+        if not bool(keep.any()):
+            break
+        moving = structures.select([g for g in active if finals[g] is None])
+        dx, dc = fire.step(moving, g_x[keep[sel.graph_of_atom]], g_c[keep])
+        structures.move(moving, dx, dc)
+        active = moving.graphs.tolist()
+        for g in active:
+            steps[g] += 1
+    return finals
+
+
+def _relax_result(atoms: Atoms, kind: str, final: _Final) -> RelaxResult:
+    out = atoms.copy()
+    out.positions = final.positions
+    out.cell = final.cell
+    results = {"energy": final.energy, "forces": final.forces}
+    if final.stress is not None:
+        results["stress"] = full_3x3_to_voigt_6_stress(final.stress)
+    out.calc = SinglePointCalculator(out, **results)
+    out.info.update(relax_steps=final.steps, relax_converged=final.converged, relax_fmax=final.fmax)
+    return RelaxResult(
+        atoms=from_atoms(out, kind), energy=final.energy, steps=final.steps, converged=final.converged,
+        fmax=final.fmax, volume=float(abs(np.linalg.det(final.cell))),
+    )
 
 
 def relax_batch(
@@ -178,16 +477,20 @@ def relax_batch(
     fdec: float = 0.5,
     astart: float = 0.1,
     fa: float = 0.99,
+    charge: float | None = None,
+    spin: float | None = None,
+    head: str = "default",
+    neighbor_backend: str = "auto",
 ) -> list[RelaxResult]:
     """Relax many structures together with FIRE, one model call per step for the whole batch.
 
     Each structure keeps its own FIRE state (velocity, ``dt``, mixing ``a``, step counter); the
     per-structure norms and dot products are reduced per structure, so a structure's trajectory
     does not depend on its batch mates (up to float rounding) and equals a batch of one. With
-    ``relax_cell`` the degrees of freedom are those of ASE's ``UnitCellFilter``: reference-frame
-    positions ``r F^{-T}`` and ``cell_factor * F`` with the deformation gradient ``F``
-    (``cell = cell0 F^T``) and ``cell_factor = n_atoms``; their forces are ``f F`` and
-    ``(virial - p V I) F^{-T} / cell_factor``. FIRE parameters default to ASE's.
+    ``relax_cell`` the degrees of freedom, their forces and so the meaning of ``fmax`` are those of
+    ASE's ``FrechetCellFilter`` (as in :func:`relax`): positions in the reference cell and
+    ``n_atoms * log F`` for the deformation gradient ``F`` (``cell = cell0 F^T``). FIRE parameters
+    (``dt`` ... ``fa``, see :class:`FireParams`) default to ASE's.
 
     Args:
         structures: ``ase.Atoms`` or pymatgen ``Structure`` objects (left unmodified).
@@ -197,12 +500,12 @@ def relax_batch(
         max_steps: FIRE steps at most per structure.
         pressure: external hydrostatic pressure (GPa).
         device, dtype: as for :class:`~mlip.calculator.MLIPCalculator`; the optimiser state is float64.
-        skin: neighbour-list skin (Å) of each structure's :class:`~mlip.calculator.NeighborCache`.
+        skin, neighbor_backend: of each structure's :class:`~mlip.calculator.NeighborCache` (as in the
+            calculator: Å, ``"auto"``).
+        charge, spin, head: used where a structure's ``info`` lacks them, as in the calculator.
 
     Returns:
         One :class:`RelaxResult` per input, in input order.
-
-    Shapes (internal): x [n_atoms, 3] reference positions; deform [n_graphs, 3, 3]; v_* alike.
     """
     if len(structures) == 0:
         return []
@@ -210,167 +513,12 @@ def relax_batch(
     net = prepare_model(model, dev, dtype_)
     converted = [to_atoms(s) for s in structures]
     atoms_list = [a for a, _ in converted]
-    if relax_cell:
-        for i, a in enumerate(atoms_list):
-            if not bool(np.all(a.pbc)):
-                raise ValueError(f"structure {i} ({a.get_chemical_formula()}): relax_cell needs a 3D-periodic cell")
-    f64 = torch.float64
-    n_graphs = len(atoms_list)
-    n_per = torch.tensor([len(a) for a in atoms_list], device=dev)
-    ptr = torch.zeros(n_graphs + 1, dtype=torch.long, device=dev)
-    ptr[1:] = torch.cumsum(n_per, 0)
-    x = torch.cat([torch.as_tensor(a.positions, dtype=f64) for a in atoms_list]).to(dev)  # [N, 3]
-    numbers = torch.cat([torch.as_tensor(a.numbers, dtype=torch.long) for a in atoms_list]).to(dev)
-    cell0 = torch.stack([torch.as_tensor(np.asarray(a.cell), dtype=f64) for a in atoms_list]).to(dev)
-    pbc = torch.stack([torch.as_tensor(np.asarray(a.pbc, dtype=bool)) for a in atoms_list]).to(dev)
-    charge = torch.tensor([float(a.info.get("charge", math.nan)) for a in atoms_list], dtype=f64, device=dev)
-    spin = torch.tensor([float(a.info.get("spin", math.nan)) for a in atoms_list], dtype=f64, device=dev)
-    heads = [str(a.info.get("head", "default")) for a in atoms_list]
-    deform = torch.eye(3, dtype=f64, device=dev).repeat(n_graphs, 1, 1)  # F
-    cell_factor = n_per.to(f64)  # [B]
-    p = pressure * GPA
-    caches = [NeighborCache(net.r_max, skin=skin) for _ in range(n_graphs)]
-
-    v_x = torch.zeros_like(x)
-    v_c = torch.zeros_like(deform)
-    dt_g = torch.full((n_graphs,), dt, dtype=f64, device=dev)
-    a_g = torch.full((n_graphs,), astart, dtype=f64, device=dev)
-    nsteps_fire = torch.zeros(n_graphs, dtype=torch.long, device=dev)
-    started = torch.zeros(n_graphs, dtype=torch.bool, device=dev)
-    steps = [0] * n_graphs
-    done = [False] * n_graphs
-    converged = [False] * n_graphs
-    final: dict[int, dict[str, Any]] = {}
-
-    while not all(done):
-        active = [g for g in range(n_graphs) if not done[g]]
-        act_t = torch.tensor(active, device=dev)
-        atom_idx = torch.cat([torch.arange(int(ptr[g]), int(ptr[g + 1]), device=dev) for g in active])
-        local_graph = torch.repeat_interleave(torch.arange(len(active), device=dev), n_per[act_t])
-        fdef = deform[act_t]  # [b, 3, 3]
-        pos = torch.einsum("ni,nji->nj", x[atom_idx], fdef[local_graph]) if relax_cell else x[atom_idx]
-        cell = torch.bmm(cell0[act_t], fdef.transpose(1, 2)) if relax_cell else cell0[act_t]
-        # per-structure cached edges, offset into the batch
-        edges, shifts = [], []
-        sub_ptr = torch.zeros(len(active) + 1, dtype=torch.long, device=dev)
-        sub_ptr[1:] = torch.cumsum(n_per[act_t], 0)
-        for k, g in enumerate(active):
-            a0, a1 = int(sub_ptr[k]), int(sub_ptr[k + 1])
-            ei, sh = caches[g](pos[a0:a1], cell[k], pbc[g], numbers[int(ptr[g]):int(ptr[g + 1])])
-            edges.append(ei + a0)
-            shifts.append(sh)
-        n_act = int(atom_idx.numel())
-        nan = math.nan
-        batch = GraphBatch(
-            positions=pos.to(dtype_), numbers=numbers[atom_idx], cell=cell.to(dtype_), pbc=pbc[act_t],
-            edge_index=torch.cat(edges, dim=1), unit_shifts=torch.cat(shifts), batch=local_graph, ptr=sub_ptr,
-            energy=torch.full((len(active),), nan, dtype=dtype_, device=dev),
-            forces=torch.full((n_act, 3), nan, dtype=dtype_, device=dev),
-            stress=torch.full((len(active), 3, 3), nan, dtype=dtype_, device=dev),
-            charge=charge[act_t].to(dtype_), spin=spin[act_t].to(dtype_),
-            weight=torch.ones(len(active), dtype=dtype_, device=dev), head=[heads[g] for g in active],
-        )
-        out = predict(net, batch, forces=True, stress=relax_cell or bool(pbc[act_t].all()))
-        forces = out["forces"].detach().to(f64)  # [n, 3]
-        energy = out["energy"].detach().to(f64)  # [b]
-        # generalised forces (UnitCellFilter convention)
-        if relax_cell:
-            g_x = torch.einsum("ni,nij->nj", forces, fdef[local_graph])
-            volume = torch.linalg.det(cell).abs()  # [b]
-            virial = out["virial"].detach().to(f64) - (volume * p)[:, None, None] * torch.eye(3, dtype=f64, device=dev)
-            g_c = torch.linalg.solve(fdef, virial.transpose(1, 2)).transpose(1, 2) / cell_factor[act_t][:, None, None]
-        else:
-            g_x = forces
-            g_c = torch.zeros(len(active), 3, 3, dtype=f64, device=dev)
-        f2_atoms = torch.zeros(len(active), dtype=f64, device=dev).scatter_reduce(
-            0, local_graph, (g_x**2).sum(1), reduce="amax", include_self=True
-        )
-        f2 = torch.maximum(f2_atoms, (g_c**2).sum(2).amax(1))  # [b] squared largest row
-        update = []
-        for k, g in enumerate(active):
-            is_conv = bool(f2[k] < fmax**2)
-            if is_conv or steps[g] >= max_steps:
-                done[g] = True
-                converged[g] = is_conv
-                a0, a1 = int(sub_ptr[k]), int(sub_ptr[k + 1])
-                rec = {
-                    "energy": float(energy[k]), "forces": forces[a0:a1].cpu().numpy(),
-                    "positions": pos[a0:a1].cpu().numpy(), "cell": cell[k].cpu().numpy(),
-                    "fmax": float(f2[k].sqrt()),
-                }
-                if "stress" in out:
-                    rec["stress"] = out["stress"][k].detach().to(f64).cpu().numpy()
-                final[g] = rec
-            else:
-                update.append(k)
-        if not update:
-            continue
-        upd = torch.tensor(update, device=dev)  # local indices
-        upd_g = act_t[upd]  # global graph indices
-        upd_atom_local = torch.isin(local_graph, upd)
-        atoms_g = atom_idx[upd_atom_local]  # global atom indices being updated
-        lg = local_graph[upd_atom_local]  # local graph index of each updated atom
-        # map local graph -> position in `update`
-        slot = torch.full((len(active),), -1, dtype=torch.long, device=dev)
-        slot[upd] = torch.arange(len(update), device=dev)
-        s_atom = slot[lg]
-        gx, gc = g_x[upd_atom_local], g_c[upd]
-        vx, vc = v_x[atoms_g], v_c[upd_g]
-        nu = len(update)
-
-        def per_graph(ax: torch.Tensor, ac: torch.Tensor, nu: int = nu, s_atom: torch.Tensor = s_atom) -> torch.Tensor:
-            """Per-structure sum over atom rows [n, 3] and cell rows [nu, 3, 3] -> [nu]."""
-            return torch.zeros(nu, dtype=f64, device=dev).index_add(0, s_atom, ax.sum(1)) + ac.sum((1, 2))
-
-        st = started[upd_g]
-        vf = per_graph(gx * vx, gc * vc)
-        grad2 = per_graph(gx * gx, gc * gc)
-        vnorm = per_graph(vx * vx, vc * vc).sqrt()
-        a_now, dt_now, ns = a_g[upd_g], dt_g[upd_g], nsteps_fire[upd_g]
-        uphill_free = st & (vf > 0)
-        reset = st & ~(vf > 0)
-        mix = a_now * vnorm / grad2.clamp_min(1e-300).sqrt()  # a |v| / |g|
-        vx = torch.where(uphill_free[s_atom, None], (1 - a_now)[s_atom, None] * vx + mix[s_atom, None] * gx, vx)
-        vc = torch.where(uphill_free[:, None, None], (1 - a_now)[:, None, None] * vc + mix[:, None, None] * gc, vc)
-        grow = uphill_free & (ns > n_min)
-        dt_now = torch.where(grow, torch.clamp(dt_now * finc, max=dtmax), dt_now)
-        a_now = torch.where(grow, a_now * fa, a_now)
-        ns = torch.where(uphill_free, ns + 1, ns)
-        vx = torch.where(reset[s_atom, None], torch.zeros_like(vx), vx)
-        vc = torch.where(reset[:, None, None], torch.zeros_like(vc), vc)
-        a_now = torch.where(reset, torch.full_like(a_now, astart), a_now)
-        dt_now = torch.where(reset, dt_now * fdec, dt_now)
-        ns = torch.where(reset, torch.zeros_like(ns), ns)
-        vx = vx + dt_now[s_atom, None] * gx
-        vc = vc + dt_now[:, None, None] * gc
-        drx, drc = dt_now[s_atom, None] * vx, dt_now[:, None, None] * vc
-        normdr = per_graph(drx * drx, drc * drc).sqrt()
-        scale = torch.where(normdr > maxstep, maxstep / normdr.clamp_min(1e-300), torch.ones_like(normdr))
-        x[atoms_g] = x[atoms_g] + scale[s_atom, None] * drx
-        if relax_cell:
-            deform[upd_g] = deform[upd_g] + scale[:, None, None] * drc / cell_factor[upd_g][:, None, None]
-        v_x[atoms_g], v_c[upd_g] = vx, vc
-        a_g[upd_g], dt_g[upd_g], nsteps_fire[upd_g] = a_now, dt_now, ns
-        started[upd_g] = True
-        for g in upd_g.tolist():
-            steps[g] += 1
-
-    results = []
-    for g, (atoms, kind) in enumerate(converted):
-        rec = final[g]
-        out_atoms = atoms.copy()
-        out_atoms.positions = rec["positions"]
-        out_atoms.cell = rec["cell"]
-        sp = {"energy": rec["energy"], "forces": rec["forces"]}
-        if "stress" in rec:
-            sp["stress"] = full_3x3_to_voigt_6_stress(rec["stress"])
-        out_atoms.calc = SinglePointCalculator(out_atoms, **sp)
-        out_atoms.info.update(relax_steps=steps[g], relax_converged=converged[g], relax_fmax=rec["fmax"])
-        volume = float(abs(np.linalg.det(rec["cell"])))
-        results.append(
-            RelaxResult(
-                atoms=from_atoms(out_atoms, kind), energy=rec["energy"], steps=steps[g],
-                converged=converged[g], fmax=rec["fmax"], volume=volume,
-            )
-        )
-    return results
+    _check_cells(atoms_list, relax_cell, name_them=True)
+    stacked = _Structures(
+        atoms_list, dev, relax_cell, pressure,
+        caches=[NeighborCache(net.r_max, skin=skin, backend=neighbor_backend) for _ in atoms_list],
+        settings=[structure_settings(a.info, charge, spin, head) for a in atoms_list],
+    )
+    fire = _BatchedFire(stacked, FireParams(dt, maxstep, dtmax, n_min, finc, fdec, astart, fa))
+    finals = _run_fire(stacked, fire, net, dtype_, fmax, max_steps)
+    return [_relax_result(atoms, kind, final) for (atoms, kind), final in zip(converted, finals)]
