@@ -84,10 +84,11 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 def speed(args: argparse.Namespace) -> dict:
     from mlip.data.graph import collate
     from mlip.data.transforms import atoms_to_graph
+    from mlip.dtypes import resolve_dtype
     from mlip.models.base import build_model
     from mlip.models.outputs import predict
 
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    dtype = resolve_dtype(args.dtype)
     rows = []
     for family in ("learned-equivariance", "equivariant"):
         cfg = {**_preset(family), "elements": ELEMENTS}

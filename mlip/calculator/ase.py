@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from mlip import keys as K
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
 from mlip.data.neighbors import neighbor_list
@@ -26,7 +27,7 @@ from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 
-__all__ = ["MLIPCalculator", "NeighborCache", "prepare_model", "resolve_device", "resolve_dtype"]
+__all__ = ["MLIPCalculator", "NeighborCache", "prepare_model", "resolve_device"]
 
 #: CUDA out-of-memory (``torch.OutOfMemoryError`` since torch 2.5)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -270,7 +271,7 @@ class MLIPCalculator(Calculator):
         """ASE's checks (positions, numbers, cell, pbc, ...) plus charge, spin and head in ``info``."""
         changes = super().check_state(atoms, tol=tol)
         if self.atoms is not None:
-            for key in ("charge", "spin", "head"):
+            for key in (K.CHARGE, K.SPIN, K.HEAD):
                 old, new = self.atoms.info.get(key), atoms.info.get(key)
                 if (old is None) != (new is None) or (old is not None and not np.array_equal(old, new)):
                     changes.append(f"info[{key}]")

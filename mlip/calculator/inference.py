@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from mlip import keys as K
 from mlip.data.graph import GraphBatch
 from mlip.models.base import PotentialModel
 
@@ -59,7 +60,7 @@ def structure_settings(
     >>> structure_settings({})
     (nan, nan, 'default')
     """
-    return info_scalar(info, "charge", charge), info_scalar(info, "spin", spin), str(info.get("head", head))
+    return info_scalar(info, K.CHARGE, charge), info_scalar(info, K.SPIN, spin), str(info.get(K.HEAD, head))
 
 
 def uses_charge_spin(model: PotentialModel) -> bool:
