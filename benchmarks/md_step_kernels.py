@@ -11,7 +11,7 @@ correlation 3, r_max 6 Å) unless overridden. Structures are rattled diamond Si 
 timing, as in MD between list rebuilds. Each step is ``mlip.models.outputs.predict(forces=True)``,
 timed as the median of ``--repeats`` CUDA-synchronised calls after warm-up (Triton autotunes on
 the first calls), with the peak GPU memory. Before timing, the Triton model is checked against the
-torch reference on a small structure (:func:`mlip.kernels.validate.check_backend`) and on the
+torch reference on a small structure (:func:`mlip.models.backend_check.check_backend`) and on the
 timed structure itself (energy and forces). ``--largest`` doubles the system until the Triton step
 runs out of memory and reports the largest that fit, for both backends. On a CPU-only machine the
 script says so and exits 0.
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import triton
 
-    from mlip.kernels.validate import check_backend
+    from mlip.models.backend_check import check_backend
     from mlip.models.outputs import predict
 
     dtype = getattr(torch, args.dtype)

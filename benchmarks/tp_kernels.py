@@ -136,10 +136,10 @@ def passes(conv: Callable, x, y, w) -> dict[str, Callable[[], object]]:
 
 
 def impl_ours(lmax, n_nodes, sender, receiver, backend: str):
-    from mlip.kernels import get_backend
+    from mlip.kernels import BACKENDS
 
-    mod = get_backend(backend, "cuda")
-    return lambda x, y, w: mod.conv_tp(x, y, w, sender, receiver, n_nodes, *lmax)
+    ops = BACKENDS[backend].ops
+    return lambda x, y, w: ops.conv_tp(x, y, w, sender, receiver, n_nodes, *lmax)
 
 
 def impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype):
@@ -238,10 +238,10 @@ def spline_problem(lmax, n_edges, c, dtype, device, knots: int = 16, r_max: floa
 
 def impl_spline(lmax, n_nodes, sender, receiver, idx, table, backend: str):
     """``(x, y, vals) -> conv_tp_spline(...)`` with the knot index and the table held fixed."""
-    from mlip.kernels import get_backend
+    from mlip.kernels import BACKENDS
 
-    mod = get_backend(backend, "cuda")
-    return lambda x, y, v: mod.conv_tp_spline(x, y, v, idx, table, sender, receiver, n_nodes, *lmax)
+    ops = BACKENDS[backend].ops
+    return lambda x, y, v: ops.conv_tp_spline(x, y, v, idx, table, sender, receiver, n_nodes, *lmax)
 
 
 def check_against_reference(lmax, x, y, w, sender, receiver, n_nodes, max_edges: int = 50_000,

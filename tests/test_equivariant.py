@@ -5,9 +5,9 @@ from __future__ import annotations
 import ase
 import pytest
 import torch
-from conformance import ModelConformance, crystal, molecule, random_rotation, rel_err, transform
 
 from mlip.models.base import build_model
+from mlip.testing import ModelConformance, crystal, molecule, random_rotation, rel_err, transform
 
 SMALL = {"num_channels": 8, "lmax": 2, "num_layers": 2, "correlation": 3, "spline_knots": 10, "readout_hidden": 8,
          "avg_num_neighbors": 8.0}
@@ -65,9 +65,8 @@ def _model(**kw):
 
 
 def _graphs(atoms_list, r_max=3.5):
-    from conformance import atoms_to_graph
-
     from mlip.data.graph import collate
+    from mlip.data.transforms import atoms_to_graph
 
     return collate([atoms_to_graph(a, r_max) for a in atoms_list]).to(dtype=torch.float64)
 
@@ -157,10 +156,10 @@ def test_spline_and_mlp_radials_and_kernel_backend():
     batch = _graphs([molecule(), crystal()])
     for radial in ("spline", "mlp"):
         model = _model(radial=radial, kernel="torch")
-        assert model.backend(torch.device("cpu")) is reference
+        assert model.kernel_backend.ops is reference
         out = predict(model, batch, stress=True)
         assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
-    assert _model(kernel="auto").backend(torch.device("cpu")) is reference
+    assert _model(kernel="auto").kernel_backend.ops is reference
 
 
 def test_model_routes_the_convolution_and_grid_mixing_through_the_backend(monkeypatch):
@@ -170,9 +169,11 @@ def test_model_routes_the_convolution_and_grid_mixing_through_the_backend(monkey
     to the torch backend's; a
     backend other than the reference is first compared with it (``ensure_checked``). The SiLU grid
     has no product and never calls ``grid_product``."""
+    import sys
     import types
 
-    from mlip.kernels import reference, validate
+    from mlip.kernels import KernelBackend, reference
+    from mlip.models import backend_check
     from mlip.models.outputs import predict
 
     calls, grid_calls, sc_calls, checks = [], [], [], []
@@ -189,16 +190,15 @@ def test_model_routes_the_convolution_and_grid_mixing_through_the_backend(monkey
         grid_calls.append((tuple(a.shape), tuple(from_grid.shape)))
         return reference.grid_product(a, b, to_grid, from_grid)
 
-    import mlip.models.equivariant as family
-
     fake = types.ModuleType("fake_backend")
     fake.conv_tp, fake.grid_product, fake.symmetric_contraction = conv_tp, grid_product, symmetric_contraction
     batch = _graphs([molecule()])
     n_atoms = batch.n_atoms
     want = predict(_model(kernel="torch"), batch)
     model = _model()
-    monkeypatch.setattr(family, "get_backend", lambda name, device: fake)
-    monkeypatch.setattr(validate, "ensure_checked", lambda m, device, dtype: checks.append((m, dtype)))
+    monkeypatch.setitem(sys.modules, "fake_backend", fake)
+    monkeypatch.setattr(model, "kernel_backend", KernelBackend(name="fake", module="fake_backend"))
+    monkeypatch.setattr(backend_check, "ensure_checked", lambda m, device, dtype: checks.append((m, dtype)))
     got = predict(model, batch)
     assert calls == [(0, 2, 2), (2, 2, 2)]
     k = model.layers[0].mixing.num_points  # the last layer outputs scalars only: no mixing there
@@ -211,7 +211,9 @@ def test_model_routes_the_convolution_and_grid_mixing_through_the_backend(monkey
         torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-12)
 
     grid_calls.clear()
-    predict(_model(grid_activation="silu"), batch)
+    silu = _model(grid_activation="silu")
+    monkeypatch.setattr(silu, "kernel_backend", model.kernel_backend)
+    predict(silu, batch)
     assert grid_calls == [] and len(calls) == 4 and len(sc_calls) == 4
 
 

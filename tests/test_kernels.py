@@ -32,10 +32,11 @@ if sys.platform.startswith("linux") and platform.machine() == "x86_64":
 else:
     pytest.importorskip("triton", reason="no triton wheel for this platform (the [test] extra skips it)")
 
+from mlip.kernels import BACKENDS, BackendUnavailableError, op_check, select_backend
 from mlip.kernels import reference as ref
 from mlip.kernels import reference_grid as refgrid
-from mlip.kernels import validate
 from mlip.kernels.triton import conv
+from mlip.models import backend_check
 
 LMAX_CASES = [(1, 1, 1), (0, 2, 2), (2, 2, 2), (1, 2, 1)]
 
@@ -276,22 +277,212 @@ def test_conv_edge_cases_and_errors():
 
 
 def test_registry_validate(monkeypatch):
-    from mlip.kernels import validate_backend
-
-    assert validate_backend("auto", "cpu", torch.float32) == "torch"
-    assert validate_backend("triton", "cpu", torch.float64, lmax=3) == "triton"  # interpreter on
+    assert select_backend("auto", "cpu", torch.float32).name == "torch"
+    assert select_backend("triton", "cpu", torch.float64, lmax=3).name == "triton"  # interpreter on
     with pytest.raises(ValueError, match="lmax 4"):
-        validate_backend("triton", "cpu", torch.float64, lmax=4)
+        select_backend("triton", "cpu", torch.float64, lmax=4)
     with pytest.raises(ValueError, match="bfloat16"):
-        validate_backend("triton", "cpu", torch.bfloat16)
+        select_backend("triton", "cpu", torch.bfloat16)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="not CUDA"):
-        validate_backend("triton", "cpu", torch.float32)
+        select_backend("triton", "cpu", torch.float32)
     ops = _ops()
     sender, receiver = _graph()
     x, y, w = _inputs((1, 1, 1), torch.float32)
     with pytest.raises(RuntimeError, match="CUDA"):
         ops.conv_tp(x, y, w, sender, receiver, 5, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# backend objects: declared capabilities, resolution at build/load/move, the op-level self-check
+# --------------------------------------------------------------------------------------------
+def test_registry_declares_capabilities_and_select_backend_honours_them(monkeypatch):
+    from mlip.kernels import KERNEL_NAMES, OPS, backends
+
+    torch_b, triton_b = BACKENDS["torch"], BACKENDS["triton"]
+    assert KERNEL_NAMES == ("auto", "torch", "triton") and set(BACKENDS) == {"torch", "triton"}
+    assert torch_b.ops is ref and triton_b.ops is _ops()
+    assert all(callable(getattr(b.ops, op)) for b in (torch_b, triton_b) for op in OPS)
+    assert torch_b.is_reference and not triton_b.is_reference
+    assert not any(torch_b.fuses(op) for op in OPS)
+    assert triton_b.fuses("conv_tp_spline") and triton_b.fuses("grid_product")
+    assert not triton_b.fuses("symmetric_contraction")  # no fused kernel: the reference function
+    assert torch_b.edge_chunking and not triton_b.edge_chunking
+    assert (triton_b.dtypes, triton_b.max_lmax, triton_b.devices) == ((torch.float32, torch.float64), 3, ("cuda",))
+    with pytest.raises(ValueError, match="unknown kernel op"):
+        triton_b.fuses("conv")
+
+    # the torch reference runs anything; triton states each problem
+    assert torch_b.problems("cpu", torch.float16, 7) == [] and torch_b.supports("cpu", torch.bfloat16)
+    assert triton_b.problems("cpu", torch.float64, 3) == []  # the interpreter is on in this module
+    found = triton_b.problems("cuda", torch.float16, 4)
+    assert any("float16" in p for p in found) and any("lmax 4" in p for p in found)
+    for args, match in ((("cpu", torch.float64, 4), "lmax 4"), (("cpu", torch.float16, 2), "float16")):
+        with pytest.raises(BackendUnavailableError, match=match):
+            select_backend("triton", *args)
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        select_backend("cuda", "cpu", torch.float32)
+
+    # auto: triton only natively on CUDA with what it supports (never the interpreter), else torch
+    assert select_backend("auto", "cpu", torch.float64, 2) is torch_b
+    assert select_backend("auto", "cuda", torch.float32, 3) is triton_b  # triton imports here
+    assert select_backend("auto", "cuda", torch.float16, 3) is torch_b
+    assert select_backend("auto", "cuda", torch.float32, 4) is torch_b
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_b.runs_on("cpu") and triton_b.runs_on("cuda")
+    with pytest.raises(BackendUnavailableError, match="not CUDA .*TRITON_INTERPRET=1"):
+        select_backend("triton", "cpu", torch.float64)
+    monkeypatch.setattr(backends, "_importable", lambda package: False)  # as without triton installed
+    assert select_backend("auto", "cuda", torch.float32, 3) is torch_b
+    with pytest.raises(BackendUnavailableError, match="triton is not installed"):
+        select_backend("triton", "cuda", torch.float32)
+
+
+def test_model_resolves_its_backend_when_built_loaded_or_moved_never_in_forward(monkeypatch, tmp_path):
+    """The selector runs when the model is built, cast or moved (``_apply``) and loaded; forward only
+    uses ``kernel_backend``. An explicit backend that cannot run where the model is does not fail the
+    build (it may be moved to a GPU next) but its forward there raises the reason."""
+    import copy
+    import pickle
+
+    import mlip.models.equivariant as family
+    from mlip.models.base import load_model, save_model
+    from mlip.models.outputs import predict
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0])
+        return select_backend(*args)
+
+    monkeypatch.setattr(family, "select_backend", counted)
+    model = _model("auto", torch.float64)
+    assert calls == ["auto", "auto"]  # built (float32), then cast to float64
+    assert model.kernel_backend is BACKENDS["torch"]
+    batch = _batch(torch.float64)
+    for _ in range(3):
+        predict(model, batch, forces=True)
+    assert len(calls) == 2
+    model.float()
+    assert len(calls) == 3 and model.kernel_backend is BACKENDS["torch"]
+    path = tmp_path / "auto.pt"
+    save_model(model, path)
+    loaded = load_model(path)
+    n = len(calls)
+    assert n > 3 and loaded.kernel_backend is BACKENDS["torch"]
+    predict(loaded, _batch(torch.float32), forces=True)
+    assert len(calls) == n
+    # a model holding its backend object is still deep-copyable and picklable (EMA copies, workers)
+    assert copy.deepcopy(loaded).kernel_backend == loaded.kernel_backend
+    assert pickle.loads(pickle.dumps(loaded)).kernel_backend == loaded.kernel_backend
+
+    fast = _model("triton", torch.float64)
+    assert fast.kernel_backend is BACKENDS["triton"]  # the interpreter runs it on the CPU here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    off = _model("triton", torch.float64)  # built where triton cannot run: not refused yet
+    assert off.kernel_backend is None and "not CUDA" in off.kernel_unavailable
+    with pytest.raises(BackendUnavailableError, match="kernel 'triton' cannot run here: device cpu is not CUDA"):
+        predict(off, batch, forces=True)
+    fast.double()  # a cast re-resolves for where the parameters are
+    assert fast.kernel_backend is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    off.to("cpu")
+    assert off.kernel_backend is BACKENDS["triton"] and off.kernel_unavailable is None
+
+
+def test_edge_chunking_runs_only_on_a_backend_that_declares_it(monkeypatch):
+    """``edge_chunk_size`` chunks the convolution where the backend declares ``edge_chunking`` (the
+    reference) and is ignored elsewhere; the numbers are the same either way."""
+    import dataclasses
+
+    from mlip.models.equivariant import InteractionBlock
+    from mlip.models.outputs import predict
+
+    chunked = []
+    original = InteractionBlock._chunked_conv
+
+    def counted(self, *args):
+        chunked.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(InteractionBlock, "_chunked_conv", counted)
+    model = _model("torch", torch.float64, radial="mlp")
+    batch = _batch(torch.float64)
+    want = predict(model, batch, forces=True)["forces"].detach()
+    model.set_edge_chunk_size(7)
+    got = predict(model, batch, forces=True)["forces"].detach()
+    assert len(chunked) == 2  # one per layer
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    model.kernel_backend = dataclasses.replace(BACKENDS["torch"], edge_chunking=False)
+    got = predict(model, batch, forces=True)["forces"].detach()
+    assert len(chunked) == 2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_op_check_passes_for_triton_and_reports_a_wrong_op(monkeypatch):
+    """The op-level self-check (mlip.kernels only): every op of the Triton backend equals the reference
+    in value and input gradients; an op 0.1% off, or right in value but with wrong gradients, is
+    reported, and raised with ``raise_on_mismatch``."""
+    from mlip.kernels import OPS
+
+    triton_b = BACKENDS["triton"]
+    for dtype, lmax in ((torch.float64, 2), (torch.float32, 1)):
+        checks = op_check.check_ops(triton_b, "cpu", dtype, lmax=lmax)
+        assert [c.op for c in checks] == list(OPS) and all(c.ok for c in checks), [c.describe() for c in checks]
+        assert all(c.backend == "triton" and c.dtype == dtype for c in checks)
+    conv_check = checks[0]
+    assert set(conv_check.errors) == {"output", "grad node_feats", "grad edge_attrs", "grad edge_weights"}
+
+    ops = _ops()
+    monkeypatch.setattr(ops, "grid_product", lambda *args: refgrid.grid_product(*args) * 1.001)
+
+    def right_value_wrong_gradient(x, *rest):
+        good, bad = ref.conv_tp(x, *rest), ref.conv_tp(x * 1.001, *rest)
+        return good.detach() + (bad - bad.detach())
+
+    monkeypatch.setattr(ops, "conv_tp", right_value_wrong_gradient)
+    checks = {c.op: c for c in op_check.check_ops(triton_b, "cpu", torch.float64, lmax=1)}
+    assert not checks["grid_product"].ok and checks["grid_product"].errors["output"] > 5e-4
+    assert not checks["conv_tp"].ok and checks["conv_tp"].errors["output"] < 1e-12
+    assert checks["conv_tp"].errors["grad node_feats"] > 5e-4
+    assert checks["conv_tp_spline"].ok and checks["symmetric_contraction"].ok
+    with pytest.raises(op_check.BackendMismatchError, match="conv_tp: grad .* grid_product: output"):
+        op_check.check_ops(triton_b, "cpu", torch.float64, lmax=1, raise_on_mismatch=True)
+    assert backend_check.BackendMismatchError is op_check.BackendMismatchError  # one error for both checks
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="not CUDA"):
+        op_check.check_ops(triton_b, "cpu", torch.float64)
+
+
+def test_kernels_package_imports_nothing_from_models_train_calculator_or_md():
+    """mlip.kernels sits below the model code: no import statement in it (at any depth, relative
+    ones resolved) names mlip.models, mlip.train, mlip.calculator or mlip.md."""
+    import ast
+    from pathlib import Path
+
+    import mlip.kernels
+
+    root = Path(mlip.kernels.__file__).resolve().parent
+    banned = ("mlip.models", "mlip.train", "mlip.calculator", "mlip.md")
+    files = sorted(root.rglob("*.py"))
+    assert len(files) >= 8
+    offending = []
+    for path in files:
+        package = ["mlip", "kernels", *path.relative_to(root).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if any(name == b or name.startswith(b + ".") for b in banned):
+                    offending.append(f"{path.relative_to(root)}:{node.lineno} imports {name}")
+    assert not offending, offending
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,13 +670,12 @@ def _batch(dtype: torch.dtype):
     from mlip.data.graph import collate
     from mlip.data.transforms import atoms_to_graph
 
-    atoms = validate.builtin_structure([1, 8], 3.0)
+    atoms = backend_check.builtin_structure([1, 8], 3.0)
     return collate([atoms_to_graph(atoms, 3.0)]).to(dtype=dtype)
 
 
 @pytest.mark.parametrize("radial", ["spline", "mlp"])  # fused spline (conv_tp_spline) | weights from an MLP (conv_tp)
 def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals_torch(radial, big_blocks, monkeypatch):
-    pytest.importorskip("mlip.models.equivariant")
     from mlip.models.outputs import predict
 
     ops = _ops()
@@ -506,7 +696,7 @@ def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals
     # the default config: quadratic grid mixing after the first layer (l <= 1 output)
     assert fast.layers[0].mixing is not None and fast.layers[0].mixing.activation == "quadratic"
     # skip the first-forward load-time check (tested below): this test compares more than it does
-    fast.__dict__[validate._CHECKED] = {("cpu", dtype)}
+    fast.__dict__[backend_check._CHECKED] = {("cpu", dtype)}
     a = predict(fast, batch, forces=True, stress=True, create_graph=True)
     b = predict(slow, batch, forces=True, stress=True, create_graph=True)
     assert grid_calls == [(batch.n_atoms, 4, 4)]  # the mixing's Gaunt product ran on the Triton kernel
@@ -533,28 +723,26 @@ def test_equivariant_model_energy_forces_stress_and_training_grads_triton_equals
 
 
 def test_check_backend_accepts_triton_and_refuses_a_wrong_kernel(monkeypatch, big_blocks):
-    pytest.importorskip("mlip.models.equivariant")
     model = _model("triton", torch.float32)
-    check = validate.check_backend(model)
+    check = backend_check.check_backend(model)
     assert check is not None and check.ok and check.backend == "triton" and check.dtype == torch.float32
-    assert validate.check_backend(_model("torch", torch.float32)) is None  # nothing to check
+    assert backend_check.check_backend(_model("torch", torch.float32)) is None  # nothing to check
 
     _counting_exact_kernel(monkeypatch, factor=1.001)  # kernels 0.1% off
-    with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
-        validate.check_backend(_model("triton", torch.float64))
+    with pytest.raises(backend_check.BackendMismatchError, match="disagrees with the torch reference"):
+        backend_check.check_backend(_model("triton", torch.float64))
 
 
 def test_check_backend_refuses_a_wrong_grid_product_kernel(monkeypatch):
     """The load-time check covers the mixing layer's kernel too: exact convolutions with a grid
     product 0.1% off are refused."""
-    pytest.importorskip("mlip.models.equivariant")
     _counting_exact_kernel(monkeypatch)
     ops = _ops()
     monkeypatch.setattr(ops, "grid_product", lambda *args: refgrid.grid_product(*args) * 1.001)
-    with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
-        validate.check_backend(_model("triton", torch.float64))
+    with pytest.raises(backend_check.BackendMismatchError, match="disagrees with the torch reference"):
+        backend_check.check_backend(_model("triton", torch.float64))
     monkeypatch.setattr(ops, "grid_product", refgrid.grid_product)
-    assert validate.check_backend(_model("triton", torch.float64)).ok
+    assert backend_check.check_backend(_model("triton", torch.float64)).ok
 
 
 @pytest.mark.parametrize("lmax,hidden", [(2, None), (3, 3)])
@@ -575,19 +763,18 @@ def test_grid_mixing_on_the_triton_grid_product_matches_the_reference(lmax, hidd
 
 
 def test_ensure_checked_runs_once_per_device_and_dtype(monkeypatch):
-    pytest.importorskip("mlip.models.equivariant")
     calls = _counting_exact_kernel(monkeypatch)  # an exact "accelerated" kernel: the check passes
     model = _model("triton", torch.float64)
-    validate.ensure_checked(model, "cpu", torch.float64)
+    backend_check.ensure_checked(model, "cpu", torch.float64)
     n = len(calls)
     assert n > 0  # the check evaluated the model with its backend
-    validate.ensure_checked(model, "cpu", torch.float64)
+    backend_check.ensure_checked(model, "cpu", torch.float64)
     assert len(calls) == n  # cached for (cpu, float64)
     _counting_exact_kernel(monkeypatch, factor=1.001)
-    with pytest.raises(validate.BackendMismatchError):
-        validate.ensure_checked(model, "cpu", torch.float32)  # another dtype: checked again, and refused
-    with pytest.raises(validate.BackendMismatchError):
-        validate.ensure_checked(model, "cpu", torch.float32)  # a failed check is not remembered
+    with pytest.raises(backend_check.BackendMismatchError):
+        backend_check.ensure_checked(model, "cpu", torch.float32)  # another dtype: checked again, and refused
+    with pytest.raises(backend_check.BackendMismatchError):
+        backend_check.ensure_checked(model, "cpu", torch.float32)  # a failed check is not remembered
 
 
 def _counting_exact_kernel(monkeypatch, factor: float = 1.0) -> list[int]:
@@ -615,13 +802,12 @@ def test_loading_a_model_checks_its_accelerated_backend_and_refuses_a_mismatch(t
     from mlip.calculator import MLIPCalculator
     from mlip.models.base import load_model, save_model
 
-    pytest.importorskip("mlip.models.equivariant")
     path = tmp_path / "triton.pt"
     save_model(_model("triton", torch.float64), path)
     calls = _counting_exact_kernel(monkeypatch)
     model = load_model(path)
     assert calls, "load_model did not evaluate the accelerated backend"
-    assert ("cpu", torch.float64) in model.__dict__[validate._CHECKED]
+    assert ("cpu", torch.float64) in model.__dict__[backend_check._CHECKED]
     n = len(calls)
     from mlip.models.outputs import predict
 
@@ -630,28 +816,27 @@ def test_loading_a_model_checks_its_accelerated_backend_and_refuses_a_mismatch(t
 
     _counting_exact_kernel(monkeypatch, factor=1.001)  # a kernel 0.1% off
     for load in (load_model, mlip.load, lambda p: MLIPCalculator(p, device="cpu", dtype="float64")):
-        with pytest.raises(validate.BackendMismatchError, match="disagrees with the torch reference"):
+        with pytest.raises(backend_check.BackendMismatchError, match="disagrees with the torch reference"):
             load(path)
 
     # kernel "auto" on the CPU resolves to the reference: nothing to check, the kernel is never called
     auto = tmp_path / "auto.pt"
     save_model(_model("auto", torch.float64), auto)
     calls = _counting_exact_kernel(monkeypatch, factor=1.001)
-    assert validate.check_loaded(load_model(auto)) is None and not calls
+    assert backend_check.check_loaded(load_model(auto)) is None and not calls
     # a kernel the load device cannot run (interpreter off: CPU is not CUDA) is not refused at load
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert validate.check_loaded(load_model(path)) is None and not calls
+    assert backend_check.check_loaded(load_model(path)) is None and not calls
 
 
 def test_first_forward_checks_a_built_or_cast_model_and_refuses_a_mismatch(monkeypatch):
     """A model never loaded (built, or cast after loading) is checked by its first forward on each dtype."""
     from mlip.models.outputs import predict
 
-    pytest.importorskip("mlip.models.equivariant")
     model = _model("triton", torch.float64)
     _counting_exact_kernel(monkeypatch, factor=1.001)
     for _ in range(2):  # refused on every call: a failed check is not remembered
-        with pytest.raises(validate.BackendMismatchError):
+        with pytest.raises(backend_check.BackendMismatchError):
             predict(model, _batch(torch.float64), forces=True)
 
     calls = _counting_exact_kernel(monkeypatch)
@@ -662,7 +847,7 @@ def test_first_forward_checks_a_built_or_cast_model_and_refuses_a_mismatch(monke
     assert len(calls) == n_first + 2  # checked once for (cpu, float64)
     model.float()
     _counting_exact_kernel(monkeypatch, factor=1.001)
-    with pytest.raises(validate.BackendMismatchError, match="float32"):
+    with pytest.raises(backend_check.BackendMismatchError, match="float32"):
         predict(model, _batch(torch.float32), forces=True)  # a new dtype is checked again
 
 

@@ -161,8 +161,6 @@ def conv_tp_per_path(
 # --------------------------------------------------------------------------------------------
 #: table rows that one edge touches: the 4 non-zero uniform cubic B-spline basis functions
 SPLINE_ROWS = 4
-#: models keep ``basis @ W`` (one matmul) on this backend; ``conv_tp_spline`` here is the specification
-FUSES_SPLINE = False
 
 
 def spline_coefficients(r: torch.Tensor, r_max: float, num_knots: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Load-time check of an accelerated kernel backend against the pure-PyTorch reference.
+"""Whole-model check of an accelerated kernel backend against the pure-PyTorch reference, on load and
+on the first run on each ``(device, dtype)``.
 
 Accelerated tensor-product paths in other libraries have shipped silently different energies.
 :func:`check_backend` evaluates energy and forces of a small built-in periodic structure twice,
@@ -8,6 +9,8 @@ cycle twice: :func:`check_loaded` runs it when :func:`mlip.models.base.load_mode
 ``mlip.load`` and ``MLIPCalculator``) restores a model whose backend runs where it was loaded, and
 :func:`ensure_checked` runs it on the first forward on each ``(device, dtype)`` (a model moved to
 a GPU or cast after loading), so no accelerated path computes an energy before it was compared.
+It builds models, so it lives here; the op-level check that needs only the kernels is
+:func:`mlip.kernels.op_check.check_ops`.
 """
 from __future__ import annotations
 
@@ -17,16 +20,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlip.data.graph import collate
+from mlip.data.transforms import atoms_to_graph
+from mlip.kernels import BackendUnavailableError, KernelBackend, select_backend
+from mlip.kernels.op_check import BackendMismatchError
+from mlip.models.base import build_model
+from mlip.models.outputs import predict
+
+__all__ = ["TOLERANCES", "BackendCheck", "BackendMismatchError", "builtin_structure", "check_backend",
+           "check_loaded", "ensure_checked"]
+
 #: (energy rtol, energy atol per atom eV, forces rtol, forces atol eV/Å) per dtype. float32: a few
 #: hundred ulps of sums over ~20 neighbours and several layers; float64: well above round-off.
 TOLERANCES: dict[torch.dtype, tuple[float, float, float, float]] = {
     torch.float64: (1e-10, 1e-9, 1e-8, 1e-8),
     torch.float32: (1e-5, 1e-4, 1e-4, 1e-4),
 }
-
-
-class BackendMismatchError(RuntimeError):
-    """An accelerated backend disagrees with the torch reference beyond the dtype's tolerance."""
 
 
 @dataclass
@@ -68,14 +77,12 @@ def builtin_structure(elements: list[int], r_max: float, seed: int = 0):
     atoms = Atoms(numbers=numbers, positions=pos, cell=np.eye(3) * a, pbc=True)
     atoms.info["charge"] = 0.0
     atoms.info["spin"] = 1.0
-    atoms.info["source"] = "mlip.kernels.validate built-in structure"
+    atoms.info["source"] = "mlip.models.backend_check built-in structure"
     return atoms
 
 
 def _rebuild(model: torch.nn.Module, kernel: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The same model (weights, train/eval mode) rebuilt with ``kernel`` on ``device`` in ``dtype``."""
-    from mlip.models.base import build_model
-
     twin = build_model(model.family, dataclasses.replace(model.config, kernel=kernel))
     twin.load_state_dict(model.state_dict(), strict=True)
     twin.__dict__[_CHECKING] = True  # a throw-away twin: its forward must not start a check of its own
@@ -103,26 +110,22 @@ def check_backend(
         raise_on_mismatch: raise :class:`BackendMismatchError` instead of returning a failed check.
 
     Returns:
-        ``None`` when the model has no ``kernel`` field or its backend resolves to ``torch``
+        ``None`` when the model has no ``kernel`` field or its backend resolves to the reference
         (nothing to check); else a :class:`BackendCheck`.
 
     Raises:
         BackendMismatchError: energy or forces differ beyond :data:`TOLERANCES` of ``dtype``.
+        BackendUnavailableError: the model names a backend that cannot run on ``device`` in ``dtype``.
         TypeError: ``dtype`` has no tolerance (the Triton kernels support float32 and float64).
     """
-    from mlip.data.graph import collate
-    from mlip.data.transforms import atoms_to_graph
-    from mlip.kernels import resolve_backend
-    from mlip.models.outputs import predict
-
     kernel = getattr(getattr(model, "config", None), "kernel", None)
     p = next(iter(model.parameters()), None)
     device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
     dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())
     if kernel is None:
         return None
-    resolved = resolve_backend(kernel, device)
-    if resolved == "torch":
+    backend = _select(model, kernel, device, dtype)
+    if backend.is_reference:
         return None
     if dtype not in TOLERANCES:
         raise TypeError(f"check_backend: no tolerance for {dtype}; kernels support {sorted(map(str, TOLERANCES))}")
@@ -149,12 +152,12 @@ def check_backend(
     f_err = float((fast["forces"].detach() - f_ref).abs().max())
     e_tol = e_rtol * float(e_ref.abs().max()) + e_atol * batch.n_atoms
     f_tol = f_rtol * float(f_ref.abs().max()) + f_atol
-    check = BackendCheck(resolved, dtype, str(device), batch.n_atoms, batch.n_edges, e_err, e_tol, f_err, f_tol)
+    check = BackendCheck(backend.name, dtype, str(device), batch.n_atoms, batch.n_edges, e_err, e_tol, f_err, f_tol)
     if check.ok:
         model.__dict__.setdefault(_CHECKED, set()).add((_device_key(device), dtype))
     elif raise_on_mismatch:
         raise BackendMismatchError(
-            f"kernel backend {resolved!r} ({dtype}, {device}) disagrees with the torch reference on the built-in "
+            f"kernel backend {backend.name!r} ({dtype}, {device}) disagrees with the torch reference on the built-in "
             f"{batch.n_atoms}-atom structure: |dE| = {e_err:.3e} eV (tolerance {e_tol:.1e}), "
             f"max |dF| = {f_err:.3e} eV/Å (tolerance {f_tol:.1e}). Refusing to run; use kernel='torch' "
             "and report this (GPU, driver, triton version)."
@@ -165,9 +168,9 @@ def check_backend(
 def ensure_checked(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> BackendCheck | None:
     """:func:`check_backend` once per ``(device, dtype)`` of ``model``; a no-op afterwards.
 
-    Called by the model's forward where it resolves an accelerated kernel backend
-    (``EquivariantModel.backend``), so a model built, moved to a GPU or cast after loading is
-    checked before its first result. Re-entrant: the evaluations inside the check do not start
+    Called by the forward of a model whose resolved backend is not the reference
+    (``EquivariantModel.kernel_backend``), so a model built, moved to a GPU or cast after loading is
+    checked before its first result; after that it costs one set lookup per forward. Re-entrant: the evaluations inside the check do not start
     another check. Skipped while ``torch.compile`` traces (the eager first call has checked).
 
     Returns:
@@ -202,7 +205,7 @@ def check_loaded(model: torch.nn.Module, device: torch.device | str | None = Non
             (default: where its parameters are).
 
     Runs only when the model's ``kernel`` resolves to an accelerated backend that can run there
-    (:func:`mlip.kernels.validate_backend`); e.g. a ``kernel: triton`` model loaded onto the CPU to
+    (:func:`mlip.kernels.select_backend`); e.g. a ``kernel: triton`` model loaded onto the CPU to
     be moved to a GPU later is not refused at load, and is checked by its first forward on the GPU.
 
     Returns:
@@ -211,17 +214,21 @@ def check_loaded(model: torch.nn.Module, device: torch.device | str | None = Non
     Raises:
         BackendMismatchError: the accelerated backend disagrees with the torch reference.
     """
-    from mlip.kernels import validate_backend
-
     kernel = getattr(getattr(model, "config", None), "kernel", None)
     p = next(iter(model.parameters()), None)
     if kernel is None or p is None:
         return None
     device = torch.device(device) if device is not None else p.device
     try:
-        resolved = validate_backend(kernel, device, p.dtype)
-    except (ValueError, RuntimeError):  # cannot run there (CPU, dtype, triton missing): nothing runs there either
+        backend = _select(model, kernel, device, p.dtype)
+    except BackendUnavailableError:  # cannot run there (CPU, dtype, triton missing): nothing runs there either
         return None
-    if resolved == "torch":
+    if backend.is_reference:
         return None
     return ensure_checked(model, device, p.dtype)
+
+
+def _select(model: torch.nn.Module, kernel: str, device: torch.device, dtype: torch.dtype) -> KernelBackend:
+    """The backend ``model``'s ``kernel`` field resolves to on ``device`` in ``dtype`` (the model's own
+    choice, :func:`mlip.kernels.select_backend`, for where the check runs, which may not be where it is)."""
+    return select_backend(kernel, device, dtype, getattr(model.config, "lmax", None))

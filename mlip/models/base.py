@@ -197,8 +197,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Restore a model written by :func:`save_model` (``weights_only=True``, ``strict=True``).
 
     A model whose kernel backend is accelerated where it would run (``map_location``) is first
-    compared with the torch reference (:func:`mlip.kernels.validate.check_loaded`); a mismatch
-    raises :class:`~mlip.kernels.validate.BackendMismatchError`.
+    compared with the torch reference (:func:`mlip.models.backend_check.check_loaded`); a mismatch
+    raises :class:`~mlip.models.backend_check.BackendMismatchError`.
     """
     payload = load_torch_file(path, "model file", ("family", "config", "state_dict"), map_location,
                               missing=f"no model file at {path}")
@@ -210,8 +210,9 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     model.load_state_dict(payload["state_dict"], strict=True)
     model = model.eval()
     # an accelerated kernel backend that would run on map_location is compared with the torch
-    # reference now, and a mismatch refuses the model (issue 6); kernel "torch"/CPU returns at once
-    from mlip.kernels.validate import check_loaded
+    # reference now, and a mismatch refuses the model; kernel "torch"/CPU returns at once
+    # (imported here: backend_check builds models through this module)
+    from mlip.models.backend_check import check_loaded
 
     check_loaded(model, map_location if isinstance(map_location, (str, torch.device)) else None)
     return model

@@ -6,22 +6,24 @@ with edge spherical harmonics, per-edge radial weights, sum over neighbours; thr
 ``mlip.kernels`` backend) -> linear over paths -> symmetric contraction (body order; the backend's
 ``symmetric_contraction``) -> linear -> residual (optionally an element-dependent linear skip) ->
 spherical-grid MLP mixing (residual; with the default quadratic MLP its product is the backend's
-``grid_product``). The backend is resolved once per forward and handed to every product layer.
+``grid_product``). The backend (a :class:`mlip.kernels.KernelBackend`) is resolved when the model is
+built, loaded, moved or cast, not in ``forward``, and handed to every product layer.
 Each layer's scalars feed an energy readout; per-element, per-head E0s are added. Forces and stress
 come from :mod:`mlip.models.outputs`. The default configuration is exactly O(3)-equivariant.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.kernels import BACKENDS, get_backend
+from mlip.kernels import KERNEL_NAMES, BackendUnavailableError, KernelBackend, KernelOps, select_backend
 from mlip.kernels.reference import spline_coefficients
+from mlip.models import backend_check
 from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
 from mlip.nn.irreps import spherical_harmonics
@@ -44,10 +46,11 @@ class EquivariantConfig:
     parity-equivariant; error in ``docs/equivariant.md``). ``skip_per_element`` makes the residual
     skip of layers after the first an element-dependent per-degree channel mixing (MACE's
     ``skip_tp``; exact, and the bulk of MACE-MP medium's parameter count). ``edge_chunk_size``
-    (torch backend only; ``None``: off) runs each layer's radial weights and edge convolution over
-    chunks of that many edges under activation checkpointing, so the per-edge tensors
-    ``[chunk, C, (lmax+1)^2]`` are recomputed in the backward instead of kept for all edges
-    (bounded memory for large cells, same numbers, about one extra convolution of compute).
+    (``None``: off; on a backend that declares ``edge_chunking``, the torch reference) runs each
+    layer's radial weights and edge convolution over chunks of that many edges under activation
+    checkpointing, so the per-edge tensors ``[chunk, C, (lmax+1)^2]`` are recomputed in the backward
+    instead of kept for all edges (bounded memory for large cells, same numbers, about one extra
+    convolution of compute).
     """
 
     r_max: float = 5.0
@@ -97,19 +100,46 @@ def _validate(cfg: EquivariantConfig) -> None:
         raise ValueError(f"equivariant: num_layers must be >= 1, got {cfg.num_layers}")
     if not cfg.heads:
         raise ValueError("equivariant: heads must list at least one head name")
-    if cfg.kernel not in BACKENDS:
-        raise ValueError(f"equivariant: kernel must be one of {BACKENDS}, got {cfg.kernel!r}")
+    if cfg.kernel not in KERNEL_NAMES:
+        raise ValueError(f"equivariant: kernel must be one of {KERNEL_NAMES}, got {cfg.kernel!r}")
     if cfg.edge_chunk_size is not None and (isinstance(cfg.edge_chunk_size, bool) or int(cfg.edge_chunk_size) < 1):
         raise ValueError(f"equivariant: edge_chunk_size must be a positive integer or None, got {cfg.edge_chunk_size!r}")
+
+
+def _spline_in_kernel(radial: str, backend: KernelBackend) -> bool:
+    """Whether the convolution evaluates the radial spline per edge (``conv_tp_spline``): only a
+    spline radial can be folded into 4 table rows, and only a backend that fuses it gains from it
+    (on the reference one matmul ``basis @ W`` is faster)."""
+    return radial == "spline" and backend.fuses("conv_tp_spline")
+
+
+@dataclass
+class EdgeInputs:
+    """Per-edge tensors of one forward, shared by every layer.
+
+    The radial part comes in the form the backend's convolution takes (:func:`_spline_in_kernel`):
+    the dense basis for ``conv_tp``, or the 4 non-zero spline values (times the envelope) and the
+    first knot of each edge for ``conv_tp_spline``; the other form is ``None``.
+
+    Shapes:
+        attrs [n_edges, (lmax+1)^2]; envelope [n_edges]; sender, receiver [n_edges];
+        basis [n_edges, K]; spline_vals [n_edges, 4]; spline_idx [n_edges] (int64).
+    """
+
+    attrs: torch.Tensor
+    envelope: torch.Tensor
+    sender: torch.Tensor
+    receiver: torch.Tensor
+    basis: torch.Tensor | None = None
+    spline_vals: torch.Tensor | None = None
+    spline_idx: torch.Tensor | None = None
 
 
 class InteractionBlock(torch.nn.Module):
     """One message-passing layer, ``[n, C, (lmax_in+1)^2] -> [n, C, (lmax_out+1)^2]``.
 
     Shapes:
-        h [n_atoms, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2]; radial_basis
-        [n_edges, K], or with a backend that fuses the spline ``(vals [n_edges, 4] (times the
-        envelope), idx [n_edges])``; envelope [n_edges]; sender/receiver [n_edges]; element [n_atoms].
+        h [n_atoms, C, (lmax_in+1)^2]; edges: :class:`EdgeInputs`; element [n_atoms].
     """
 
     def __init__(self, cfg: EquivariantConfig, lmax_in: int, lmax_out: int, residual: bool) -> None:
@@ -119,6 +149,7 @@ class InteractionBlock(torch.nn.Module):
         self.linear_up = EquivariantLinear(C, C, lmax_in, lmax_in)
         self.conv = ConvTP(lmax_in, lsh, lmax_msg)
         n_out = self.conv.n_paths * C
+        self.radial_kind = cfg.radial
         if cfg.radial == "spline":
             self.radial = SplineRadial(int(cfg.spline_knots), n_out)
         else:
@@ -142,22 +173,23 @@ class InteractionBlock(torch.nn.Module):
         self.edge_chunk_size = None if cfg.edge_chunk_size is None else int(cfg.edge_chunk_size)
 
     def forward(
-        self, backend: ModuleType, h: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
-        envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, element: torch.Tensor,
+        self, backend: KernelBackend, h: torch.Tensor, edges: EdgeInputs, element: torch.Tensor,
         extra_scalars: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        ops = backend.ops
         x = self.linear_up(h)
-        if isinstance(radial_basis, tuple):  # fused spline (see EquivariantModel.forward): (vals [E, 4], idx [E])
+        if _spline_in_kernel(self.radial_kind, backend):
             table = self.radial.weight.view(-1, self.conv.n_paths, self.C)  # [K, P, C]
-            m = backend.conv_tp_spline(x, edge_attrs, *radial_basis, table, sender, receiver, x.shape[0],
-                                       self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out) * self.inv_avg
-        elif self.edge_chunk_size is not None and backend.__name__ == "mlip.kernels.reference":
-            m = self._chunked_conv(backend, x, edge_attrs, radial_basis, envelope, sender, receiver) * self.inv_avg
+            m = ops.conv_tp_spline(x, edges.attrs, edges.spline_vals, edges.spline_idx, table, edges.sender,
+                                   edges.receiver, x.shape[0], self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out)
+        elif self.edge_chunk_size is not None and backend.edge_chunking:
+            m = self._chunked_conv(ops, x, edges)
         else:
-            m = self._edge_conv(backend, x, edge_attrs, radial_basis, envelope, sender, receiver, x.shape[0])
-            m = m * self.inv_avg
+            m = self._edge_conv(ops, x, edges.attrs, edges.basis, edges.envelope, edges.sender, edges.receiver,
+                                x.shape[0])
+        m = m * self.inv_avg
         A = self.path_linear(m)  # [n, C, (lmax_msg+1)^2]
-        out = self.linear_out(self.contraction(A, element, backend))  # backend.symmetric_contraction
+        out = self.linear_out(self.contraction(A, element, ops))  # ops.symmetric_contraction
         if isinstance(self.skip, SpeciesLinear):
             out = out + self.skip(h, element)
         elif self.skip is not None:
@@ -165,11 +197,11 @@ class InteractionBlock(torch.nn.Module):
         if extra_scalars is not None:
             out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
         if self.mixing is not None:
-            out = out + self.mixing(out, backend)  # quadratic: backend.grid_product (Gaunt product)
+            out = out + self.mixing(out, ops)  # quadratic: ops.grid_product (Gaunt product)
         return out
 
     def _edge_conv(
-        self, backend: ModuleType, x: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
+        self, ops: KernelOps, x: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
         envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, n_out: int,
     ) -> torch.Tensor:
         """Radial weights and convolution of a set of edges into ``n_out`` receiver rows.
@@ -179,13 +211,10 @@ class InteractionBlock(torch.nn.Module):
             envelope [E]; sender [E]; receiver [E] (in ``0..n_out-1``) -> [n_out, C, D_out].
         """
         w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [E, P, C]
-        return backend.conv_tp(x, edge_attrs, w, sender, receiver, n_out,
-                               self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out)
+        return ops.conv_tp(x, edge_attrs, w, sender, receiver, n_out,
+                           self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out)
 
-    def _chunked_conv(
-        self, backend: ModuleType, x: torch.Tensor, edge_attrs: torch.Tensor, radial_basis: torch.Tensor,
-        envelope: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor,
-    ) -> torch.Tensor:
+    def _chunked_conv(self, ops: KernelOps, x: torch.Tensor, edges: EdgeInputs) -> torch.Tensor:
         """:meth:`_edge_conv` over chunks of ``edge_chunk_size`` edges, each under activation checkpointing.
 
         Autograd keeps only each chunk's inputs (slices of the edge tensors, and ``x`` once); the
@@ -196,20 +225,20 @@ class InteractionBlock(torch.nn.Module):
         gives the same sum. The pieces are summed into ``[n_atoms, C, D]`` by one ``index_add``.
 
         Shapes:
-            as :meth:`_edge_conv` with ``n_out = n_atoms`` -> [n_atoms, C, D_out].
+            x [n_atoms, C, (lmax_in+1)^2]; edges with ``basis`` -> [n_atoms, C, D_out].
         """
         from torch.utils.checkpoint import checkpoint
 
-        n_edges, size = int(sender.shape[0]), int(self.edge_chunk_size)
+        n_edges, size = int(edges.sender.shape[0]), int(self.edge_chunk_size)
         parts, rows = [], []
         for s in range(0, n_edges, size):
-            rec = receiver[s : s + size]
+            rec = edges.receiver[s : s + size]
             lo, hi = int(rec.min()), int(rec.max()) + 1
-            part = checkpoint(self._edge_conv, backend, x, edge_attrs[s : s + size], radial_basis[s : s + size],
-                              envelope[s : s + size], sender[s : s + size], rec - lo, hi - lo,
+            part = checkpoint(self._edge_conv, ops, x, edges.attrs[s : s + size], edges.basis[s : s + size],
+                              edges.envelope[s : s + size], edges.sender[s : s + size], rec - lo, hi - lo,
                               use_reentrant=False, preserve_rng_state=False)
             parts.append(part)  # [hi - lo, C, D_out]
-            rows.append(torch.arange(lo, hi, device=receiver.device))
+            rows.append(torch.arange(lo, hi, device=rec.device))
         d_out = self.conv.out_dim
         out = x.new_zeros((x.shape[0], self.C, d_out))
         if not parts:  # no edges at all
@@ -255,21 +284,32 @@ class EquivariantModel(PotentialModel):
                 self.readouts.append(MLPReadout(C, int(cfg.readout_hidden), n_heads) if last else LinearReadout(C, n_heads))
         self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
         self.exactly_equivariant = all(layer.mixing is None or layer.mixing.exact for layer in self.layers)
+        #: the :class:`~mlip.kernels.KernelBackend` every product layer runs on, resolved from
+        #: ``config.kernel`` for the parameters' device and dtype; ``None`` where the named backend
+        #: cannot run (``kernel_unavailable`` says why)
+        self.kernel_backend: KernelBackend | None = None
+        self.kernel_unavailable: str | None = None
+        self._resolve_kernel_backend()
 
-    def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
-        """The ``mlip.kernels`` module for ``config.kernel`` on ``device``.
+    def _resolve_kernel_backend(self) -> None:
+        """Select ``kernel_backend`` for where the parameters are, in their dtype.
 
-        Resolved on every call (an import-cache lookup) rather than stored, so the model stays
-        deep-copyable and picklable (EMA copies, DataParallel). With ``dtype``, an accelerated
-        backend is compared with the torch reference the first time it runs on ``(device, dtype)``
-        and refused on a mismatch (:func:`mlip.kernels.validate.ensure_checked`).
+        An explicit backend that cannot run here is not an error yet: a ``kernel: triton`` model is
+        built or loaded on the CPU and then moved to a GPU. ``forward`` raises the reason if it runs here.
         """
-        module = get_backend(self.config.kernel, device)
-        if dtype is not None and module.__name__ != "mlip.kernels.reference":
-            from mlip.kernels.validate import ensure_checked
+        p = self.embedding.weight
+        try:
+            self.kernel_backend = select_backend(self.config.kernel, p.device, p.dtype, int(self.config.lmax))
+            self.kernel_unavailable = None
+        except BackendUnavailableError as err:
+            self.kernel_backend, self.kernel_unavailable = None, str(err)
 
-            ensure_checked(self, device, dtype)
-        return module
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> EquivariantModel:
+        # .to(), .cuda(), .cpu(), .double(), .float(), .half() all move or cast through here: the
+        # backend follows the parameters' new device and dtype
+        out = super()._apply(fn, recurse)
+        self._resolve_kernel_backend()
+        return out
 
     def set_edge_chunk_size(self, edge_chunk_size: int | None) -> None:
         """Turn edge chunking on (``N`` edges per chunk) or off (``None``) on a built or loaded model.
@@ -298,19 +338,23 @@ class EquivariantModel(PotentialModel):
         r = edge_vec.norm(dim=-1)  # [n_edges]
         edge_attrs = spherical_harmonics(int(self.config.lmax), edge_vec)  # [n_edges, (lmax+1)^2]
         envelope = self.envelope(r)
-        backend = self.backend(edge_vec.device, edge_vec.dtype)
-        if self.config.radial == "spline" and getattr(backend, "FUSES_SPLINE", False):
-            # the kernel evaluates the spline per edge (issue 6): 4 basis values and a knot index, not [E, K]
+        backend = self.kernel_backend
+        if backend is None:
+            raise BackendUnavailableError(self.kernel_unavailable)
+        if not backend.is_reference:
+            # compared with the reference once per (device, dtype), then a set lookup
+            backend_check.ensure_checked(self, edge_vec.device, edge_vec.dtype)
+        if _spline_in_kernel(self.config.radial, backend):
+            # the kernel evaluates the spline per edge: 4 basis values and a knot index, not [E, K]
             vals, idx = spline_coefficients(r, float(self.config.r_max), int(self.config.spline_knots))
-            basis = (vals * envelope[:, None], idx)
+            edges = EdgeInputs(edge_attrs, envelope, sender, receiver, spline_vals=vals * envelope[:, None], spline_idx=idx)
         else:
-            basis = self.radial_basis(r)
+            edges = EdgeInputs(edge_attrs, envelope, sender, receiver, basis=self.radial_basis(r))
         graph_head = head_index(self.config.heads, batch.head, device=element.device)
         atom_head = graph_head[batch.batch]
         node_energy = torch.zeros(n_atoms, dtype=edge_vec.dtype, device=edge_vec.device)
         for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
-            h = layer(backend, h, edge_attrs, basis, envelope, sender, receiver, element,
-                      extra_scalars=extra if i == 0 else None)
+            h = layer(backend, h, edges, element, extra_scalars=extra if i == 0 else None)
             node_energy = node_energy + select_head(readout(h[:, :, 0]), atom_head)
         node_energy = self.atomic_energies(node_energy, element, atom_head)
         energy = scatter_sum(node_energy, batch.batch, n_graphs)
@@ -322,4 +366,4 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["EquivariantConfig", "EquivariantModel", "InteractionBlock", "num_parameters"]
+__all__ = ["EdgeInputs", "EquivariantConfig", "EquivariantModel", "InteractionBlock", "num_parameters"]

@@ -11,18 +11,17 @@ layer exactly O(3)-equivariant; with ``"silu"`` the aliasing error decays with `
 :func:`grid_equivariance_error`, documented in ``docs/equivariant.md``).
 
 With ``"quadratic"`` the layer is a spherical-grid (Gaunt) product of the hidden features with
-themselves, and that product runs through a :mod:`mlip.kernels` backend's ``grid_product`` (the
-torch reference, or the fused Triton kernel with ``kernel: triton``; issues 3 and 6).
+themselves, and that product runs through a kernel backend's ``grid_product`` (``KernelBackend.ops``
+of :mod:`mlip.kernels`: the torch reference, or the fused Triton kernel with ``kernel: triton``).
 """
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import numpy as np
 import torch
 
-from mlip.kernels import reference as reference_backend
+from mlip.kernels import KernelOps, reference
 from mlip.nn.irreps import irreps_dim, spherical_harmonics
 
 ACTIVATIONS = ("silu", "quadratic")
@@ -135,9 +134,9 @@ class GridMixing(torch.nn.Module):
             self._proj_cache[key] = self._mats64[1].t().contiguous().to(dtype=dtype, device=device)
         return self._proj_cache[key]
 
-    def forward(self, x: torch.Tensor, backend: ModuleType | None = None) -> torch.Tensor:
-        """Mix ``x``; ``backend`` is the :mod:`mlip.kernels` module whose ``grid_product`` runs the
-        quadratic layer's product (``None``: the torch reference). Unused with ``"silu"``.
+    def forward(self, x: torch.Tensor, ops: KernelOps | None = None) -> torch.Tensor:
+        """Mix ``x``; ``ops`` are a kernel backend's ops (``KernelBackend.ops``), whose ``grid_product``
+        runs the quadratic layer's product (``None``: the torch reference). Unused with ``"silu"``.
 
         Shapes:
             x [n, C, (lmax+1)^2] -> [n, C, (lmax+1)^2].
@@ -145,10 +144,10 @@ class GridMixing(torch.nn.Module):
         w1 = self.w1 / math.sqrt(self.w1.shape[0])  # [C, H]
         w2 = self.w2 / math.sqrt(self.w2.shape[0])  # [H, C]
         if self.activation == "quadratic":
-            backend = reference_backend if backend is None else backend
+            ops = reference if ops is None else ops
             to_grid, _ = self.matrices(x.dtype, x.device)
             u = torch.einsum("ncd,ch->nhd", x, w1)  # [n, H, D]: W1 first, it commutes with to_grid
-            g = backend.grid_product(u, u, to_grid, self.projection(x.dtype, x.device))  # [n, H, D]
+            g = ops.grid_product(u, u, to_grid, self.projection(x.dtype, x.device))  # [n, H, D]
             return torch.einsum("nhd,hc->ncd", g, w2)
         # SiLU: no product structure, the plain torch path
         to_grid, from_grid = self.matrices(x.dtype, x.device)

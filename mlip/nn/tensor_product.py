@@ -1,19 +1,19 @@
 """Equivariant layers on dense natural-parity irreps ``[n, C, (lmax+1)^2]``.
 
 The edge convolution (gather, channel-wise tensor product with spherical harmonics, radial
-weighting, scatter) is delegated to a :mod:`mlip.kernels` backend's ``conv_tp``, and the
-symmetric (body-order) contraction of node features with themselves to its
-``symmetric_contraction``; the layers here hold the weights and do the cheap node-wise parts
-around them: per-``l`` channel mixing and the linear map over tensor-product paths.
+weighting, scatter) is delegated to a kernel backend's ``conv_tp``, and the symmetric (body-order)
+contraction of node features with themselves to its ``symmetric_contraction`` (the layers take the
+backend's ops, ``KernelBackend.ops`` of :mod:`mlip.kernels`; the reference by default). The layers
+here hold the weights and do the cheap node-wise parts around them: per-``l`` channel mixing and the
+linear map over tensor-product paths.
 """
 from __future__ import annotations
 
 import math
-from types import ModuleType
 
 import torch
 
-from mlip.kernels import reference
+from mlip.kernels import KernelOps, reference
 from mlip.kernels.reference import (
     channelwise_product,
     contraction_lmax2,
@@ -124,7 +124,7 @@ class PathLinear(torch.nn.Module):
 
 
 class ConvTP(torch.nn.Module):
-    """Edge convolution through a kernel backend: ``backend.conv_tp`` (see :mod:`mlip.kernels.reference`).
+    """Edge convolution through a kernel backend's ops: ``ops.conv_tp`` (see :mod:`mlip.kernels.reference`).
 
     Shapes:
         node_feats [n, C, (lmax_in+1)^2]; edge_attrs [n_edges, (lmax_sh+1)^2];
@@ -139,14 +139,14 @@ class ConvTP(torch.nn.Module):
 
     def forward(
         self,
-        backend: ModuleType,
+        ops: KernelOps,
         node_feats: torch.Tensor,
         edge_attrs: torch.Tensor,
         edge_weights: torch.Tensor,
         sender: torch.Tensor,
         receiver: torch.Tensor,
     ) -> torch.Tensor:
-        return backend.conv_tp(
+        return ops.conv_tp(
             node_feats, edge_attrs, edge_weights, sender, receiver, node_feats.shape[0],
             self.lmax_in, self.lmax_sh, self.lmax_out,
         )
@@ -182,7 +182,7 @@ class SymmetricContraction(torch.nn.Module):
     in ``A`` whose terms have body order up to ``correlation + 1``. Only parity-preserving
     couplings are used, so it is exactly O(3)-equivariant. Zero input gives zero output.
 
-    The module holds the weight tables; the products run through a :mod:`mlip.kernels` backend's
+    The module holds the weight tables; the products run through a kernel backend's
     ``symmetric_contraction`` (specified by :func:`mlip.kernels.reference.symmetric_contraction`).
 
     Shapes:
@@ -206,13 +206,14 @@ class SymmetricContraction(torch.nn.Module):
             n3 = pair_paths(l2, lmax_in, lmax_out)
             self.w3 = torch.nn.Parameter(torch.randn(n_w, n3, num_channels) * 0.25)
 
-    def forward(self, A: torch.Tensor, element: torch.Tensor, backend: ModuleType | None = None) -> torch.Tensor:
-        """``backend``: the :mod:`mlip.kernels` module whose ``symmetric_contraction`` runs (``None``: the reference).
+    def forward(self, A: torch.Tensor, element: torch.Tensor, ops: KernelOps | None = None) -> torch.Tensor:
+        """``ops``: a kernel backend's ops (``KernelBackend.ops``), whose ``symmetric_contraction`` runs
+        (``None``: the reference).
 
         Shapes:
             A [n, C, (lmax_in+1)^2], element [n] (row in the element list) -> [n, C, (lmax_out+1)^2].
         """
-        backend = reference if backend is None else backend
+        ops = reference if ops is None else ops
         rows = element if self.w1.shape[0] > 1 else torch.zeros_like(element)
-        return backend.symmetric_contraction(A, rows, self.w1, self.w2, self.w3,
+        return ops.symmetric_contraction(A, rows, self.w1, self.w2, self.w3,
                                              self.lmax_in, self.lmax_out, self.correlation)

@@ -8,12 +8,9 @@ the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from mlip.kernels import TRITON_DTYPES as DTYPES
-from mlip.kernels import TRITON_MAX_LMAX as MAX_LMAX
+from mlip.kernels.backends import BACKENDS
 from mlip.kernels.reference import (  # noqa: F401 - the reference's names (helpers are torch, shared)
     SPLINE_ROWS,
     clebsch_gordan,
@@ -31,15 +28,20 @@ from mlip.kernels.triton.autograd import conv_tp_autograd, conv_tp_spline_autogr
 from mlip.kernels.triton.conv import csr_graph
 from mlip.kernels.triton.grid import grid_product_autograd
 
-#: models evaluate a cubic-spline radial inside the convolution (``conv_tp_spline``) on this backend
-FUSES_SPLINE = True
+#: what this module declares in the registry (dtypes, degrees, devices); the checks below enforce it
+_BACKEND = BACKENDS["triton"]
+DTYPES = _BACKEND.dtypes
+MAX_LMAX = _BACKEND.max_lmax
 
 
 def check_inputs(dtype: torch.dtype, device: torch.device, lmaxes: tuple[int, ...] = ()) -> None:
-    """Raise a clear error for a dtype, device or ``lmax`` the Triton kernels do not support."""
+    """Raise a clear error for a dtype, device or ``lmax`` the Triton kernels do not support.
+
+    Models resolve their backend for their device and dtype before they run (``select_backend``);
+    this covers direct calls of the ops."""
     if dtype not in DTYPES:
         raise TypeError(f"triton kernels support {DTYPES}, got {dtype}; use kernel='torch'")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _BACKEND.runs_on(device):
         raise RuntimeError(
             f"triton kernels run on CUDA tensors (got device {device}); use kernel='torch' or 'auto' "
             "(or set TRITON_INTERPRET=1 before importing triton, for testing on the CPU)"
