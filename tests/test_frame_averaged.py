@@ -7,18 +7,12 @@ import ase.build
 import numpy as np
 import pytest
 import torch
-from conformance import (
-    ModelConformance,
-    atoms_to_graph,
-    molecule,
-    random_rotation,
-    rel_err,
-    transform,
-)
 
 from mlip.data.graph import collate
+from mlip.data.transforms import atoms_to_graph
 from mlip.models.base import build_model
 from mlip.models.outputs import predict
+from mlip.testing import ModelConformance, molecule, random_rotation, rel_err, transform
 
 SMALL = dict(num_channels=16, num_layers=2, num_radial=6, readout_hidden=8, avg_num_neighbors=6.0)
 
@@ -221,10 +215,11 @@ def test_frames_are_the_principal_axes_of_the_centred_positions():
         assert torch.allclose((U * axes).sum(0).abs(), torch.ones(3, dtype=torch.float64), atol=1e-8)
 
 
-def test_trains_through_mlip_train_and_runs_in_the_calculator(tmp_path):
+def test_trains_through_mlip_train_and_runs_in_the_calculator(tmp_path, one_torch_thread):
     """The family goes through the shared training loop (stochastic frames while training) and
     the exported model runs in MLIPCalculator with full averaging: deterministic, forces equal
-    finite differences of the calculator energy, stress present for the periodic cell."""
+    finite differences of the calculator energy, stress present for the periodic cell.
+    (``num_threads: 1`` sets torch's thread count for the process; ``one_torch_thread`` restores it.)"""
     import toy_models
     from ase.calculators.fd import calculate_numerical_forces
 

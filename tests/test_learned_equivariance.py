@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conformance import (
-    ModelConformance,
-    atoms_to_graph,
-    crystal,
-    molecule,
-    random_rotation,
-    rel_err,
-    transform,
-)
 
 from mlip.data.graph import collate
+from mlip.data.transforms import atoms_to_graph
 from mlip.models.base import build_model
-from mlip.models.outputs import predict
 from mlip.models.learned_equivariance import random_rotations, rotate_rows
+from mlip.models.outputs import predict
+from mlip.testing import ModelConformance, crystal, molecule, random_rotation, rel_err, transform
 from mlip.train.equivariance import equivariance_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,21 +32,21 @@ class TestLearnedEquivariance(ModelConformance):
     def make_model(self, **overrides):
         return build_model("learned-equivariance", {**SMALL, **overrides})
 
-    def test_rotation(self, dtype):
+    def test_rotation(self, dtype, device):
         """Untrained, the model is measurably *not* rotation-invariant (nothing is built in), and the
         shared metric of mlip.train.equivariance sees it; translation stays exact (test_translation)."""
-        model = self.model(dtype)
-        batch = self.batch([molecule(), crystal()], dtype)
+        model = self.model(dtype, device)
+        batch = self.batch([molecule(), crystal()], dtype, device)
         err = equivariance_error(model, batch, n_rotations=2, seed=0)
         assert err["forces_rel"] > 1e-3 and err["energy_max"] > 1e-6
         ref = self.run(model, batch)
         out = self.run(model, transform(batch, torch.eye(3, dtype=dtype)))
         assert rel_err(out["forces"], ref["forces"]) < self.same_tol[dtype]
 
-    def test_reflection(self, dtype):
+    def test_reflection(self, dtype, device):
         """Inversion is a symmetry of the data, not of the network: the error is nonzero, finite."""
-        model = self.model(dtype)
-        batch = self.batch([molecule()], dtype)
+        model = self.model(dtype, device)
+        batch = self.batch([molecule()], dtype, device)
         ref = self.run(model, batch)
         out = self.run(model, transform(batch, -torch.eye(3, dtype=dtype)))
         d = rel_err(out["energy"], ref["energy"])
@@ -262,10 +255,11 @@ def _train_run(tmp_path, name: str, data, **model):
     return path, steps, rows[-1]
 
 
-def test_training_loop_adds_the_alignment_loss_and_validates_in_eval_mode(tmp_path):
+def test_training_loop_adds_the_alignment_loss_and_validates_in_eval_mode(tmp_path, one_torch_thread):
     """mlip.train adds the model's weighted alignment loss to the energy/force loss (same first
     batch, same rotation R1: the logged loss grows with the weight), and validation runs the model
-    in eval mode (no random rotation): the logged validation loss is that of the exported model."""
+    in eval mode (no random rotation): the logged validation loss is that of the exported model.
+    (``num_threads: 1`` sets torch's thread count for the process; ``one_torch_thread`` restores it.)"""
     import ase.io
 
     from mlip.models.base import load_model
@@ -303,10 +297,11 @@ def test_runs_in_the_calculator_with_finite_difference_forces():
 # ----------------------------------------------------------------------------- the learned effect
 def _xtb_molecules():
     from mlip.data.formats.extxyz import iter_extxyz
-    from mlip.data.stats import e0s_from_isolated_atoms, is_isolated
+    from mlip.data.formats.labels import is_isolated_atom
+    from mlip.data.stats import e0s_from_isolated_atoms
 
     frames = list(iter_extxyz(ROOT / "data" / "xtb_molecules.xyz"))
-    return e0s_from_isolated_atoms(frames), [a for a in frames if not is_isolated(a)]
+    return e0s_from_isolated_atoms(frames), [a for a in frames if not is_isolated_atom(a)]
 
 
 def relative_rotation_error(model, batch, n_rotations: int = 8, seed: int = 1) -> tuple[float, float]:
@@ -365,15 +360,19 @@ def train_briefly(mode: str, weight: float, e0s, train, seed: int = 0, num_radia
 
 
 #: relative rotation errors (energy, forces) measured with the protocol of the test below
-#: (2026-11-23, CPU, float32, OMP_NUM_THREADS=1), and the ratios the test asserts to be < 0.7
+#: (2026-11-23, CPU, float32, OMP_NUM_THREADS=1), which the test reproduces to EFFECT_RTOL, and
+#: whose ratios learned/untrained and learned/augment it asserts to be < 0.7 (and at most 0.51)
 EFFECT_MEASURED = {
     (0, 8): {"untrained": (0.0063, 0.0271), "augment": (0.0135, 0.0448), "learned": (0.0013, 0.0031)},
     (1, 6): {"untrained": (0.0030, 0.0603), "augment": (0.0273, 0.2573), "learned": (0.0012, 0.0306)},
 }
+#: the numbers above carry two or three significant digits (0.0012 stands for 0.00117: 3% off);
+#: one and two torch threads reproduce them to 1e-5 relative
+EFFECT_RTOL = 0.05
 
 
 @pytest.mark.parametrize("seed,num_radial", sorted(EFFECT_MEASURED))
-def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed, num_radial):
+def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed, num_radial, one_torch_thread):
     """Same data, seed, steps and optimiser: the learned-equivariance model ends with a lower relative
     rotation error of energy and forces than the untrained model and than the augmentation baseline
     (all four comparisons by a factor 0.7 or better).
@@ -382,8 +381,9 @@ def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed
     seed 1, which failed the energy comparison with the untrained model under the previous protocol
     (max-error metric, alignment normalised by ``|h|^2``, weight 1e3, lr 3e-3). Measured ratios of
     learned / untrained and learned / augment over 8 (seed, num_radial) variants with this protocol:
-    at most 0.51 (docs/learned_equivariance.md)."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    at most 0.51 (docs/learned_equivariance.md). The six errors are the ones stated in
+    ``EFFECT_MEASURED`` (to ``EFFECT_RTOL``); one torch thread as measured (``one_torch_thread``
+    restores the count after the module)."""
     e0s, mols = _xtb_molecules()
     train = [atoms_to_graph(a, 4.0) for a in mols[:32]]
     test = collate([atoms_to_graph(a, 4.0) for a in mols[100:124]]).to(dtype=torch.float32)
@@ -393,5 +393,10 @@ def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed
     e_l, f_l = relative_rotation_error(train_briefly("learned", 1e4, e0s, train, seed, num_radial), test)
     print(f"relative rotation error (energy, forces): untrained {e_u:.4f} {f_u:.4f}; "
           f"augment {e_a:.4f} {f_a:.4f}; learned {e_l:.4f} {f_l:.4f}")
+    measured = {"untrained": (e_u, f_u), "augment": (e_a, f_a), "learned": (e_l, f_l)}
+    for name, stated in EFFECT_MEASURED[(seed, num_radial)].items():
+        assert measured[name] == pytest.approx(stated, rel=EFFECT_RTOL), name
     assert e_l < 0.7 * e_u and f_l < 0.7 * f_u
     assert e_l < 0.7 * e_a and f_l < 0.7 * f_a
+    ratios = [e_l / e_u, f_l / f_u, e_l / e_a, f_l / f_a]
+    assert round(max(ratios), 2) <= 0.51, ratios  # the largest ratio of docs/learned_equivariance.md
