@@ -52,7 +52,7 @@ TOTAL_FS = 150.0
 TEMPERATURE_K = 300.0
 
 #: bound on max |E_tot(t) - E_tot(0)| / <E_kin> at dt = 0.5 fs for a smooth potential. Measured
-#: (2026-12-07, CPU, float64): equivariant 1.6e-4, learned-equivariance 1.0e-4, frame-averaged
+#: (CPU, float64): equivariant 1.6e-4, learned-equivariance 1.0e-4, frame-averaged
 #: (strained cell) 1.3e-4; the potential energy meanwhile moves by ~0.014 eV/atom, ~1.8 <E_kin>.
 NVE_BOUND = 5e-4
 #: the same bound for the frame-averaged model on the cubic cell, which passes near degenerate axes:

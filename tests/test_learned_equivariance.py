@@ -360,7 +360,7 @@ def train_briefly(mode: str, weight: float, e0s, train, seed: int = 0, num_radia
 
 
 #: relative rotation errors (energy, forces) measured with the protocol of the test below
-#: (2026-11-23, CPU, float32, OMP_NUM_THREADS=1), which the test reproduces to EFFECT_RTOL, and
+#: (CPU, float32, OMP_NUM_THREADS=1), which the test reproduces to EFFECT_RTOL, and
 #: whose ratios learned/untrained and learned/augment it asserts to be < 0.7 (and at most 0.51)
 EFFECT_MEASURED = {
     (0, 8): {"untrained": (0.0063, 0.0271), "augment": (0.0135, 0.0448), "learned": (0.0013, 0.0031)},
