@@ -42,7 +42,10 @@ class FrameAveragedConfig:
     ``group`` is ``"O3"`` (8 frames: invariant under rotations and reflections) or ``"SO3"``
     (4 frames: rotations only). ``train_averaging`` / ``eval_averaging`` are ``"full"`` or
     ``"stochastic"``. ``degeneracy_tol`` is the relative eigengap below which principal axes count
-    as degenerate; ``n_inplane`` the rotations averaged over in a degenerate plane.
+    as degenerate; above ``degeneracy_blend * degeneracy_tol`` they are distinct, and between the
+    two the frame sets are blended smoothly (:func:`mlip.nn.frames.blended_frames`), so the energy
+    stays continuous and conservative when a structure passes near degenerate axes (MD of a cubic
+    crystal). ``n_inplane`` is the rotations averaged over in a degenerate plane.
     ``direct_forces`` adds a force head (non-conservative; ``forward`` then also returns ``forces``).
     """
 
@@ -58,6 +61,7 @@ class FrameAveragedConfig:
     train_averaging: str = "stochastic"
     eval_averaging: str = "full"
     degeneracy_tol: float = 1e-4
+    degeneracy_blend: float = 10.0
     n_inplane: int = 8
     direct_forces: bool = False
     heads: list = field(default_factory=lambda: ["default"])
@@ -80,6 +84,8 @@ def _validate(cfg: FrameAveragedConfig) -> None:
         raise ValueError(f"frame-averaged: n_inplane must be >= 1, got {cfg.n_inplane}")
     if not 0.0 <= float(cfg.degeneracy_tol) < 1.0:
         raise ValueError(f"frame-averaged: degeneracy_tol must be in [0, 1), got {cfg.degeneracy_tol}")
+    if not float(cfg.degeneracy_blend) > 1.0:
+        raise ValueError(f"frame-averaged: degeneracy_blend must be > 1, got {cfg.degeneracy_blend}")
     if not cfg.heads:
         raise ValueError("frame-averaged: heads must list at least one head name")
 
@@ -188,7 +194,8 @@ class FrameAveragedModel(PotentialModel):
         edge_graph = batch.batch[batch.edge_index[1]]
         weight = self.envelope(edge_vec.norm(dim=-1))
         full = structure_frames(edge_vec, edge_graph, batch.n_graphs, weight, group=cfg.group,
-                                tol=float(cfg.degeneracy_tol), n_inplane=int(cfg.n_inplane))
+                                tol=float(cfg.degeneracy_tol), n_inplane=int(cfg.n_inplane),
+                                blend=float(cfg.degeneracy_blend))
         mode = averaging or self.averaging
         return sample_frames(full) if mode == "stochastic" else full
 

@@ -36,9 +36,14 @@ when all three coincide (methane, a cubic crystal) every axis is. The strategy, 
   spherical harmonics of degree 4, 6, 8, ... (those with a cubic invariant);
 - a structure without edges: one frame (its energy cannot depend on orientation).
 
-Frames of degenerate structures are treated as constants by autograd (the degenerate eigenvector
-derivative is infinite); their forces are then not exactly conservative. The measured invariance
-error on methane and a cubic crystal is in ``docs/frame_averaged.md``.
+**Passing near degeneracy.** Switching frame sets at the threshold would make the energy jump by
+the model's residual rotation dependence wherever a structure crosses it (MD of a cubic crystal
+does, all the time). :func:`blended_frames`, which the models use, weights the four sets by smooth
+functions of the two eigengaps instead, and builds every axis it uses from spectral projectors that
+stay differentiable where that axis is simple, so energies are continuous and forces conservative
+through every change of frame set. :func:`enumerate_frames` gives the hard sets of one degeneracy
+code (whose degenerate axes are detached: their eigenvector derivative is infinite). The measured
+invariance error on methane and a cubic crystal is in ``docs/frame_averaged.md``.
 """
 from __future__ import annotations
 
@@ -194,7 +199,6 @@ def enumerate_frames(
         raise ValueError(f"frame group must be 'O3' or 'SO3', got {group!r}")
     proper = group == "SO3"
     dtype, device = axes.dtype, axes.device
-    signs = sign_matrices(dtype, device)  # [8, 3]
     cubic = cubic_group(proper, dtype).to(device)
     plane = inplane_frames(n_inplane, proper, dtype).to(device)
     eye = torch.eye(3, dtype=dtype, device=device)
@@ -204,12 +208,7 @@ def enumerate_frames(
     for code in sorted(set(deg_list)):
         idx = torch.nonzero(degeneracy == code).flatten()
         if code == NONDEGENERATE:
-            u = axes[idx]  # [m, 3, 3]
-            frames = u[:, None, :, :] * signs[None, :, None, :]  # [m, 8, 3, 3]: columns scaled by signs
-            if proper:
-                det_u = torch.linalg.det(u.detach())  # ±1
-                keep = (signs.prod(-1)[None, :] * det_u[:, None]) > 0  # [m, 8], 4 True per row
-                frames = frames[keep].view(len(idx), 4, 3, 3)
+            frames = _sign_frames(axes[idx], proper)  # [m, 8 or 4, 3, 3]
         elif code == PLANE_DEGENERATE:
             lam = eigenvalues[idx]
             u = axes[idx].detach()
@@ -240,21 +239,168 @@ def enumerate_frames(
 
 
 def sample_frames(frames: FrameSet, generator: torch.Generator | None = None) -> FrameSet:
-    """One frame per structure, uniformly at random among its frames (stochastic frame averaging).
+    """One frame per structure, drawn with probability equal to its weight (stochastic frame
+    averaging: the expected energy is the fully averaged one).
 
     Shapes: a :class:`FrameSet` with ``n_graphs`` frames of weight 1.
     """
     n_graphs = frames.degeneracy.shape[0]
     count = torch.bincount(frames.graph, minlength=n_graphs)
     start = torch.cumsum(count, 0) - count
-    u = torch.rand(n_graphs, generator=generator, dtype=torch.float64)
-    pick = start + (u.to(count.device) * count).long().minimum(count - 1)
+    weight = frames.weight.detach().to(torch.float64)
+    within = torch.cumsum(weight, 0) - (torch.cumsum(weight, 0) - weight)[start][frames.graph]  # [n_frames]
+    u = torch.rand(n_graphs, generator=generator, dtype=torch.float64).to(weight.device)
+    # the first frame of each structure whose running weight passes u (weights sum to one)
+    passed = (within <= u[frames.graph]).to(torch.long)
+    pick = (start + torch.bincount(frames.graph, weights=passed.to(torch.float64), minlength=n_graphs).long())
+    pick = pick.minimum(start + count - 1)
     return FrameSet(
         rotation=frames.rotation[pick],
         graph=frames.graph[pick],
         weight=torch.ones(n_graphs, dtype=frames.weight.dtype, device=frames.weight.device),
         degeneracy=frames.degeneracy,
     )
+
+
+def smoothstep(x: torch.Tensor) -> torch.Tensor:
+    """``0`` for ``x <= 0``, ``1`` for ``x >= 1``, ``6x⁵ - 15x⁴ + 10x³`` between: twice continuously
+    differentiable, so energies blended with it keep continuous forces and force derivatives.
+
+    >>> smoothstep(torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0])).tolist()
+    [0.0, 0.0, 0.5, 1.0, 1.0]
+    """
+    x = x.clamp(0.0, 1.0)
+    return x * x * x * (x * (6.0 * x - 15.0) + 10.0)
+
+
+def _gap_weight(gap: torch.Tensor, tol: float, blend: float) -> torch.Tensor:
+    """0 at or below ``tol`` (degenerate), 1 at or above ``blend * tol`` (distinct), smooth between."""
+    if tol <= 0.0:
+        return (gap > 0.0).to(gap.dtype)
+    return smoothstep((gap - tol) / ((blend - 1.0) * tol))
+
+
+def _principal_axis(moment: torch.Tensor, lam: torch.Tensor, k: int) -> torch.Tensor:
+    """Unit eigenvector ``k`` (sign arbitrary) from the spectral projector
+    ``P_k = Π_{j≠k} (M - λ_j) / (λ_k - λ_j)``: differentiable wherever ``λ_k`` is simple, even when
+    the other two eigenvalues coincide (``eigh``'s backward divides by every gap).
+
+    Shapes: moment [m, 3, 3]; lam [m, 3] ascending -> [m, 3].
+    """
+    eye = torch.eye(3, dtype=moment.dtype, device=moment.device)
+    proj = eye.expand_as(moment)
+    for j in range(3):
+        if j != k:
+            proj = proj @ ((moment - lam[:, j, None, None] * eye) / (lam[:, k] - lam[:, j])[:, None, None])
+    col = torch.diagonal(proj, dim1=-2, dim2=-1).detach().argmax(dim=-1)  # the best-conditioned column
+    v = torch.gather(proj, 2, col[:, None, None].expand(-1, 3, 1))[..., 0]  # [m, 3], parallel to the axis
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _plane_bases(u: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-handed bases ``[e1, e2, u]`` (columns) with ``e1`` the projection of a lab axis onto the
+    plane normal to ``u``, each with its weight: the x axis, handed over smoothly to the y axis
+    where ``u`` comes close to x (|u·x| from 0.8 to 0.9), so the basis is a smooth function of ``u``.
+
+    Shapes: u [m, 3] unit -> list of (basis [m, 3, 3], weight [m]).
+    """
+    w_y = smoothstep((u[:, 0].abs() - 0.8) / 0.1)
+    out = []
+    for axis, weight in ((0, 1.0 - w_y), (1, w_y)):
+        a = torch.zeros_like(u)
+        a[:, axis] = 1.0
+        e1 = a - (a * u).sum(-1, keepdim=True) * u
+        e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # weight 0 where the norm is small
+        out.append((torch.stack([e1, torch.linalg.cross(u, e1), u], dim=-1), weight))
+    return out
+
+
+def _sign_frames(axes: torch.Tensor, proper: bool) -> torch.Tensor:
+    """The sign choices of each structure's axes, ``[m, 8 or 4, 3, 3]`` (4 with ``det = +1``)."""
+    signs = sign_matrices(axes.dtype, axes.device)  # [8, 3]
+    frames = axes[:, None, :, :] * signs[None, :, None, :]  # columns scaled by signs
+    if proper:
+        det_u = torch.linalg.det(axes.detach())  # ±1
+        keep = (signs.prod(-1)[None, :] * det_u[:, None]) > 0  # [m, 8], 4 True per row
+        frames = frames[keep].view(axes.shape[0], 4, 3, 3)
+    return frames
+
+
+def blended_frames(moment: torch.Tensor, n_edges: torch.Tensor, group: str = "O3", tol: float = 1e-4,
+                   blend: float = 10.0, n_inplane: int = 8) -> FrameSet:
+    """All frames of every structure, the degenerate cases blended in smoothly (full frame averaging).
+
+    Each relative eigengap ``g`` (see :func:`principal_axes`) gives a weight ``s(g)``, 0 at or below
+    ``tol``, 1 at or above ``blend * tol`` (:func:`smoothstep` between). The four frame sets of
+    :func:`enumerate_frames` are weighted ``s_lo s_hi`` (sign frames of the three axes),
+    ``(1 - s_lo) s_hi`` and ``s_lo (1 - s_hi)`` (in-plane frames about the top or bottom axis) and
+    ``(1 - s_lo)(1 - s_hi)`` (the cubic group): the weights sum to one, a frame set enters only where
+    its weight is positive, and every axis it uses is then a smooth function of the edges. So the
+    averaged energy is continuous with continuous, conservative forces through every change of
+    frame set, where switching sets at a threshold would make it jump by the model's residual
+    rotation dependence. With both gaps above ``blend * tol`` this is exactly the 8 (4) sign frames.
+
+    Args:
+        moment: ``[n_graphs, 3, 3]`` symmetric second moments, float64.
+        n_edges: ``[n_graphs]`` edges per structure (0: one identity frame).
+
+    Returns:
+        :class:`FrameSet` ordered by structure; ``weight`` (differentiable) sums to one per structure;
+        ``degeneracy`` is :func:`principal_axes`'s code at ``tol``.
+    """
+    if group not in ("O3", "SO3"):
+        raise ValueError(f"frame group must be 'O3' or 'SO3', got {group!r}")
+    proper = group == "SO3"
+    dtype, device = moment.dtype, moment.device
+    # eigenvalues only enter the graph (eigh's backward then needs no eigenvector gaps); eigh rather
+    # than eigvalsh, whose LAPACK path (and last bits) changes with requires_grad
+    lam = torch.linalg.eigh(moment).eigenvalues  # [n, 3] ascending
+    top = lam[:, 2].clamp_min(torch.finfo(dtype).tiny)
+    s_lo = _gap_weight((lam[:, 1] - lam[:, 0]) / top, tol, blend)
+    s_hi = _gap_weight((lam[:, 2] - lam[:, 1]) / top, tol, blend)
+    edges = n_edges > 0
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rotations, graph, weight) per set
+
+    def add(frames: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> None:
+        k = frames.shape[1]
+        parts.append((frames.reshape(-1, 3, 3), idx.repeat_interleave(k), (weight / k).repeat_interleave(k)))
+
+    w = s_lo * s_hi
+    idx = torch.nonzero(edges & (w > 0)).flatten()
+    if idx.numel():
+        m, ev = moment[idx], lam[idx]
+        axes = torch.stack([_principal_axis(m, ev, k) for k in range(3)], dim=-1)
+        add(_sign_frames(axes, proper), idx, w[idx])
+    plane = inplane_frames(n_inplane, proper, dtype).to(device)
+    for w, unique in (((1.0 - s_lo) * s_hi, 2), (s_lo * (1.0 - s_hi), 0)):
+        idx = torch.nonzero(edges & (w > 0)).flatten()
+        if idx.numel():
+            u = _principal_axis(moment[idx], lam[idx], unique)
+            for base, w_anchor in _plane_bases(u):
+                keep = torch.nonzero(w_anchor > 0).flatten()
+                add(base[keep][:, None] @ plane[None], idx[keep], (w[idx] * w_anchor)[keep])
+    w = (1.0 - s_lo) * (1.0 - s_hi)
+    idx = torch.nonzero(edges & (w > 0)).flatten()
+    if idx.numel():
+        add(cubic_group(proper, dtype).to(device)[None].expand(idx.numel(), -1, -1, -1), idx, w[idx])
+    idx = torch.nonzero(~edges).flatten()
+    if idx.numel():
+        eye = torch.eye(3, dtype=dtype, device=device)
+        add(eye[None, None].expand(idx.numel(), 1, 3, 3), idx, torch.ones(idx.numel(), dtype=dtype, device=device))
+    rotation, graph, weight = (torch.cat(t) for t in zip(*parts))
+    order = torch.argsort(graph, stable=True)
+    return FrameSet(rotation=rotation[order], graph=graph[order], weight=weight[order],
+                    degeneracy=_degeneracy(lam.detach(), n_edges, tol))
+
+
+def _degeneracy(lam: torch.Tensor, n_edges: torch.Tensor, tol: float) -> torch.Tensor:
+    """:func:`principal_axes`'s degeneracy codes from ascending eigenvalues ``[n, 3]``."""
+    top = lam[:, 2].clamp_min(torch.finfo(lam.dtype).tiny)
+    lo, hi = (lam[:, 1] - lam[:, 0]) / top <= tol, (lam[:, 2] - lam[:, 1]) / top <= tol
+    deg = torch.full_like(n_edges, NONDEGENERATE)
+    deg = torch.where(lo | hi, torch.full_like(deg, PLANE_DEGENERATE), deg)
+    deg = torch.where(lo & hi, torch.full_like(deg, FULLY_DEGENERATE), deg)
+    return torch.where(n_edges == 0, torch.full_like(deg, NO_EDGES), deg)
 
 
 def structure_frames(
@@ -265,21 +411,21 @@ def structure_frames(
     group: str = "O3",
     tol: float = 1e-4,
     n_inplane: int = 8,
+    blend: float = 10.0,
 ) -> FrameSet:
-    """Edge vectors -> all frames of every structure (second moment, axes, enumeration).
+    """Edge vectors -> all frames of every structure (second moment, then :func:`blended_frames`).
 
     Shapes:
         edge_vec [n_edges, 3] Å; edge_graph [n_edges]; edge_weight [n_edges] -> :class:`FrameSet`
-        with float64 rotations (differentiable w.r.t. ``edge_vec`` for non-degenerate structures).
+        with float64 rotations and weights, differentiable w.r.t. ``edge_vec``.
     """
     moment = edge_second_moment(edge_vec, edge_graph, n_graphs, edge_weight)
     n_edges = torch.bincount(edge_graph, minlength=n_graphs)
-    lam, axes, deg = principal_axes(moment, n_edges, tol)
-    return enumerate_frames(axes, lam, deg, group=group, n_inplane=n_inplane)
+    return blended_frames(moment, n_edges, group=group, tol=tol, blend=blend, n_inplane=n_inplane)
 
 
 __all__ = [
     "FrameSet", "edge_second_moment", "principal_axes", "sign_matrices", "cubic_group", "inplane_frames",
-    "enumerate_frames", "sample_frames", "structure_frames",
+    "enumerate_frames", "blended_frames", "sample_frames", "smoothstep", "structure_frames",
     "NONDEGENERATE", "PLANE_DEGENERATE", "FULLY_DEGENERATE", "NO_EDGES",
 ]
