@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ase import Atoms
 from ase.data import chemical_symbols
 from ase.io.extxyz import read_xyz
 
-from mlip.data.formats.labels import PARSE_ERRORS, LabelKeys, error, process
+from mlip.data.formats.labels import PARSE_ERRORS, DataError, LabelKeys, Record, error, process
 
 EXTENSIONS = (".xyz", ".extxyz")
 
@@ -49,24 +49,31 @@ def _chunks(path: str | os.PathLike) -> Iterator[tuple[int, int, str]]:
             frame += 1
 
 
-def _raw_frames(path: str | os.PathLike) -> Iterator[tuple[Atoms, dict[str, Any]]]:
+def records(path: str | os.PathLike) -> Iterator[Record]:
+    """The frames as text chunks, without parsing them (see :func:`_chunks`)."""
     for frame, lineno, text in _chunks(path):
-        try:
-            raw = next(read_xyz(io.StringIO(text), 0))
-        except KeyError as exc:
-            symbol = exc.args[0] if exc.args else None
-            if isinstance(symbol, str) and symbol not in chemical_symbols:
-                raise error(path, frame, "species", f"unknown element symbol '{symbol}'") from exc
-            raise error(path, frame, None, f"malformed frame at lines {lineno}-"
-                        f"{lineno + text.count(chr(10)) - 1} (KeyError: {exc})") from exc
-        except PARSE_ERRORS as exc:
-            raise error(path, frame, None, f"malformed frame at lines {lineno}-"
-                        f"{lineno + text.count(chr(10)) - 1} ({type(exc).__name__}: {exc})") from exc
-        yield raw, {}
+        yield Record(frame, None, (lineno, text))
+
+
+def parse(path: str | os.PathLike, record: Record) -> tuple[Atoms, dict[str, Any]]:
+    """One frame's text -> raw ``ase.Atoms`` (ASE's extxyz parser); raises :class:`DataError`."""
+    lineno, text = record.payload
+    lines = f"lines {lineno}-{lineno + text.count(chr(10)) - 1}"
+    try:
+        return next(read_xyz(io.StringIO(text), 0)), {}
+    except KeyError as exc:
+        symbol = exc.args[0] if exc.args else None
+        if isinstance(symbol, str) and symbol not in chemical_symbols:
+            raise error(path, record.index, "species", f"unknown element symbol '{symbol}'") from exc
+        raise error(path, record.index, None, f"malformed frame at {lines} (KeyError: {exc})") from exc
+    except PARSE_ERRORS as exc:
+        raise error(path, record.index, None,
+                    f"malformed frame at {lines} ({type(exc).__name__}: {exc})") from exc
 
 
 def iter_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None,
-                required: Sequence[str] = (), validate: bool = True) -> Iterator[Atoms]:
+                required: Sequence[str] = (), validate: bool = True,
+                on_bad: Callable[[DataError], None] | None = None) -> Iterator[Atoms]:
     """Stream the frames of an extended XYZ file as canonical ``ase.Atoms``.
 
     Labels are found either in the calculator ASE builds for the keys ``energy``,
@@ -77,10 +84,11 @@ def iter_extxyz(path: str | os.PathLike, keys: LabelKeys | None = None,
         keys: source key names (default: the canonical names).
         required: canonical labels every frame must carry.
         validate: run the shared checks (:func:`mlip.data.formats.labels.validate_atoms`).
+        on_bad: skip bad frames, reporting each to this callback (default: raise).
 
     Yields:
         ``ase.Atoms`` with canonical labels (see :func:`~mlip.data.formats.labels.canonicalize`).
     """
     if os.path.getsize(path) == 0:
         raise error(path, 0, None, "file is empty (no frames found)")
-    yield from process(path, _raw_frames(path), keys or LabelKeys(), required, validate)
+    yield from process(path, records(path), parse, keys or LabelKeys(), required, validate, on_bad)

@@ -16,11 +16,16 @@ Layout (``attrs["format"] == "mlip-hdf5"``, ``attrs["version"] == 1``)::
 Every dataset is chunked and resizable: :func:`write_hdf5` appends ``chunk_size`` structures at a
 time, so converting a file larger than memory works. :class:`HDF5Reader` opens the file lazily in
 each process and is picklable (for ``DataLoader`` workers).
+
+A *shard folder* (``mlip data convert --shard-size N``) holds ``shard-00000.h5``, ... and, once the
+conversion finished, ``manifest.json`` listing the shards and their sizes; it reads as one data
+set (:func:`shard_paths`). Without the manifest the folder is an unfinished conversion.
 """
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,11 +33,16 @@ from ase import Atoms
 
 from mlip import keys as K
 from mlip.atomic import atomic_path
-from mlip.data.formats.labels import LabelKeys, check_required, error, is_isolated_atom, validate_atoms
+from mlip.data.formats.labels import DataError, LabelKeys, check_required, error, is_isolated_atom, validate_atoms
 
 EXTENSIONS = (".h5", ".hdf5")
 FORMAT_NAME = "mlip-hdf5"
 VERSION = 1
+
+#: the file in a shard folder that lists its shards; written last, so its presence means "complete"
+MANIFEST = "manifest.json"
+#: the file in a shard folder that records an unfinished conversion's progress
+PROGRESS = "progress.json"
 
 _SCALARS = (K.ENERGY, K.CHARGE, K.SPIN, K.WEIGHT)
 _STRINGS = (K.HEAD, K.CONFIG_TYPE, K.SOURCE)
@@ -265,19 +275,65 @@ def check_present(atoms: Atoms, required: Sequence[str], path: Any, frame: int) 
 
 
 def iter_hdf5(path: str | os.PathLike, keys: LabelKeys | None = None,
-              required: Sequence[str] = (), validate: bool = True) -> Iterator[Atoms]:
+              required: Sequence[str] = (), validate: bool = True,
+              on_bad: Callable[[DataError], None] | None = None) -> Iterator[Atoms]:
     """Stream the frames of an mlip HDF5 file (labels are already canonical; ``keys`` unused).
 
     Raises:
-        DataError: empty file, or a ``required`` label missing in a frame.
+        DataError: empty file, or a bad frame / a ``required`` label missing (without ``on_bad``).
     """
     required = check_required(required)
     reader = HDF5Reader(path, validate=validate)
     try:
         if len(reader) == 0:
             raise error(path, 0, None, "file is empty (no frames found)")
-        for i, atoms in enumerate(reader):
-            check_present(atoms, required, path, i)
+        for i in range(len(reader)):
+            try:
+                atoms = reader[i]
+                check_present(atoms, required, path, i)
+            except DataError as err:
+                if on_bad is None:
+                    raise
+                on_bad(err)
+                continue
             yield atoms
     finally:
         reader.close()
+
+
+def is_shard_folder(path: str | os.PathLike) -> bool:
+    """A folder written by ``mlip data convert --shard-size`` (finished or not)."""
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in (MANIFEST, PROGRESS))
+
+
+def shard_paths(folder: str | os.PathLike) -> list[str]:
+    """The shard files of a finished shard folder, in order, checked against its manifest.
+
+    Raises:
+        DataError: no manifest (the conversion was interrupted: rerun it to finish), or a shard
+            that is missing or holds another number of structures than the manifest says.
+    """
+    folder = os.fspath(folder)
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.exists(manifest):
+        raise error(folder, None, None, f"unfinished conversion: no {MANIFEST} (rerun the same "
+                    "'mlip data convert' command to finish it)")
+    try:
+        with open(manifest, encoding="utf-8") as fh:
+            shards = json.load(fh)["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise error(manifest, None, None, f"unreadable shard manifest ({type(exc).__name__}: {exc})") from exc
+    out = []
+    for shard in shards:
+        path = os.path.join(folder, shard["file"])
+        if not os.path.exists(path):
+            raise error(path, None, None, f"shard listed in {manifest} is missing")
+        reader = HDF5Reader(path)
+        try:
+            if len(reader) != int(shard["n_structures"]):
+                raise error(path, None, None, f"holds {len(reader)} structures, {manifest} says "
+                            f"{shard['n_structures']}")
+        finally:
+            reader.close()
+        out.append(path)
+    return out

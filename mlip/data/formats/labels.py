@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -41,6 +41,31 @@ def error(path: Any, frame: int | str | None, key: str | None, message: str) -> 
     if key is not None:
         where.append(f"key '{key}'")
     return DataError(f"{', '.join(where)}: {message}")
+
+
+def frame_ref(index: int | str | None, frame_id: str | None = None) -> int | str | None:
+    """How messages name a frame: its index in the file, plus the file's own id when it has one.
+
+    >>> frame_ref(7, "mp-1234/mp-1234-0-1")
+    '7 (mp-1234/mp-1234-0-1)'
+    """
+    return index if frame_id is None else f"{index} ({frame_id})"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One frame of a file before parsing: cheap to read in file order and picklable, so that
+    parsing, labelling and checking (the expensive part) can run in worker processes.
+
+    Attributes:
+        index: position of the frame in the file (0-based, counting bad frames too).
+        frame_id: the file's own name of the frame (``mp-id/frame-id``, ``row 7``), or ``None``.
+        payload: what the format's ``parse`` needs (a text chunk, a JSON object, a row id).
+    """
+
+    index: int
+    frame_id: str | None
+    payload: Any
 
 
 def suggest(name: str, candidates: Iterable[str]) -> str:
@@ -200,7 +225,7 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
                  required: Sequence[str] = (), stress_scale: float = 1.0,
                  extra_info: dict[str, Any] | None = None,
                  extra_arrays: dict[str, np.ndarray] | None = None,
-                 validate: bool = True) -> Atoms:
+                 validate: bool = True, frame_id: str | None = None) -> Atoms:
     """Turn a raw frame into a validated ``ase.Atoms`` carrying canonical labels.
 
     Args:
@@ -212,6 +237,8 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
         stress_scale: factor applied to the stress after reshaping (unit/sign conversion).
         extra_info / extra_arrays: format-specific metadata to keep (e.g. MPTrj ``mp_id``, ``magmom``).
         validate: run :func:`validate_atoms`.
+        frame_id: the file's own name of the frame (MPTrj ``mp-id/frame-id``, a database row),
+            added to error messages next to the index.
 
     Returns:
         New ``ase.Atoms`` without a calculator. ``info``: ``energy`` (eV), ``stress`` ([3, 3]
@@ -219,12 +246,13 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
         ``source`` (``"<path> frame <i>"``), ``isolated_atom`` (bool); ``arrays``: ``forces``
         ([n_atoms, 3] eV/Å). Missing labels are absent.
     """
+    where = frame_ref(frame, frame_id)
     n_atoms = len(raw)
     numbers = np.asarray(raw.numbers)
     bad = (numbers < 1) | (numbers > 118)
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
-        raise error(path, frame, K.NUMBERS,
+        raise error(path, where, K.NUMBERS,
                     f"unknown element Z={int(numbers[i])} at atom {i} (expected 1..118)")
     atoms = Atoms(numbers=numbers, positions=np.asarray(raw.positions, dtype=np.float64),
                   cell=np.asarray(raw.cell[:], dtype=np.float64), pbc=raw.pbc)
@@ -233,11 +261,11 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
         if _is_missing(value):
             if label in required:
                 present = sorted(available_keys(raw))
-                raise error(path, frame, key,
+                raise error(path, where, key,
                             f"required label '{label}' is missing; keys in this frame: {present}."
                             + suggest(key, present))
             continue
-        value = convert_label(label, value, n_atoms, path, frame, key, stress_scale)
+        value = convert_label(label, value, n_atoms, path, where, key, stress_scale)
         if label == K.FORCES:
             atoms.arrays[K.FORCES] = value
         else:
@@ -254,11 +282,11 @@ def canonicalize(raw: Atoms, keys: LabelKeys, *, path: Any, frame: int,
     atoms.info[K.SOURCE] = f"{path} frame {frame}"
     atoms.info[K.ISOLATED] = is_isolated_atom(atoms)
     if validate:
-        validate_atoms(atoms, path=path, frame=frame, keys=keys)
+        validate_atoms(atoms, path=path, frame=where, keys=keys)
     return atoms
 
 
-def validate_atoms(atoms: Atoms, *, path: Any, frame: int, keys: LabelKeys | None = None) -> None:
+def validate_atoms(atoms: Atoms, *, path: Any, frame: int | str, keys: LabelKeys | None = None) -> None:
     """Check one canonical frame; raise :class:`DataError` on the first problem.
 
     Checks: atomic numbers in 1..118; finite positions, cell and labels; label shapes; a
@@ -409,6 +437,12 @@ class KeyTracker:
             self.present |= found
             self.seen |= {key for _, key in self.wanted if key in found}
 
+    def merge(self, seen: set[str], present: set[str], n_frames: int) -> None:
+        """Add what another tracker (e.g. in a worker process) recorded for frames of the same file."""
+        self.seen |= seen
+        self.present |= present
+        self.n_frames += n_frames
+
     def check(self, path: Any) -> None:
         """Raise if a user-specified key occurred in no frame of ``path``."""
         for label, key in self.wanted:
@@ -460,38 +494,81 @@ PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, AssertionError, OSE
                 EOFError, UnicodeDecodeError, StopIteration, sqlite3.Error)
 
 
-def process(path: Any, raw_frames: Iterator[tuple[Atoms, dict[str, Any]]], keys: LabelKeys,
-            required: Sequence[str] = (), validate: bool = True) -> Iterator[Atoms]:
-    """Drive a format's raw-frame iterator through :func:`canonicalize`, streaming.
+#: parses one :class:`Record` of a file into a raw frame and :func:`canonicalize` options
+Parser = Callable[[Any, Record], tuple[Atoms, dict[str, Any]]]
+
+
+def load_record(path: Any, record: Record, parse: Parser, keys: LabelKeys, required: Sequence[str] = (),
+                validate: bool = True, tracker: KeyTracker | None = None) -> Atoms | DataError:
+    """Parse, label and check one frame; a bad frame is *returned* as its :class:`DataError`.
+
+    Returning rather than raising lets the caller stop or skip (``--skip-bad``) and lets worker
+    processes hand the error back with the frame's place in the file.
+    """
+    where = frame_ref(record.index, record.frame_id)
+    try:
+        raw, options = parse(path, record)
+    except DataError as err:
+        return err
+    except PARSE_ERRORS as exc:
+        return error(path, where, None, f"malformed frame ({type(exc).__name__}: {exc})")
+    if tracker is not None:
+        tracker.update(raw)
+    try:
+        return canonicalize(raw, keys, path=path, frame=record.index, frame_id=record.frame_id,
+                            required=required, validate=validate, **options)
+    except DataError as err:
+        return err
+
+
+def process(path: Any, records: Iterator[Record], parse: Parser, keys: LabelKeys,
+            required: Sequence[str] = (), validate: bool = True,
+            on_bad: Callable[[DataError], None] | None = None) -> Iterator[Atoms]:
+    """Drive a format's records through :func:`load_record`, streaming.
 
     Args:
         path: the file (for messages).
-        raw_frames: yields ``(raw_atoms, options)`` where ``options`` are extra keyword
-            arguments of :func:`canonicalize` (``stress_scale``, ``extra_info``, ``extra_arrays``).
-            A parser exception raised while producing frame ``i`` is reported as a
-            :class:`DataError` for frame ``i``.
+        records: the file's frames in order (:class:`Record`). An exception raised while
+            *reading* them (bad JSON syntax, a truncated file, a corrupt database) stops the
+            file: the reader cannot tell where the next frame starts.
+        parse: the format's record parser (raw frame + ``canonicalize`` options).
         keys, required, validate: as in :func:`canonicalize`.
+        on_bad: called with the error of each bad frame (one that was read but cannot be used:
+            malformed, a required label missing, NaN) instead of raising it; the frame is skipped.
 
     Raises:
-        DataError: malformed or empty file, missing required label, bad values, or a
+        DataError: malformed or empty file, a bad frame (without ``on_bad``), or a
             user-specified key that occurs in no frame (raised after the last frame).
     """
     required = check_required(required)
     tracker = KeyTracker(keys)
-    frame = 0
+    n_frames = 0
+    for record in checked_records(path, records):
+        n_frames += 1
+        atoms = load_record(path, record, parse, keys, required, validate, tracker)
+        if isinstance(atoms, DataError):
+            if on_bad is None:
+                raise atoms
+            on_bad(atoms)
+            continue
+        yield atoms
+    check_not_empty(path, n_frames)
+    tracker.check(path)
+
+
+def checked_records(path: Any, records: Iterator[Record]) -> Iterator[Record]:
+    """``records``, with a reader's own exception turned into a :class:`DataError` for the file."""
+    index = 0
     while True:
         try:
-            raw, options = next(raw_frames)
+            record = next(records)
         except StopIteration:
-            break
+            return
         except DataError:
             raise
         except PARSE_ERRORS as exc:
-            raise error(path, frame, None,
-                        f"malformed or truncated file ({type(exc).__name__}: {exc})") from exc
-        tracker.update(raw)
-        yield canonicalize(raw, keys, path=path, frame=frame, required=required,
-                           validate=validate, **options)
-        frame += 1
-    check_not_empty(path, frame)
-    tracker.check(path)
+            raise error(path, index, None,
+                        f"malformed or truncated file ({type(exc).__name__}: {exc}); where the next "
+                        "frame starts is unknown, so this cannot be skipped") from exc
+        index = record.index + 1
+        yield record

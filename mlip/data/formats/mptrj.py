@@ -7,22 +7,23 @@ Layout: ``{mp_id: {frame_id: {"structure": <pymatgen Structure dict>,
 Stress is converted with :data:`mlip.units.KBAR_VASP_TO_EV_A3` (``-0.1 GPa``): VASP reports
 positive = compressive, ASE positive = tensile. The default energy is
 ``uncorrected_total_energy`` (the raw DFT energy, as public MPTrj converters use).
-The stdlib ``json`` module reads the whole file before the first frame is produced.
+The file is read as a stream (``ijson``, a C JSON parser from PyPI): one frame's objects are
+built at a time, so the 11 GB ``MPtrj_2022.9_full.json`` converts in a few hundred MB; floats
+are parsed to the same doubles as the stdlib ``json`` module.
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from ase import Atoms
 
 from mlip import keys as K
-from mlip.data.formats.labels import LabelKeys, error, process
+from mlip.data.formats.labels import DataError, LabelKeys, Record, error, frame_ref, process
 from mlip.units import KBAR_VASP_TO_EV_A3
 
 EXTENSIONS = (".json", ".json.gz")
@@ -41,16 +42,91 @@ def mptrj_keys(keys: LabelKeys | None) -> LabelKeys:
     return dataclasses.replace(keys, **changes)
 
 
-def _load(path: str | os.PathLike) -> Any:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as exc:
-        raise error(path, None, None,
-                    f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise error(path, None, None, f"cannot read file ({type(exc).__name__}: {exc})") from exc
+def _open(path: str | os.PathLike) -> Any:
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def _json_events(path: str | os.PathLike, handle: Any) -> Iterator[tuple[str, Any]]:
+    """ijson's ``(event, value)`` stream with its errors named after the file."""
+    import ijson
+
+    events = ijson.basic_parse(handle, use_float=True)
+    while True:
+        try:
+            item = next(events)
+        except StopIteration:
+            return
+        except ijson.JSONError as exc:
+            raise error(path, None, None, f"invalid JSON ({exc})") from exc
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise error(path, None, None, f"cannot read file ({type(exc).__name__}: {exc})") from exc
+        yield item
+
+
+def _build(first: str, events: Iterator[tuple[str, Any]]) -> Any:
+    """Build the JSON value whose first event is ``first`` from the following ``events``.
+
+    A plain loop over ijson's events: about twice as fast as ``ijson.ObjectBuilder``, and this
+    runs for every number of a 1 GB file.
+    """
+    if first not in ("start_map", "start_array"):
+        raise ValueError(f"unexpected JSON event {first!r}")
+    root: Any = {} if first == "start_map" else []
+    stack, key = [root], None
+    for event, value in events:
+        if event == "map_key":
+            key = value
+            continue
+        if event in ("end_map", "end_array"):
+            stack.pop()
+            if not stack:
+                return root
+            continue
+        new = {} if event == "start_map" else [] if event == "start_array" else value
+        top = stack[-1]
+        if top.__class__ is dict:
+            top[key] = new
+        else:
+            top.append(new)
+        if event in ("start_map", "start_array"):
+            stack.append(new)
+    raise ValueError("the file ends inside a JSON value")
+
+
+def records(path: str | os.PathLike) -> Iterator[Record]:
+    """The frames of an MPTrj file, one JSON object at a time: ``Record(index, "mp-id/frame-id",
+    (mp_id, frame_id, frame))``. Only the current frame is held in memory.
+
+    Raises:
+        DataError: invalid JSON, a file that ends early, or not the ``{mp_id: {frame_id: frame}}`` layout.
+    """
+    with _open(path) as handle:
+        events = _json_events(path, handle)
+        first = next(events, (None, None))[0]
+        if first != "start_map":
+            raise error(path, None, None, "expected a JSON object {mp_id: {frame_id: frame}}, got "
+                        + ("nothing" if first is None else first.replace("start_", "a ").replace("_", " ")))
+        index = 0
+        for event, mp_id in events:
+            if event == "end_map":
+                return
+            if next(events, (None, None))[0] != "start_map":
+                raise error(path, index, mp_id, f"{mp_id}: expected an object {{frame_id: frame}}")
+            for event, frame_id in events:
+                if event == "end_map":
+                    break
+                where = f"{mp_id}/{frame_id}"
+                kind, value = next(events, (None, None))
+                try:
+                    entry = _build(kind, events) if kind in ("start_map", "start_array") else value
+                except DataError:
+                    raise
+                except ValueError as exc:
+                    raise error(path, f"{index} ({where})", None,
+                                f"invalid JSON: {exc}") from exc
+                yield Record(index, where, (str(mp_id), str(frame_id), entry))
+                index += 1
+        raise error(path, index, None, "invalid JSON: the file ends inside the top-level object")
 
 
 def _structure_to_atoms(structure: dict[str, Any]) -> Atoms:
@@ -62,44 +138,39 @@ def _structure_to_atoms(structure: dict[str, Any]) -> Atoms:
     return Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell[:], pbc=True)
 
 
-def _raw_frames(path: str | os.PathLike, data: Any) -> Iterator[tuple[Atoms, dict[str, Any]]]:
-    if not isinstance(data, dict):
-        raise error(path, None, None,
-                    f"expected a JSON object {{mp_id: {{frame_id: frame}}}}, got {type(data).__name__}")
-    frame = 0
-    for mp_id, frames in data.items():
-        if not isinstance(frames, dict):
-            raise error(path, frame, mp_id, "expected an object {frame_id: frame}")
-        for frame_id, entry in frames.items():
-            if not isinstance(entry, dict) or "structure" not in entry:
-                raise error(path, frame, "structure",
-                            f"entry {mp_id}/{frame_id} has no 'structure'")
-            try:
-                raw = _structure_to_atoms(entry["structure"])
-            except Exception as exc:  # pymatgen raises many types on a bad dict
-                raise error(path, frame, "structure",
-                            f"cannot build a structure for {mp_id}/{frame_id} "
-                            f"({type(exc).__name__}: {exc})") from exc
-            for name, value in entry.items():
-                if name != "structure" and value is not None:
-                    raw.info[name] = value
-            extra_arrays = {}
-            magmom = entry.get("magmom")
-            if magmom is not None:
-                magmom = np.asarray(magmom, dtype=np.float64)
-                if magmom.shape != (len(raw),):
-                    raise error(path, frame, "magmom",
-                                f"magmom must have shape ({len(raw)},), got {magmom.shape}")
-                extra_arrays[K.MAGMOM] = magmom
-            yield raw, {"stress_scale": KBAR_VASP_TO_EV_A3,
-                        "extra_info": {"mp_id": str(mp_id), "frame_id": str(frame_id)},
-                        "extra_arrays": extra_arrays}
-            frame += 1
+def parse(path: str | os.PathLike, record: Record) -> tuple[Atoms, dict[str, Any]]:
+    """One MPTrj frame object -> raw ``ase.Atoms`` (pymatgen builds the structure, as public
+    converters do) and the :func:`canonicalize` options (kBar -> eV/Å³, ids, magmom)."""
+    mp_id, frame_id, entry = record.payload
+    where = frame_ref(record.index, record.frame_id)
+    if not isinstance(entry, dict) or "structure" not in entry:
+        raise error(path, where, "structure", f"entry {mp_id}/{frame_id} has no 'structure'")
+    try:
+        raw = _structure_to_atoms(entry["structure"])
+    except Exception as exc:  # pymatgen raises many types on a bad dict
+        raise error(path, where, "structure", f"cannot build a structure for {mp_id}/{frame_id} "
+                    f"({type(exc).__name__}: {exc})") from exc
+    for name, value in entry.items():
+        if name != "structure" and value is not None:
+            raw.info[name] = value
+    extra_arrays = {}
+    magmom = entry.get("magmom")
+    if magmom is not None:
+        try:
+            magmom = np.asarray(magmom, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise error(path, where, "magmom", f"magmom is not numeric ({exc})") from None
+        if magmom.shape != (len(raw),):
+            raise error(path, where, "magmom", f"magmom must have shape ({len(raw)},), got {magmom.shape}")
+        extra_arrays[K.MAGMOM] = magmom
+    return raw, {"stress_scale": KBAR_VASP_TO_EV_A3, "extra_info": {"mp_id": mp_id, "frame_id": frame_id},
+                 "extra_arrays": extra_arrays}
 
 
 def iter_mptrj(path: str | os.PathLike, keys: LabelKeys | None = None,
-               required: Sequence[str] = (), validate: bool = True) -> Iterator[Atoms]:
-    """Yield the frames of an MPTrj JSON file as canonical ``ase.Atoms``.
+               required: Sequence[str] = (), validate: bool = True,
+               on_bad: Callable[[DataError], None] | None = None) -> Iterator[Atoms]:
+    """Stream the frames of an MPTrj JSON file as canonical ``ase.Atoms``.
 
     Args:
         path: ``.json`` or ``.json.gz`` file.
@@ -107,6 +178,7 @@ def iter_mptrj(path: str | os.PathLike, keys: LabelKeys | None = None,
             (see :func:`mptrj_keys`). Set ``LabelKeys(energy="corrected_total_energy")`` for the
             MP2020-corrected energy.
         required, validate: as in :func:`mlip.data.formats.read`.
+        on_bad: skip bad frames, reporting each to this callback (default: raise).
 
     Yields:
         ``ase.Atoms`` (pbc) with ``info``: ``energy`` eV, ``stress`` [3, 3] eV/Å³ (ASE sign),
@@ -114,5 +186,4 @@ def iter_mptrj(path: str | os.PathLike, keys: LabelKeys | None = None,
     """
     if os.path.getsize(path) == 0:
         raise error(path, 0, None, "file is empty (no frames found)")
-    data = _load(path)
-    yield from process(path, _raw_frames(path, data), mptrj_keys(keys), required, validate)
+    yield from process(path, records(path), parse, mptrj_keys(keys), required, validate, on_bad)
