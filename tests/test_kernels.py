@@ -42,7 +42,7 @@ LMAX_CASES = [(1, 1, 1), (0, 2, 2), (2, 2, 2), (1, 2, 1)]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def interpret(tmp_path_factory):
+def interpret():
     """Run Triton kernels in the interpreter with small blocks."""
     if _TRITON_WAS_IMPORTED:
         import triton.language as tl
@@ -53,7 +53,6 @@ def interpret(tmp_path_factory):
             "run with TRITON_INTERPRET=1 in the environment"
         )
     mp = pytest.MonkeyPatch()
-    mp.setenv("MLIP_CACHE_DIR", str(tmp_path_factory.mktemp("mlip_cache")))  # generated kernel source
     mp.setitem(conv.INTERPRET_BLOCKS, "BLOCK_E", 4)
     mp.setitem(conv.INTERPRET_BLOCKS, "BLOCK_C", 2)
     yield
@@ -379,6 +378,15 @@ def test_model_resolves_its_backend_when_built_loaded_or_moved_never_in_forward(
 
     fast = _model("triton", torch.float64)
     assert fast.kernel_backend is BACKENDS["triton"]  # the interpreter runs it on the CPU here
+    # what no move or cast fixes (here: triton missing) is refused when the model is built; auto falls back
+    from mlip.kernels import backends
+
+    with monkeypatch.context() as mp:
+        mp.setattr(backends, "_importable", lambda package: False)
+        with pytest.raises(BackendUnavailableError, match="kernel 'triton' cannot run this model: triton is not installed"):
+            _model("triton", torch.float64)
+        assert _model("auto", torch.float64).kernel_backend is BACKENDS["torch"]
+    assert backends.BACKENDS["triton"].problems_anywhere(4) == ["lmax 4 is outside 0..3"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     off = _model("triton", torch.float64)  # built where triton cannot run: not refused yet
     assert off.kernel_backend is None and "not CUDA" in off.kernel_unavailable
@@ -824,9 +832,14 @@ def test_loading_a_model_checks_its_accelerated_backend_and_refuses_a_mismatch(t
     save_model(_model("auto", torch.float64), auto)
     calls = _counting_exact_kernel(monkeypatch, factor=1.001)
     assert backend_check.check_loaded(load_model(auto)) is None and not calls
-    # a kernel the load device cannot run (interpreter off: CPU is not CUDA) is not refused at load
+    # an explicit kernel the load device cannot run (interpreter off: CPU is not CUDA) is refused at
+    # load, with the reason (it used to load and fail at the first forward)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert backend_check.check_loaded(load_model(path)) is None and not calls
+    for load in (load_model, mlip.load, lambda p: MLIPCalculator(p, device="cpu", dtype="float64")):
+        with pytest.raises(BackendUnavailableError, match="onto cpu .*kernel 'triton' cannot run here: device cpu is not CUDA"):
+            load(path)
+    assert not calls
+    assert backend_check.check_loaded(load_model(auto)) is None  # auto falls back to the reference
 
 
 def test_first_forward_checks_a_built_or_cast_model_and_refuses_a_mismatch(monkeypatch):

@@ -5,7 +5,8 @@ A backend is a :class:`KernelBackend` in the :data:`BACKENDS` registry: the modu
 largest ``lmax``, devices). :func:`select_backend` resolves a model's ``kernel`` field once for a
 device and dtype: ``auto`` picks Triton on CUDA when it is importable and the torch reference
 elsewhere; an explicitly requested backend that cannot run raises :class:`BackendUnavailableError`
-rather than silently falling back. :func:`mlip.kernels.op_check.check_ops` compares each op of a
+rather than silently falling back (:func:`check_buildable` when a model is built, for what no device
+or dtype fixes). :func:`mlip.kernels.op_check.check_ops` compares each op of a
 backend with the reference on random inputs; the whole-model check on load lives with the models
 (:mod:`mlip.models.backend_check`): this package imports nothing from ``models``, ``train``,
 ``calculator`` or ``md``.
@@ -20,6 +21,7 @@ from mlip.kernels.backends import (
     BackendUnavailableError,
     KernelBackend,
     KernelOps,
+    check_buildable,
     select_backend,
 )
 
@@ -31,5 +33,6 @@ __all__ = [
     "BackendUnavailableError",
     "KernelBackend",
     "KernelOps",
+    "check_buildable",
     "select_backend",
 ]

@@ -113,6 +113,16 @@ class KernelBackend:
         """``not problems(...)``."""
         return not self.problems(device, dtype, lmax)
 
+    def problems_anywhere(self, lmax: int | None = None) -> list[str]:
+        """Why this backend cannot run degree ``lmax`` on any device in any dtype: what no move or
+        cast of a model fixes (a degree out of range, a package not installed); empty otherwise.
+
+        >>> BACKENDS["triton"].problems_anywhere(4)[:1]
+        ['lmax 4 is outside 0..3']
+        """
+        native = torch.device(self.devices[0]) if self.devices else torch.device("cpu")
+        return self.problems(native, None, lmax, interpreted=False)
+
 
 def _importable(package: str) -> bool:
     try:
@@ -154,6 +164,29 @@ BACKENDS: dict[str, KernelBackend] = {
 KERNEL_NAMES = ("auto", *BACKENDS)
 #: ``auto`` takes the first of these that runs natively on the device (no interpreter), dtype and degree
 AUTO_ORDER = ("triton", "torch")
+
+
+def check_buildable(name: str, lmax: int | None = None) -> None:
+    """Raise now, when a model is built, if its ``kernel`` names a backend that cannot run degree
+    ``lmax`` anywhere (:meth:`KernelBackend.problems_anywhere`); ``auto`` and the reference always pass.
+
+    Where the model will run is not known yet (it is built on the CPU, then moved), so device and
+    dtype are checked later: by :func:`select_backend` when the model is loaded onto a device
+    (:func:`mlip.models.backend_check.check_loaded`) and when it is moved or cast.
+
+    Raises:
+        ValueError: ``name`` is neither ``auto`` nor registered.
+        BackendUnavailableError: the backend cannot run ``lmax`` anywhere (the message says why).
+    """
+    if name == "auto":
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {KERNEL_NAMES}")
+    found = BACKENDS[name].problems_anywhere(lmax)
+    if found:
+        raise BackendUnavailableError(
+            f"kernel {name!r} cannot run this model: " + "; ".join(found) + ". Use kernel='torch' or 'auto'."
+        )
 
 
 def select_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None,

@@ -204,14 +204,16 @@ def check_loaded(model: torch.nn.Module, device: torch.device | str | None = Non
         device: where the model is meant to run, e.g. ``load_model``'s ``map_location``
             (default: where its parameters are).
 
-    Runs only when the model's ``kernel`` resolves to an accelerated backend that can run there
-    (:func:`mlip.kernels.select_backend`); e.g. a ``kernel: triton`` model loaded onto the CPU to
-    be moved to a GPU later is not refused at load, and is checked by its first forward on the GPU.
+    Runs only when the model's ``kernel`` resolves to an accelerated backend
+    (:func:`mlip.kernels.select_backend`). A ``kernel`` named explicitly that cannot run on
+    ``device`` in the model's dtype (``triton`` loaded onto a CPU, or in float16) is refused here,
+    with the reason, rather than at the first forward; ``auto`` falls back to the reference.
 
     Returns:
         The :class:`BackendCheck`, or ``None`` when nothing was checked.
 
     Raises:
+        BackendUnavailableError: the explicitly named backend cannot run on ``device`` in the model's dtype.
         BackendMismatchError: the accelerated backend disagrees with the torch reference.
     """
     kernel = getattr(getattr(model, "config", None), "kernel", None)
@@ -221,8 +223,11 @@ def check_loaded(model: torch.nn.Module, device: torch.device | str | None = Non
     device = torch.device(device) if device is not None else p.device
     try:
         backend = _select(model, kernel, device, p.dtype)
-    except BackendUnavailableError:  # cannot run there (CPU, dtype, triton missing): nothing runs there either
-        return None
+    except BackendUnavailableError as err:
+        raise BackendUnavailableError(
+            f"loading a model onto {device} in {p.dtype}: {err} (or load it onto a device where it runs, "
+            "e.g. map_location='cuda')"
+        ) from err
     if backend.is_reference:
         return None
     return ensure_checked(model, device, p.dtype)

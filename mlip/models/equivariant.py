@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.kernels import KERNEL_NAMES, BackendUnavailableError, KernelBackend, KernelOps, select_backend
+from mlip.kernels import (
+    KERNEL_NAMES,
+    BackendUnavailableError,
+    KernelBackend,
+    KernelOps,
+    check_buildable,
+    select_backend,
+)
 from mlip.kernels.reference import spline_coefficients
 from mlip.models import backend_check
 from mlip.models.base import PotentialModel, register, seeded
@@ -289,13 +296,16 @@ class EquivariantModel(PotentialModel):
         #: cannot run (``kernel_unavailable`` says why)
         self.kernel_backend: KernelBackend | None = None
         self.kernel_unavailable: str | None = None
+        check_buildable(cfg.kernel, int(cfg.lmax))  # what no move or cast fixes (lmax, triton missing) fails now
         self._resolve_kernel_backend()
 
     def _resolve_kernel_backend(self) -> None:
         """Select ``kernel_backend`` for where the parameters are, in their dtype.
 
-        An explicit backend that cannot run here is not an error yet: a ``kernel: triton`` model is
-        built or loaded on the CPU and then moved to a GPU. ``forward`` raises the reason if it runs here.
+        An explicit backend that cannot run on this device or in this dtype is not an error yet: a
+        ``kernel: triton`` model is built on the CPU and then moved to a GPU (what no move fixes raised
+        at build, ``check_buildable``; ``load_model`` raises for the device it loads onto). ``forward``
+        raises the reason if it runs here.
         """
         p = self.embedding.weight
         try:

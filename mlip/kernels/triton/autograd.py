@@ -24,44 +24,40 @@ from __future__ import annotations
 import torch
 
 from mlip.kernels.triton import conv
+from mlip.kernels.triton.codegen import KERNELS
 
 _NS = "mlip"
 
 
-def _register_ops():
-    """``torch.library.triton_op`` wrappers (``torch.compile`` sees the allocations); plain calls otherwise."""
+def _register(name: str):
+    """The launch of generated kernel ``name`` as a ``torch.library.triton_op`` (``torch.compile`` sees
+    its allocations), named and typed from the kernel's one argument list (``KERNELS[name]``); a plain
+    call where ``triton_op`` does not exist (torch < 2.6). Called as ``op(*tensors, lmax_in, lmax_sh,
+    lmax_out, *flags)``; returns one tensor, or a tuple for the edge kernels."""
+    spec = KERNELS[name]
+    n_in = len(spec.inputs)
+
+    def run(*args, wrap=None):
+        outs = conv.launch(name, args[:n_in], tuple(args[n_in:n_in + 3]), args[n_in + 3:], wrap=wrap)
+        return outs[0] if len(outs) == 1 else outs
+
     try:
         from torch.library import triton_op, wrap_triton
     except ImportError:  # torch < 2.6: launch directly
-        fwd = lambda x, y, w, s, p, r, a, b, c: conv.launch_fwd(x, y, w, s, p, r, (a, b, c))
-        bx = lambda g, y, w, r, p, rp, a, b, c: conv.launch_bwd_x(g, y, w, r, p, rp, (a, b, c))
-        be = lambda x, y, w, g, s, r, a, b, c, cy, cw: conv.launch_bwd_edge(
-            x, y, w, g, s, r, (a, b, c), cy, cw)
-        return fwd, bx, be
+        return run
 
-    @triton_op(f"{_NS}::conv_tp_fwd", mutates_args=())
-    def conv_tp_fwd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, sender: torch.Tensor, perm_rcv: torch.Tensor,
-                    rowptr_rcv: torch.Tensor, lmax_in: int, lmax_sh: int, lmax_out: int) -> torch.Tensor:
-        return conv.launch_fwd(x, y, w, sender, perm_rcv, rowptr_rcv, (lmax_in, lmax_sh, lmax_out), wrap=wrap_triton)
+    def op(*args):
+        return run(*args, wrap=wrap_triton)
 
-    @triton_op(f"{_NS}::conv_tp_bwd_x", mutates_args=())
-    def conv_tp_bwd_x(g: torch.Tensor, y: torch.Tensor, w: torch.Tensor, receiver: torch.Tensor,
-                      perm_snd: torch.Tensor, rowptr_snd: torch.Tensor, lmax_in: int, lmax_sh: int,
-                      lmax_out: int) -> torch.Tensor:
-        return conv.launch_bwd_x(g, y, w, receiver, perm_snd, rowptr_snd, (lmax_in, lmax_sh, lmax_out),
-                                 wrap=wrap_triton)
-
-    @triton_op(f"{_NS}::conv_tp_bwd_edge", mutates_args=())
-    def conv_tp_bwd_edge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, g: torch.Tensor, sender: torch.Tensor,
-                         receiver: torch.Tensor, lmax_in: int, lmax_sh: int, lmax_out: int, compute_y: bool,
-                         compute_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        return conv.launch_bwd_edge(x, y, w, g, sender, receiver, (lmax_in, lmax_sh, lmax_out), compute_y,
-                                    compute_w, wrap=wrap_triton)
-
-    return conv_tp_fwd, conv_tp_bwd_x, conv_tp_bwd_edge
+    op.__signature__ = spec.op_signature()  # the op's schema is inferred from it
+    op.__name__ = spec.op_name
+    return triton_op(f"{_NS}::{spec.op_name}", op, mutates_args=())
 
 
-_OP_FWD, _OP_BWD_X, _OP_BWD_EDGE = _register_ops()
+#: one op per generated kernel, by kernel name
+_OPS = {name: _register(name) for name in KERNELS}
+_OP_FWD, _OP_BWD_X, _OP_BWD_EDGE = _OPS["conv_fwd"], _OPS["conv_bwd_x"], _OPS["conv_bwd_edge"]
+_OP_S_FWD, _OP_S_BWD_X, _OP_S_BWD_EDGE = _OPS["spline_fwd"], _OPS["spline_bwd_x"], _OPS["spline_bwd_edge"]
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -170,44 +166,6 @@ def conv_tp_autograd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, graph: c
 #   x̄ = Sx(g, aY, v, t) + Sx(g, Y, av, t) + Sx(g, Y, v, at),  ḡ = S(x, aY, v, t) + S(x, Y, av, t) + S(x, Y, v, at)
 #   Ȳ = SY(x, Y, av, t, g) + SY(x, Y, v, at, g),  v̄ = Sv(x, aY, v, t, g) + Sv(x, Y, v, at, g),
 #   t̄ = St(x, aY, v, t, g) + St(x, Y, av, t, g)
-def _register_spline_ops():
-    try:
-        from torch.library import triton_op, wrap_triton
-    except ImportError:  # torch < 2.6: launch directly
-        fwd = lambda x, y, v, k, t, s, p, r, a, b, c: conv.launch_spline_fwd(x, y, v, k, t, s, p, r, (a, b, c))
-        bx = lambda g, y, v, k, t, r, p, rp, a, b, c: conv.launch_spline_bwd_x(g, y, v, k, t, r, p, rp, (a, b, c))
-        be = lambda x, y, v, k, t, g, s, r, a, b, c, cy, cv, ct: conv.launch_spline_bwd_edge(
-            x, y, v, k, t, g, s, r, (a, b, c), cy, cv, ct)
-        return fwd, bx, be
-
-    @triton_op(f"{_NS}::conv_tp_spline_fwd", mutates_args=())
-    def spline_fwd(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
-                   sender: torch.Tensor, perm_rcv: torch.Tensor, rowptr_rcv: torch.Tensor, lmax_in: int,
-                   lmax_sh: int, lmax_out: int) -> torch.Tensor:
-        return conv.launch_spline_fwd(x, y, v, k, t, sender, perm_rcv, rowptr_rcv, (lmax_in, lmax_sh, lmax_out),
-                                      wrap=wrap_triton)
-
-    @triton_op(f"{_NS}::conv_tp_spline_bwd_x", mutates_args=())
-    def spline_bwd_x(g: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
-                     receiver: torch.Tensor, perm_snd: torch.Tensor, rowptr_snd: torch.Tensor, lmax_in: int,
-                     lmax_sh: int, lmax_out: int) -> torch.Tensor:
-        return conv.launch_spline_bwd_x(g, y, v, k, t, receiver, perm_snd, rowptr_snd, (lmax_in, lmax_sh, lmax_out),
-                                        wrap=wrap_triton)
-
-    @triton_op(f"{_NS}::conv_tp_spline_bwd_edge", mutates_args=())
-    def spline_bwd_edge(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
-                        g: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor, lmax_in: int, lmax_sh: int,
-                        lmax_out: int, compute_y: bool, compute_v: bool,
-                        compute_t: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return conv.launch_spline_bwd_edge(x, y, v, k, t, g, sender, receiver, (lmax_in, lmax_sh, lmax_out),
-                                           compute_y, compute_v, compute_t, wrap=wrap_triton)
-
-    return spline_fwd, spline_bwd_x, spline_bwd_edge
-
-
-_OP_S_FWD, _OP_S_BWD_X, _OP_S_BWD_EDGE = _register_spline_ops()
-
-
 class SplineFwd(torch.autograd.Function):
     """``S(x, Y, v, t)``: the fused convolution with spline radial weights (``conv_tp_spline``)."""
 
