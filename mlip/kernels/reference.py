@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from mlip.kernels.edge_conv import conv_tp_chunked
 from mlip.kernels.reference_grid import gaunt_grid, grid_product  # noqa: F401 - part of the torch backend
 
 
@@ -87,19 +88,11 @@ def conv_tp(
     if edge_weights.shape[1] != len(paths):
         raise ValueError(f"edge_weights has {edge_weights.shape[1]} paths, expected {len(paths)}")
     # All paths at once: fold the harmonics into one per-edge coupling matrix
-    # M_e[i, k] = sum_j Y[e, j] U[j, i, k] (U: every path's CG block), then one batched matmul
-    # with the gathered sender features. No per-path slicing, so the backward is one bmm too.
-    u, path_of = _dense_coupling(lmax_in, lmax_sh, lmax_out, node_feats.dtype, node_feats.device)
-    d_in = (lmax_in + 1) ** 2
-    n_edges, k_out = edge_attrs.shape[0], path_of.shape[1]
-    coupling = (edge_attrs @ u).view(n_edges, d_in, k_out)  # [n_edges, (lmax_in+1)^2, D_out]
-    x = node_feats.index_select(0, sender)  # [n_edges, C, (lmax_in+1)^2]
-    msg = torch.bmm(x, coupling)  # [n_edges, C, D_out]
-    # radial weight of each output column's path: [n_edges, C, P] @ one-hot [P, D_out] (a matmul,
-    # whose backward is a matmul too, unlike index_select's scatter along the path axis)
-    msg = msg * torch.matmul(edge_weights.transpose(1, 2), path_of)
-    out = torch.zeros((n_nodes,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
-    return out.index_add_(0, receiver, msg)
+    # M_e[i, k] = sum_j Y[e, j] U[j, i, k] (U: every path's CG block), then one batched matmul with
+    # the gathered sender features, weighted per output column by its path's radial weight; run
+    # over cache-sized chunks of edges with a recomputing backward (mlip.kernels.edge_conv)
+    u, one_hot = _dense_coupling(lmax_in, lmax_sh, lmax_out, node_feats.dtype, node_feats.device)
+    return conv_tp_chunked(node_feats, edge_attrs, edge_weights, sender, receiver, n_nodes, u, one_hot)
 
 
 @functools.cache
