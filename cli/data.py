@@ -162,42 +162,64 @@ def _e0_tables(tables: dict) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- convert
 @data.command("convert")
-@click.argument("input_file", metavar="IN", type=click.Path(exists=True, dir_okay=False))
-@click.argument("output_file", metavar="OUT.h5", type=click.Path(dir_okay=False))
+@click.argument("inputs", metavar="IN...", nargs=-1, required=True)
+@click.argument("output", metavar="OUT")
 @_key_options
 @_REQUIRE_OPTION
+@click.option("--shard-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Write OUT as a folder of HDF5 shards of N structures each (plus manifest.json, written "
+                   "last); the folder trains as one data set. An interrupted conversion is continued by "
+                   "rerunning the same command.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that parse and check frames; the output does not depend on it.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip bad frames (malformed, a required label missing, NaN) and count them in the summary, "
+                   "instead of stopping at the first one.")
 @click.option("--chunk-size", type=int, default=1024, show_default=True, help="Structures per HDF5 write.")
-def convert(input_file: str, output_file: str, require: str | None, chunk_size: int, **key_options: Any) -> None:
-    """Convert IN (any format) to mlip's HDF5 (OUT.h5), streaming.
+def convert(inputs: tuple[str, ...], output: str, require: str | None, shard_size: int | None, workers: int,
+            skip_bad: bool, chunk_size: int, **key_options: Any) -> None:
+    """Convert IN... (files, folders, globs; any format) to mlip's HDF5 OUT, streaming.
 
-    At most --chunk-size structures are held in memory, so files larger than memory convert.
-    Labels are stored under mlip's canonical names; every structure is checked on the way.
-    OUT.h5 is written to a temporary file and renamed at the end (never half-written).
+    Inputs are read in the order given, a folder's data files (e.g. OMol25's *.aselmdb) in name
+    order; MPTrj JSON is parsed as a stream, so memory stays far below the file size. Labels
+    are stored under mlip's canonical names; every structure is checked on the way, and a bad
+    one stops the conversion with an error naming the file, the frame, its id (mp-id/frame-id
+    or database row) and the key, leaving no output that looks complete (OUT is written to a
+    temporary file and renamed at the end; a shard folder gets its manifest.json last).
 
     Example:
 
     \b
         mlip data convert data/emt_crystals.xyz emt.h5
         mlip data convert mace_train.xyz train.h5 --energy-key REF_energy --forces-key REF_forces
+        mlip data convert MPtrj_2022.9_full.json mptrj/ --shard-size 100000 --workers 4 --skip-bad
+        mlip data convert omol/train_4M/ omol_h5/ --shard-size 100000 --workers 8
     """
     from tqdm import tqdm
 
-    from mlip.data.formats import HDF5Reader, detect_format, iter_read, write_hdf5
+    from mlip.data.formats import detect_format
+    from mlip.data.formats.convert import convert as run_convert
 
     with _data_errors():
-        if detect_format(output_file) != "hdf5":
-            raise click.ClickException(f"{output_file}: the output must be an HDF5 file (.h5 or .hdf5)")
-        if os.path.abspath(input_file) == os.path.abspath(output_file):
-            raise click.ClickException(f"{output_file}: input and output are the same file")
-        total = None
-        if detect_format(input_file) == "hdf5":
-            reader = HDF5Reader(input_file)
-            total = len(reader)
-            reader.close()
-        frames = iter_read(input_file, keys=_label_keys(key_options), required=_required(require))
-        with tqdm(frames, total=total, unit=" structures", desc="convert", disable=None) as bar:
-            n = write_hdf5(bar, output_file, chunk_size=chunk_size)
-    click.echo(f"wrote {n} structures to {output_file}")
+        if shard_size is None and detect_format(output) != "hdf5":
+            raise click.ClickException(f"{output}: the output must be an HDF5 file (.h5 or .hdf5), or a "
+                                       "folder with --shard-size")
+        if shard_size is not None and os.path.splitext(output)[1].lower() in (".h5", ".hdf5"):
+            raise click.ClickException(f"{output}: with --shard-size the output is a folder (no .h5 extension)")
+        with tqdm(unit=" frames", desc="convert", disable=None, dynamic_ncols=True) as bar:
+            summary = run_convert(list(inputs), output, keys=_label_keys(key_options), required=_required(require),
+                                  shard_size=shard_size, workers=workers, skip_bad=skip_bad,
+                                  chunk_size=chunk_size, progress=bar.update)
+    where = output if shard_size is None else f"{output} ({len(summary.outputs)} shards)"
+    if summary.resumed:
+        click.echo(f"{summary.resumed} structures were already converted by an earlier run; continued from there")
+    click.echo(f"wrote {summary.n_structures} structures to {where}")
+    if summary.n_bad:
+        click.echo(f"skipped {summary.n_bad} bad frames:")
+        for message in summary.bad[:10]:
+            click.echo(f"  {message}")
+        if summary.n_bad > 10:
+            click.echo(f"  ... {summary.n_bad - 10} more" + (" (listed in manifest.json)" if shard_size else ""))
 
 
 # ----------------------------------------------------------------------------- split

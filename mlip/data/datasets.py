@@ -1,9 +1,11 @@
 """Map-style datasets of :class:`~mlip.data.graph.AtomGraph` and their bounded-batch loaders.
 
-A :class:`GraphDataset` wraps structures held in memory (a list of ``ase.Atoms``) or an
-:class:`~mlip.data.formats.HDF5Reader` that reads one structure per ``__getitem__``; the
-neighbour graph is built on the fly, so a file larger than memory can be trained on.
-:func:`make_loader` batches by total atoms / edges / structures (no padding).
+A :class:`GraphDataset` wraps structures held in memory (a list of ``ase.Atoms``) or a reader
+that reads one structure per ``__getitem__`` (:class:`~mlip.data.formats.HDF5Reader`,
+:class:`~mlip.data.formats.AseDBReader`); the neighbour graph is built on the fly, so data
+larger than memory can be trained on. Readers open their files lazily in each process, so
+``DataLoader`` workers each get their own handles. :func:`make_loader` batches by total atoms /
+edges / structures (no padding).
 """
 from __future__ import annotations
 
@@ -176,37 +178,42 @@ def open_dataset(
     head: str | None = None,
     backend: str = "auto",
 ) -> GraphDataset:
-    """Open one or several data files of any supported format as one :class:`GraphDataset`.
+    """Open data files of any supported format as one :class:`GraphDataset`.
 
-    HDF5 files (``.h5``/``.hdf5``) stay on disk and are read one structure at a time; other
-    formats are read into memory (and checked) here. Files are concatenated in order.
+    HDF5 files (``.h5``/``.hdf5``, also the shards of a folder written by ``mlip data convert
+    --shard-size``) and ASE databases (``.db``, OMol25's ``.aselmdb``) stay on disk and are read
+    one structure at a time; other formats are read into memory (and checked) here. Folders and
+    globs stand for the files in them (:func:`~mlip.data.formats.expand_paths`); files are
+    concatenated in order.
 
     Args:
-        path_or_paths: a file or a list of files.
+        path_or_paths: a file, folder or glob, or a list of them.
         r_max: neighbour cutoff (Å).
-        keys: :class:`~mlip.data.formats.LabelKeys` naming the labels in the files (text formats).
+        keys: :class:`~mlip.data.formats.LabelKeys` naming the labels in the files (not HDF5).
         required: canonical labels every structure must carry, e.g. ``("energy", "forces")``.
         head: dataset tag given to every structure (overrides the files' ``head``).
         backend: neighbour-list backend.
 
     Raises:
-        DataError: unreadable file, or a ``required`` label missing (HDF5: checked for every
-            structure here, from the per-structure label arrays only).
+        DataError: unreadable file, an unfinished shard folder, or a ``required`` label missing
+            (HDF5: checked for every structure here, from the per-structure label arrays only;
+            databases: when the structure is read).
         FileNotFoundError: a path does not exist.
     """
-    from mlip.data.formats import HDF5Reader, detect_format, read
+    from mlip.data.formats import AseDBReader, HDF5Reader, detect_format, expand_paths, read
 
-    paths = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
+    paths = expand_paths(path_or_paths)
     if not paths:
         raise ValueError("open_dataset needs at least one file")
     parts: list[Any] = []
     for path in paths:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{os.fspath(path)}: no such file")
-        if detect_format(path) == "hdf5":
+        fmt = detect_format(path)
+        if fmt == "hdf5":
             reader = HDF5Reader(path)
             _check_hdf5_required(reader, required)
             parts.append(reader)
+        elif fmt == "asedb":
+            parts.append(AseDBReader(path, keys=keys, required=required))
         else:
             parts.append(read(path, keys=keys, required=required))
     source = parts[0] if len(parts) == 1 else ConcatSource(parts)

@@ -46,6 +46,26 @@ def _connect(path: str | os.PathLike) -> Any:
     return ase.db.connect(path, type="db", use_lock_file=False)
 
 
+#: one open database per file and process: LMDB refuses to open a file twice in a process
+_OPEN: dict[str, tuple[tuple[int, int, int], int, Any]] = {}
+
+
+def _shared_connection(path: str) -> Any:
+    """This process's connection to ``path`` (reopened after a fork or when the file changed)."""
+    key = os.path.abspath(path)
+    st = os.stat(path)
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    entry = _OPEN.get(key)
+    if entry is not None and entry[1] == os.getpid() and entry[0] == stamp:
+        return entry[2]
+    if entry is not None and entry[1] == os.getpid():
+        _OPEN.pop(key)
+        entry[2].close() if hasattr(entry[2], "close") else None
+    db = _connect(path)
+    _OPEN[key] = (stamp, os.getpid(), db)
+    return db
+
+
 def _row_to_raw(row: Any) -> Atoms:
     """Structure + calculator results, with key-value pairs and ``data`` merged into info.
 
@@ -96,7 +116,7 @@ class AseDBReader:
     def _connection(self) -> Any:
         if self._db is None or self._pid != os.getpid():
             try:
-                self._db = _connect(self.path)
+                self._db = _shared_connection(self.path)
             except _backend_errors(self.path) as exc:
                 raise ValueError(f"{type(exc).__name__}: {exc}") from exc
             self._pid = os.getpid()
