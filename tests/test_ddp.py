@@ -70,3 +70,92 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-9, atol=1e-12)
     assert (Path(multi.output_dir) / "model.pt").exists()
+
+
+COUNTING_LAUNCHER = '''
+"""torchrun target: ``mlip train`` with every HDF5 structure read logged as "<phase> <index>" to
+<log dir>/reads-<rank>-<pid>.txt (phase: build = build_data, fit = training and validation)."""
+import os
+import sys
+
+sys.path.insert(0, {tests!r})
+import toy_models  # noqa: F401,E402 - registers toy-pair
+
+from mlip.data.formats import hdf5  # noqa: E402
+from mlip.train import loop  # noqa: E402
+
+phase = ["start"]
+read = hdf5.HDF5Reader.__getitem__
+
+
+def counting(self, i):
+    with open(os.path.join({logs!r}, f"reads-{{os.environ['RANK']}}-{{os.getpid()}}.txt"), "a") as fh:
+        fh.write(f"{{phase[0]}} {{int(i) % len(self)}}\\n")
+    return read(self, i)
+
+
+def in_phase(name, fn):
+    def run(*args, **kwargs):
+        phase[0] = name
+        return fn(*args, **kwargs)
+    return run
+
+
+hdf5.HDF5Reader.__getitem__ = counting
+loop.build_data = in_phase("build", loop.build_data)
+loop.fit = in_phase("fit", loop.fit)
+from mlip.cli.main import main  # noqa: E402
+
+main()
+'''
+
+
+@pytest.mark.slow
+def test_each_rank_reads_only_its_share(tmp_path):
+    """Under 2-process DDP from HDF5 with a DataLoader worker per rank: the statistics pass and the
+    epoch (training and validation) split the structures between the ranks; no structure is read
+    by both (a rank whose share of a small batch is empty stands in one of its own structures)."""
+    import numpy as np
+
+    from mlip.data.formats import write_hdf5
+
+    frames = toy_models.write_emt_data(tmp_path / "emt.xyz", n=30, seed=4, isolated=False)
+    write_hdf5(frames, tmp_path / "emt.h5")
+    cfg = config_from_mapping({
+        "output_dir": str(tmp_path / "run"), "dtype": "float64", "device": "cpu", "num_threads": 1,
+        "model": {"family": "toy-pair", "r_max": 3.0},
+        "data": {"train": str(tmp_path / "emt.h5"), "valid_fraction": 0.2, "num_workers": 1},
+        "batch": {"max_graphs": 5, "max_atoms": None},
+        "train": {"epochs": 1, "progress": False, "equivariance_check": False},
+    })
+    save_config(cfg, tmp_path / "cfg.yaml")
+    logs = tmp_path / "reads"
+    logs.mkdir()
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(COUNTING_LAUNCHER.format(tests=str(HERE), logs=str(logs)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+         "train", str(tmp_path / "cfg.yaml")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    reads: dict = {}  # (rank, phase) -> list of indices; pids per rank in the fit phase
+    pids: dict = {0: set(), 1: set()}
+    for path in logs.glob("reads-*.txt"):
+        _, rank, pid = path.stem.split("-")
+        for line in path.read_text().splitlines():
+            phase, index = line.split()
+            reads.setdefault((int(rank), phase), []).append(int(index))
+            if phase == "fit":
+                pids[int(rank)].add(pid)
+    n_valid = 6  # round(0.2 * 30)
+    for phase, expected in (("build", 30 - n_valid), ("fit", 30)):
+        a, b = reads[(0, phase)], reads[(1, phase)]
+        if phase == "build":
+            assert len(a) == len(set(a)) and len(b) == len(set(b)), "a structure read twice for the statistics"
+        assert not set(a) & set(b), f"{phase}: both ranks read {sorted(set(a) & set(b))}"
+        assert len(set(a) | set(b)) == expected
+        assert max(len(a), len(b)) <= 0.6 * expected  # neither rank read (nearly) everything
+    # training batches came from each rank's DataLoader worker, validation from the rank itself
+    assert all(len(p) == 2 for p in pids.values()), pids
+    assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["valid_loss"])

@@ -1,14 +1,18 @@
 """``build_data``: training/validation/test splits, dataset tags (heads), E0s and statistics.
 
 Datasets stay map-style and lazy (``mlip.data.datasets``): a split is a dataset plus a list of
-indices, so an HDF5 file larger than memory is read structure by structure while training.
+indices, so an HDF5 file (or shard folder, or folder of ``.aselmdb`` files) larger than memory
+is read structure by structure while training. Under DDP the one pass over the training data
+that the statistics need is split between the ranks (each reads a strided share, the per-
+structure results are gathered in index order), so no rank reads the whole data set.
 """
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +20,10 @@ import torch
 from mlip.data.graph import AtomGraph
 from mlip.data.split import isolated_indices, split_indices
 from mlip.data.stats import E0Table
+from mlip.train import distributed as ddp
 from mlip.train.config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -131,15 +138,18 @@ def entries(value: Any, default_head: str, what: str) -> list[Entry]:
     return out
 
 
-def _open(entry_list: list[Entry], cfg, r_max: float) -> tuple[Any, np.ndarray, np.ndarray]:  # noqa: ANN001
+def _open(entry_list: list[Entry], cfg, r_max: float, dist: ddp.DistInfo | None = None  # noqa: ANN001
+          ) -> tuple[Any, np.ndarray, np.ndarray]:
     """Open the entries as one :class:`_Tagged` dataset with per-structure atom and edge counts.
 
-    Edge counts need a neighbour list per structure: they are computed here when graphs are
-    cached (the pass fills the cache) or edge-bounded batches need them; otherwise (streamed
-    HDF5 with atom-bounded batches) they stay zero and no extra pass over the file is made.
+    An entry's path may be a file, a folder (shards, ``.aselmdb`` files) or a glob. Edge counts
+    need a neighbour list per structure: they are computed here (split between DDP ranks) when
+    graphs are cached (the pass fills the cache) or edge-bounded batches need them; otherwise
+    (streamed HDF5 / databases with atom-bounded batches) they stay zero and no extra pass over
+    the data is made.
     """
     from mlip.data.datasets import open_dataset
-    from mlip.data.formats import detect_format
+    from mlip.data.formats import detect_format, expand_paths
 
     keys = None
     if cfg.data.keys:
@@ -148,17 +158,32 @@ def _open(entry_list: list[Entry], cfg, r_max: float) -> tuple[Any, np.ndarray, 
         keys = LabelKeys(**cfg.data.keys)
     parts = []
     for e in entry_list:
-        ds = open_dataset([e.path], r_max=r_max, keys=keys, head=e.head)
-        streamed = detect_format(e.path) == "hdf5"
+        ds = open_dataset(e.path, r_max=r_max, keys=keys, head=e.head)
+        streamed = all(detect_format(p) in ("hdf5", "asedb") for p in expand_paths(e.path))
         cache = cfg.data.cache_graphs is True or (cfg.data.cache_graphs == "auto" and not streamed)
         parts.append((ds, e.weight, cache))
     ds = _Tagged(parts, [e.path for e in entry_list])
     n_atoms = np.concatenate([_n_atoms(d) for d, _, _ in parts]).astype(np.int64)
     if cfg.batch.max_edges is not None or all(c for _, _, c in parts):
-        n_edges = np.array([ds[i].n_edges for i in range(len(ds))], dtype=np.int64)
+        n_edges = np.array(each(len(ds), lambda i: ds[i].n_edges, dist), dtype=np.int64)
     else:
         n_edges = np.zeros(len(ds), dtype=np.int64)
     return ds, n_atoms, n_edges
+
+
+def each(n: int, fn: Callable[[int], T], dist: ddp.DistInfo | None) -> list[T]:
+    """``[fn(0), ..., fn(n - 1)]`` on every rank, each rank computing a strided share.
+
+    One process computes all of them; under DDP rank ``r`` computes ``fn(r), fn(r + W), ...``
+    and the shares are gathered, so every rank gets the same list in index order.
+    """
+    if dist is None or not dist.enabled:
+        return [fn(k) for k in range(n)]
+    shares = ddp.all_gather_object([fn(k) for k in range(dist.rank, n, dist.world_size)], dist)
+    out: list = [None] * n
+    for rank, share in enumerate(shares):
+        out[rank::dist.world_size] = share
+    return out
 
 
 def _n_atoms(ds: Any) -> np.ndarray:
@@ -167,10 +192,11 @@ def _n_atoms(ds: Any) -> np.ndarray:
     return np.array([ds[i].n_atoms for i in range(len(ds))])
 
 
-def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  # noqa: ANN001
+def build_data(cfg, r_max: float, log: logging.Logger | None = None,  # noqa: ANN001
+               dist: ddp.DistInfo | None = None) -> Data:
     """Open the configured files, split by fraction (:func:`mlip.data.split.split_indices`) or by
     file, collect heads, elements, E0s (isolated atoms, else a least-squares fit) and the average
-    neighbour count.
+    neighbour count. With ``dist`` (DDP), the passes over the data are split between the ranks.
 
     Isolated-atom reference frames (flagged by the readers; a one-atom periodic cell is not one)
     always stay in the training split: they set the E0s and would say nothing as validation or
@@ -178,7 +204,7 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  #
     """
     d = cfg.data
     train_e = entries(d.train, d.head, "train")
-    ds, n_atoms, n_edges = _open(train_e, cfg, r_max)
+    ds, n_atoms, n_edges = _open(train_e, cfg, r_max, dist)
     if len(ds) == 0:
         raise ConfigError(f"data.train ({[e.path for e in train_e]}) holds no structures")
     isolated = isolated_indices(ds, n_atoms)
@@ -199,12 +225,12 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None) -> Data:  #
     for name in ("valid", "test"):
         value = getattr(d, name)
         if value is not None:
-            sds, sa, se = _open(entries(value, d.head, name), cfg, r_max)
+            sds, sa, se = _open(entries(value, d.head, name), cfg, r_max, dist)
             keep = np.setdiff1d(np.arange(len(sds)), isolated_indices(sds, sa))
             split = Split(sds, keep, sa, se)
             valid, test = (split, test) if name == "valid" else (valid, split)
 
-    stats = _statistics(train, cfg, log)
+    stats = _statistics(train, cfg, log, dist)
     if stats.from_isolated and len(isolated):
         # they define the E0s (exactly, as the model's per-element constants); as MACE does,
         # they are not fitted again, so they cannot pull on the interaction energy
@@ -235,33 +261,48 @@ class Statistics:
     charge_spin: bool
 
 
-def _statistics(train: Split, cfg, log: logging.Logger | None) -> Statistics:  # noqa: ANN001
-    """One streaming pass over the training split: heads, elements, E0s (one :class:`E0Table` per
-    head), average neighbour count, the mean per-atom energy left after E0s (``shift``, eV) and the
-    force RMS (``scale``, eV/Å), as MACE scales its atomic energies.
+def _structure_summary(g: AtomGraph, where: Callable[[], str]) -> tuple:
+    """What the statistics need of one training structure (small and picklable, for DDP gathering):
+    head, atomic numbers, energy (eV), isolated flag, has charge and spin, sum of squared forces
+    (eV²/Å²) and their count, edges, atoms, and the structure's name when it is an isolated atom."""
+    isolated = bool(g.isolated)
+    f_sq, f_n = 0.0, 0
+    if not isolated:  # isolated atoms have no forces and would only dilute the neighbour count
+        ok = torch.isfinite(g.forces)
+        f_sq, f_n = float(g.forces[ok].double().square().sum()), int(ok.sum())
+    charge_spin = bool(torch.isfinite(g.charge)) and bool(torch.isfinite(g.spin))
+    return (g.head, g.numbers.tolist(), float(g.energy), isolated, charge_spin, f_sq, f_n,
+            0 if isolated else g.n_edges, 0 if isolated else g.n_atoms, where() if isolated else "")
+
+
+def _statistics(train: Split, cfg, log: logging.Logger | None,  # noqa: ANN001
+                dist: ddp.DistInfo | None = None) -> Statistics:
+    """One streaming pass over the training split (shared between DDP ranks): heads, elements, E0s
+    (one :class:`E0Table` per head), average neighbour count, the mean per-atom energy left after
+    E0s (``shift``, eV) and the force RMS (``scale``, eV/Å), as MACE scales its atomic energies.
 
     Only per-structure compositions and energies are kept, so this works on datasets larger
-    than memory.
+    than memory; the results are combined in index order, so they do not depend on the ranks.
     """
+    summaries = each(len(train), lambda k: _structure_summary(
+        train[k], lambda: train.dataset.where(train.indices[k])), dist)
     tables: dict[str, E0Table] = {}
+    head_charge_spin: dict[str, bool] = {}
     n_edges = n_nodes = 0
     f_sq, f_n = 0.0, 0
-    charge_spin = len(train) > 0
-    for k in range(len(train)):
-        g = train[k]
-        charge_spin = charge_spin and bool(torch.isfinite(g.charge)) and bool(torch.isfinite(g.spin))
-        isolated = bool(g.isolated)
-        if not isolated:  # isolated atoms have no forces and would only dilute the neighbour count
-            ok = torch.isfinite(g.forces)
-            f_sq += float(g.forces[ok].double().square().sum())
-            f_n += int(ok.sum())
-            n_edges += g.n_edges
-            n_nodes += g.n_atoms
+    for head, numbers, energy, isolated, charge_spin, sq, n_f, edges, nodes, where in summaries:
+        head_charge_spin[head] = head_charge_spin.get(head, True) and charge_spin
+        f_sq, f_n, n_edges, n_nodes = f_sq + sq, f_n + n_f, n_edges + edges, n_nodes + nodes
         try:
-            tables.setdefault(g.head, E0Table()).add(g.numbers.tolist(), float(g.energy), isolated,
-                                                     train.dataset.where(train.indices[k]))
+            tables.setdefault(head, E0Table()).add(numbers, energy, isolated, where)
         except ValueError as err:
             raise ConfigError(f"data.train: {err}") from err
+    charge_spin = bool(head_charge_spin) and all(head_charge_spin.values())
+    if log is not None and any(head_charge_spin.values()) and not charge_spin:
+        log.warning("heads %s carry total charge and spin but heads %s do not: the model families need both on "
+                    "every structure, so model.use_charge_spin stays false and the charge and spin are not used",
+                    sorted(h for h, v in head_charge_spin.items() if v),
+                    sorted(h for h, v in head_charge_spin.items() if not v))
     heads = sorted(tables)
     e0s, from_isolated = _e0s(tables, cfg.data.e0s, log)
     residuals = [

@@ -1,7 +1,8 @@
 """Data-parallel training on ``torch.distributed`` (DDP), launched by ``torchrun``.
 
 Every rank walks the same sequence of *global* batches (same seed) and takes a fixed slice
-of each (``indices[rank::world_size]``). Each rank divides its loss sums by the global label
+of each (``indices[rank::world_size]``); it reads only the structures of its slice (its
+``DataLoader`` workers, if any, open their own file handles). Each rank divides its loss sums by the global label
 counts and DDP averages gradients, so a step equals the single-process step on the same
 global batch up to floating-point summation order. Backend: NCCL on CUDA, gloo on CPU.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,15 @@ def cleanup(info: DistInfo) -> None:
 def local_part(indices: Sequence[int], info: DistInfo) -> list[int]:
     """This rank's deterministic share of one global batch (may be empty)."""
     return list(indices)[info.rank :: info.world_size]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` on one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

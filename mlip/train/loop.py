@@ -272,12 +272,19 @@ def _load(split: Split, parts: list[list[int]], num_workers: int):
 
 
 def _local(state: RunState, parts: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
-    """This rank's share of each global batch; an empty share reuses the batch's first
-    structure with zero weight so every rank runs the same collective operations."""
+    """This rank's share of each global batch, so that a rank reads only its own structures.
+
+    A share can be empty (a global batch smaller than the world); the rank then still runs the
+    same collective operations on a stand-in batch with zero weight: a structure of its own
+    shares (the latest one, or its first before that), so it reads nothing outside them.
+    """
+    shares = [ddp.local_part(part, state.dist) for part in parts]
+    stand_in = next((share[0] for share in shares if share), None)
     out, real = [], []
-    for part in parts:
-        mine = ddp.local_part(part, state.dist)
-        out.append(mine if mine else part[:1])
+    for part, mine in zip(parts, shares):
+        if mine:
+            stand_in = mine[0]
+        out.append(mine if mine else [stand_in if stand_in is not None else part[0]])
         real.append(bool(mine))
     return out, real
 
@@ -613,7 +620,7 @@ def train(
             _enable_tf32(info)
         _seed_everything(cfg.seed)
         r_max = _r_max(cfg)
-        data = build_data(cfg, r_max, log=log if info.is_main else None)
+        data = build_data(cfg, r_max, log=log if info.is_main else None, dist=info)
         model = build_model(cfg, data).to(info.device)
         if info.is_main:
             save_config(cfg, out / "config.yaml")
