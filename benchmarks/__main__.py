@@ -3,8 +3,9 @@
     python -m benchmarks speed [options]      # per-structure speed and MD speed, CPU (benchmarks/speed.py)
     python -m benchmarks accuracy [options]   # equal-budget training on DFT data (benchmarks/accuracy.py)
     python -m benchmarks all                  # both, default options
+    python -m benchmarks gpu [--out FILE] [--smoke]   # the GPU check: kernels, model, MD on one GPU (benchmarks/gpu.py)
 
-``python -m benchmarks speed --help`` (or ``accuracy --help``) lists the options of each part.
+``python -m benchmarks speed --help`` (or ``accuracy --help``, ``gpu --help``) lists the options of each part.
 Results (JSON, PNG) go to ``benchmarks/results/``. Peers are optional: MACE runs from its own
 virtual environment (``--mace-python``) and is skipped when that is absent.
 """
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 
-def _run(part: str, argv: list[str]) -> None:
+def _run(part: str, argv: list[str]) -> int:
     # imported lazily: each part pulls in its own (heavy, partly optional) dependencies
     try:
         module = importlib.import_module(f"benchmarks.{part}")
@@ -22,12 +23,13 @@ def _run(part: str, argv: list[str]) -> None:
         if err.name != f"benchmarks.{part}":
             raise
         sys.exit(f"benchmarks/{part}.py is missing from this checkout")
-    module.main(argv)
+    code = module.main(argv)
+    return code if isinstance(code, int) else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("speed", "accuracy", "all")
+    commands = ("speed", "accuracy", "all", "gpu")
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         _run("speed", [])
         _run("accuracy", [])
     else:
-        _run(part, rest)
+        sys.exit(_run(part, rest))  # gpu: 1 when a parity check failed
 
 
 if __name__ == "__main__":

@@ -97,20 +97,25 @@ def random_problem(lmax, n_nodes, n_edges, c, dtype, device, seed=0):
     return x, y, w, sender, receiver
 
 
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median time (ms) and peak extra memory (MiB) of ``fn`` on the GPU."""
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3,
+            device: torch.device | str = "cuda") -> tuple[float, float]:
+    """Median time (ms) and peak extra memory (MiB) of ``fn`` on ``device`` (on the CPU the memory is
+    not measured: NaN). CUDA-synchronised around every call."""
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     return statistics.median(times), peak
 
 
@@ -142,7 +147,7 @@ def impl_ours(lmax, n_nodes, sender, receiver, backend: str):
     return lambda x, y, w: ops.conv_tp(x, y, w, sender, receiver, n_nodes, *lmax)
 
 
-def impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype):
+def impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype, device="cuda"):
     from e3nn import o3
 
     from mlip.kernels.reference import tp_paths
@@ -153,7 +158,7 @@ def impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype):
     ir_sh = o3.Irreps("+".join(f"1x{l}{par(l)}" for l in range(lmax[1] + 1)))
     ir_out = o3.Irreps("+".join(f"{c}x{l3}{par(l3)}" for _, _, l3 in paths))
     tp = o3.TensorProduct(ir_in, ir_sh, ir_out, [(l1, l2, p, "uvu", True) for p, (l1, l2, _) in enumerate(paths)],
-                          shared_weights=False, internal_weights=False).to(device="cuda", dtype=dtype)
+                          shared_weights=False, internal_weights=False).to(device=device, dtype=dtype)
 
     def conv(x, y, w):
         # e3nn wants [n, C*(2l+1)] blocks per l (mul-major): a layout change per call, as a user would do
@@ -275,13 +280,25 @@ def check_against_reference(lmax, x, y, w, sender, receiver, n_nodes, max_edges:
 
 
 def peer_builders(lmax, n_nodes, sender, receiver, c, dtype) -> dict[str, Callable[[], tuple[Callable, str]]]:
-    """Lazy constructors ``name -> () -> (conv, how)`` of the comparison implementations."""
+    """Lazy constructors ``name -> () -> (conv, how)`` of the comparison implementations (on the
+    device of ``sender``; cuEquivariance and OpenEquivariance run on CUDA only)."""
+    device = sender.device
     return {
         "torch": lambda: (impl_ours(lmax, n_nodes, sender, receiver, "torch"), "reference"),
-        "e3nn": lambda: (impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype), "uvu+index_add"),
-        "cueq": lambda: impl_cueq(lmax, n_nodes, sender, receiver, c, dtype),
-        "oeq": lambda: (impl_oeq(lmax, n_nodes, sender, receiver, c, dtype), "conv"),
+        "e3nn": lambda: (impl_e3nn(lmax, n_nodes, sender, receiver, c, dtype, device), "uvu+index_add"),
+        "cueq": lambda: impl_cueq(lmax, n_nodes, sender, receiver, c, dtype) if _on_cuda(device, "cueq") else None,
+        "oeq": lambda: (impl_oeq(lmax, n_nodes, sender, receiver, c, dtype), "conv") if _on_cuda(device, "oeq") else None,
     }
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run here (CUDA only); callers report it as skipped, not as a failure."""
+
+
+def _on_cuda(device: torch.device, peer: str) -> bool:
+    if device.type != "cuda":
+        raise PeerUnavailable(f"{peer} runs on CUDA only")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
