@@ -263,7 +263,7 @@ class Statistics:
 
 def _structure_summary(g: AtomGraph, where: Callable[[], str]) -> tuple:
     """What the statistics need of one training structure (small and picklable, for DDP gathering):
-    head, atomic numbers, energy (eV), isolated flag, has charge and spin, sum of squared forces
+    head, composition ``((Z, count), ...)``, energy (eV), isolated flag, has charge and spin, sum of squared forces
     (eV²/Å²) and their count, edges, atoms, and the structure's name when it is an isolated atom."""
     isolated = bool(g.isolated)
     f_sq, f_n = 0.0, 0
@@ -271,8 +271,9 @@ def _structure_summary(g: AtomGraph, where: Callable[[], str]) -> tuple:
         ok = torch.isfinite(g.forces)
         f_sq, f_n = float(g.forces[ok].double().square().sum()), int(ok.sum())
     charge_spin = bool(torch.isfinite(g.charge)) and bool(torch.isfinite(g.spin))
-    return (g.head, g.numbers.tolist(), float(g.energy), isolated, charge_spin, f_sq, f_n,
-            0 if isolated else g.n_edges, 0 if isolated else g.n_atoms, where() if isolated else "")
+    elements, counts = np.unique(g.numbers.numpy(), return_counts=True)  # a composition, not every atom
+    return (g.head, tuple(zip(elements.tolist(), counts.tolist())), float(g.energy), isolated, charge_spin,
+            f_sq, f_n, 0 if isolated else g.n_edges, 0 if isolated else g.n_atoms, where() if isolated else "")
 
 
 def _statistics(train: Split, cfg, log: logging.Logger | None,  # noqa: ANN001
@@ -290,7 +291,8 @@ def _statistics(train: Split, cfg, log: logging.Logger | None,  # noqa: ANN001
     head_charge_spin: dict[str, bool] = {}
     n_edges = n_nodes = 0
     f_sq, f_n = 0.0, 0
-    for head, numbers, energy, isolated, charge_spin, sq, n_f, edges, nodes, where in summaries:
+    for head, composition, energy, isolated, charge_spin, sq, n_f, edges, nodes, where in summaries:
+        numbers = [z for z, count in composition for _ in range(count)]
         head_charge_spin[head] = head_charge_spin.get(head, True) and charge_spin
         f_sq, f_n, n_edges, n_nodes = f_sq + sq, f_n + n_f, n_edges + edges, n_nodes + nodes
         try:
