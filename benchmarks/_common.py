@@ -49,24 +49,27 @@ def molecule27():
 
 
 def crystal(element: str, n_atoms: int):
-    """A rattled (0.05 Å, seeded) cubic supercell: diamond Si (``8 k^3`` atoms) or fcc Cu (``4 k^3``).
+    """A rattled (0.05 Å, seeded) supercell: diamond Si or fcc Cu, cubic (``8 k^3`` / ``4 k^3`` atoms)
+    or else of the primitive cell (``2 m^3`` / ``m^3`` atoms, e.g. Cu-1000 = 10x10x10 primitive cells).
 
     Raises:
-        ValueError: ``n_atoms`` is not a full supercell of the conventional cell.
+        ValueError: ``n_atoms`` is neither a cubic nor a primitive supercell.
     """
     from ase.build import bulk
 
-    lattice = {"Si": ("diamond", 5.43, 8), "Cu": ("fcc", 3.61, 4)}
+    lattice = {"Si": ("diamond", 5.43, 8, 2), "Cu": ("fcc", 3.61, 4, 1)}
     if element not in lattice:
         raise ValueError(f"crystal: element must be one of {sorted(lattice)}, got {element!r}")
-    kind, a, per_cell = lattice[element]
-    k = round((n_atoms / per_cell) ** (1 / 3))
-    if per_cell * k**3 != n_atoms:
-        sizes = ", ".join(str(per_cell * j**3) for j in range(2, 15))
-        raise ValueError(f"{element} crystal: {n_atoms} atoms is not {per_cell} k^3 (try {sizes})")
-    atoms = bulk(element, kind, a=a, cubic=True).repeat(k)
-    atoms.rattle(0.05, seed=1)
-    return atoms
+    kind, a, per_cubic, per_primitive = lattice[element]
+    for cubic, per_cell in ((True, per_cubic), (False, per_primitive)):
+        k = round((n_atoms / per_cell) ** (1 / 3))
+        if per_cell * k**3 == n_atoms:
+            atoms = bulk(element, kind, a=a, cubic=cubic).repeat(k)
+            atoms.rattle(0.05, seed=1)
+            return atoms
+    sizes = ", ".join(str(per_cubic * j**3) for j in range(2, 15))
+    raise ValueError(f"{element} crystal: {n_atoms} atoms is not {per_cubic} k^3 (try {sizes}) "
+                     f"nor {per_primitive} m^3")
 
 
 def make_structure(name: str):

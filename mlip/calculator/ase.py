@@ -20,6 +20,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlip import keys as K
+from mlip.calculator.memory import MemoryModel, budget_bytes, plan_edge_chunks, quick_upper_bound
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
 from mlip.data.neighbors import neighbor_list
@@ -234,6 +235,10 @@ class MLIPCalculator(Calculator):
             model call serves ``FrechetCellFilter``/NPT); ``False`` computes it only when asked.
         neighbor_backend: see :func:`mlip.data.neighbors.neighbor_list`; ``"auto"`` (default) is
             vesin on CPU when installed and our torch cell list on GPU (``benchmarks/neighbors.py``).
+        max_memory_gb: budget (GiB) for one call's peak memory: when the predicted peak exceeds it,
+            the edge work runs in chunks that fit (same results); ``None`` (default): 80 % of the
+            device's free memory at each call. A call that cannot fit raises
+            :class:`~mlip.calculator.memory.MemoryBudgetError` before computing anything.
 
     Results: ``energy`` and ``free_energy`` (eV, equal: the model has no electronic entropy),
     ``energies`` (per-atom, eV, summing to the energy), ``forces`` (eV/Å), ``stress`` (Voigt
@@ -253,6 +258,7 @@ class MLIPCalculator(Calculator):
         spin: float | None = None,
         compute_stress: bool | None = None,
         neighbor_backend: str = "auto",
+        max_memory_gb: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -264,6 +270,9 @@ class MLIPCalculator(Calculator):
         self.default_charge = charge
         self.default_spin = spin
         self.compute_stress = compute_stress
+        self.max_memory_gb = max_memory_gb
+        budget_bytes(max_memory_gb, self.device)  # a bad value fails here, not at the first step
+        self._memory: MemoryModel | None = None
         self.uses_charge_spin = uses_charge_spin(self.model)
 
     # -- state ------------------------------------------------------------------------------
@@ -299,6 +308,25 @@ class MLIPCalculator(Calculator):
             needs_charge_spin=self.uses_charge_spin,
         )
 
+    def _predict(self, batch: GraphBatch, stress: bool) -> dict[str, torch.Tensor]:
+        """Energy, forces (and stress) of ``batch``, the edge work chunked when the predicted peak
+        memory would exceed ``max_memory_gb`` (:mod:`mlip.calculator.memory`)."""
+        n_atoms, n_edges = batch.n_atoms, batch.n_edges
+        budget = budget_bytes(self.max_memory_gb, self.device)
+        chunk = None
+        if budget is not None and quick_upper_bound(n_atoms, n_edges) > budget:
+            if self._memory is None:  # measured once per calculator, on small probe crystals
+                self._memory = MemoryModel.measure(self.model, self.device, self.dtype)
+            chunk = plan_edge_chunks(self._memory, n_atoms, n_edges, budget)
+        if chunk is None:
+            return predict(self.model, batch, forces=True, stress=stress)
+        before = self.model.config.edge_chunk_size
+        self.model.set_edge_chunk_size(chunk)
+        try:
+            return predict(self.model, batch, forces=True, stress=stress)
+        finally:
+            self.model.set_edge_chunk_size(before)
+
     def calculate(
         self,
         atoms: Atoms | None = None,
@@ -318,15 +346,17 @@ class MLIPCalculator(Calculator):
         want_stress = periodic3d and ("stress" in properties or self.compute_stress is not False)
         try:
             batch = self.batch_from_atoms(atoms)
-            out = predict(self.model, batch, forces=True, stress=want_stress)
+            out = self._predict(batch, want_stress)
         except _OOM as err:
             self.atoms = None  # nothing cached for this structure
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise RuntimeError(
                 f"out of memory on {self.device} evaluating {len(atoms)} atoms "
-                f"(r_max={self.model.r_max} Å): split the system, use a smaller skin, float32, "
-                "or a device with more memory; no forces were returned"
+                f"(r_max={self.model.r_max} Å): set a smaller max_memory_gb (the budget the edge work is "
+                "chunked to fit; now "
+                f"{'the default share of the free memory' if self.max_memory_gb is None else self.max_memory_gb})"
+                ", use float32 or a device with more memory; no forces were returned"
             ) from err
         except Exception:
             self.atoms = None

@@ -1,0 +1,87 @@
+"""Memory budget of the calculator: predicted peak memory, automatic edge chunking that leaves
+results unchanged, and a clear error (no stale results) when nothing fits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from mlip.calculator import MLIPCalculator
+from mlip.calculator.memory import MemoryBudgetError, MemoryModel, saved_bytes
+from mlip.data.graph import collate
+from mlip.data.transforms import atoms_to_graph
+from mlip.models.base import build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = {"r_max": 4.0, "num_channels": 8, "lmax": 2, "hidden_lmax": 1, "num_layers": 2, "correlation": 2,
+         "elements": [29], "avg_num_neighbors": 20.0}
+
+
+def _model(family: str = "equivariant"):
+    cfg = SMALL if family == "equivariant" else {"r_max": 4.0, "elements": [29], "num_channels": 8}
+    return build_model(family, cfg).double().eval()
+
+
+def _crystal(k: int = 3):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(k)
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
+def test_memory_model_predicts_saved_bytes_of_a_larger_structure():
+    model = _model()
+    memory = MemoryModel.measure(model, torch.device("cpu"), torch.float64)
+    assert memory.per_edge > 0 and memory.chunked_per_edge is not None
+    assert memory.chunked_per_edge < 0.5 * memory.per_edge  # chunking keeps per-edge tensors out
+    batch = collate([atoms_to_graph(_crystal(3), model.r_max)])
+    measured = saved_bytes(model, batch)
+    fitted = memory.per_edge * batch.n_edges + memory.per_atom * batch.n_atoms
+    assert 0.7 * measured < fitted < 1.4 * measured, (fitted, measured)
+
+
+def test_a_small_budget_chunks_the_edges_and_changes_nothing(monkeypatch):
+    model = _model()
+    atoms = _crystal(3)
+    atoms.calc = MLIPCalculator(model, dtype="float64")
+    want_f, want_s = atoms.get_forces(), atoms.get_stress()
+    calc = MLIPCalculator(model, dtype="float64", max_memory_gb=1e-9)  # measure the model, then size
+    memory = MemoryModel.measure(model, torch.device("cpu"), torch.float64)
+    n_edges = collate([atoms_to_graph(atoms, model.r_max)]).n_edges
+    unchunked = memory.peak(len(atoms), n_edges)
+    chunked = memory.peak(len(atoms), n_edges, chunk=n_edges // 8)
+    calc.max_memory_gb = 0.5 * (unchunked + chunked) / 2**30  # fits only with chunks
+    chunks = []
+    real = type(model).set_edge_chunk_size
+    monkeypatch.setattr(type(model), "set_edge_chunk_size", lambda self, k: (chunks.append(k), real(self, k))[1])
+    other = atoms.copy()
+    other.calc = calc
+    np.testing.assert_allclose(other.get_forces(), want_f, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(other.get_stress(), want_s, rtol=0, atol=1e-12)
+    used = [k for k in chunks if k not in (None, 64)]  # 64: the measurement's probe chunk
+    assert used and all(0 < k < n_edges for k in used)
+    assert model.config.edge_chunk_size is None  # the user's model is left as it was
+
+
+@pytest.mark.parametrize("family", ["equivariant", "frame-averaged"])
+def test_nothing_fits_raises_before_computing_and_keeps_no_results(family):
+    model = _model(family)
+    atoms = _crystal(2)
+    calc = MLIPCalculator(model, dtype="float64")
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    assert calc.results
+    calc.max_memory_gb = 1e-9
+    atoms.positions[0, 0] += 0.01
+    why = "smallest edge chunks" if family == "equivariant" else "cannot chunk edges"
+    with pytest.raises(MemoryBudgetError, match=why) as err:
+        atoms.get_potential_energy()
+    assert "raise max_memory_gb" in str(err.value)
+    assert calc.results == {} and calc.atoms is None
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "8"])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        MLIPCalculator(_model(), max_memory_gb=bad)
