@@ -1,7 +1,14 @@
-"""Triton kernels vs the pure-PyTorch reference (and e3nn), on the CPU under ``TRITON_INTERPRET=1``.
+"""Triton kernels vs the pure-PyTorch reference (and e3nn), on the CPU under ``TRITON_INTERPRET=1``
+and, where a GPU is present, on CUDA.
 
-Triton's interpreter runs every kernel program in Python, so shapes are tiny. Block sizes are
+Triton's interpreter runs every kernel program in Python, so CPU shapes are tiny. Block sizes are
 shrunk so the kernels still walk several edge chunks and several (masked) channel blocks.
+
+The parity tests take a ``device`` parameter (``mlip.testing.DEVICES``): the CUDA cases are skipped
+with the reason "no CUDA device" where there is none. In the usual session (the interpreter on, as
+in CI) a CUDA case runs the kernels in the interpreter on CUDA tensors at the CPU's sizes; with
+``TRITON_INTERPRET=0 python -m pytest tests/test_kernels.py`` on a GPU machine the CUDA cases run the
+real, autotuned kernels at larger sizes, and the CPU cases (which need the interpreter) are skipped.
 """
 from __future__ import annotations
 
@@ -13,9 +20,12 @@ import sys
 # Triton's interpreter works only if this is set before triton is first imported (its own
 # helpers such as tl.sum are jitted at import); tests run the kernels on CPU tensors.
 # tests/conftest.py sets it first for the whole session (e3nn imports triton too); this line
-# covers running the module on its own without that conftest.
+# covers running the module on its own without that conftest. TRITON_INTERPRET=0 in the
+# environment keeps the interpreter off (real kernels: the CUDA cases only).
 _TRITON_WAS_IMPORTED = "triton" in sys.modules
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
+#: whether this session runs the kernels in Triton's interpreter (CPU tensors possible, tiny sizes)
+INTERPRETING = os.environ["TRITON_INTERPRET"] == "1"
 
 import pytest
 import torch
@@ -37,6 +47,7 @@ from mlip.kernels import reference as ref
 from mlip.kernels import reference_grid as refgrid
 from mlip.kernels.triton import conv
 from mlip.models import backend_check
+from mlip.testing import DEVICES, require_device
 
 LMAX_CASES = [(1, 1, 1), (0, 2, 2), (2, 2, 2), (1, 2, 1)]
 
@@ -44,7 +55,7 @@ LMAX_CASES = [(1, 1, 1), (0, 2, 2), (2, 2, 2), (1, 2, 1)]
 @pytest.fixture(autouse=True, scope="module")
 def interpret():
     """Run Triton kernels in the interpreter with small blocks."""
-    if _TRITON_WAS_IMPORTED:
+    if _TRITON_WAS_IMPORTED and INTERPRETING:
         import triton.language as tl
         from triton.runtime.jit import JITFunction
 
@@ -59,10 +70,36 @@ def interpret():
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _cpu_cases_need_the_interpreter(request):
+    """With the interpreter off (real kernels), only the CUDA cases can run."""
+    callspec = getattr(request.node, "callspec", None)
+    if not INTERPRETING and (callspec is None or callspec.params.get("device") != "cuda"):
+        pytest.skip("TRITON_INTERPRET=0: the CPU cases run the kernels in Triton's interpreter (TRITON_INTERPRET=1)")
+
+
 def _ops():
     from mlip.kernels.triton import ops
 
     return ops
+
+
+def _sizes(device: torch.device) -> dict[str, int]:
+    """Nodes, edges and channels of a parity test: tiny where the interpreter runs the kernels, larger
+    (several channel blocks of the GPU configs, masked; ~30 edges per receiver) for the real kernels."""
+    if device.type == "cuda" and not INTERPRETING:
+        return {"n": 400, "e": 12_000, "c": 33}
+    return {"n": 5, "e": 12, "c": 3}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    """The CPU tests' element-wise tolerance on the CPU; on CUDA (other summation orders, larger sums)
+    the error relative to the largest value, within op_check's tolerance (1e-10 / 1e-4)."""
+    if device.type == "cuda":
+        err = op_check._relative_error(got, want)
+        assert err <= op_check.TOLERANCES[dtype], f"relative error {err:.2e} on {device}"
+    else:
+        torch.testing.assert_close(got, want, **_tol(dtype))
 
 
 def _graph(n: int = 5, e: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,9 +152,9 @@ def _e3nn_conv(x, y, w, sender, receiver, n, lmax):
                               path_normalization="none")
     finally:
         torch.set_default_dtype(old)
-    tp = tp.to(x.dtype)
+    tp = tp.to(device=x.device, dtype=x.dtype)
     # our CG is e3nn's wigner_3j times sqrt(2 l3 + 1) (component normalisation)
-    scale = torch.tensor([math.sqrt(2 * l3 + 1) for _, _, l3 in paths], dtype=x.dtype)
+    scale = torch.tensor([math.sqrt(2 * l3 + 1) for _, _, l3 in paths], dtype=x.dtype, device=x.device)
     xe = torch.cat([x[:, :, l * l:(l + 1) ** 2].reshape(x.shape[0], -1) for l in range(lmax[0] + 1)], 1)
     out = tp(xe[sender], y, (w * scale[None, :, None]).reshape(e, -1))
     blocks, off = [], 0
@@ -126,7 +163,7 @@ def _e3nn_conv(x, y, w, sender, receiver, n, lmax):
         blocks.append(out[:, off:off + c * d].reshape(e, c, d))
         off += c * d
     msg = torch.cat(blocks, -1)
-    return torch.zeros(n, c, msg.shape[-1], dtype=x.dtype).index_add_(0, receiver, msg)
+    return torch.zeros(n, c, msg.shape[-1], dtype=x.dtype, device=x.device).index_add_(0, receiver, msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +182,69 @@ def test_csr_graph_orders_edges_and_is_cached():
     receiver[0] = 5  # in-place change bumps the version: re-sorted
     g2 = conv.csr_graph(sender, receiver, 6)
     assert g2 is not g and int(g2.rowptr_rcv[6] - g2.rowptr_rcv[5]) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_csr_cache_is_per_graph_and_two_graphs_in_turn_give_the_right_results(device, monkeypatch):
+    """Two edge lists used in turn (two structures, a batch and a sub-batch) each keep their own CSR
+    entry while their graph is in use, so neither is re-sorted; values and gradients equal the
+    reference on both, gradients taken after the other graph's forward."""
+    import gc
+
+    ops = _ops()
+    device = require_device(device)
+    n, e, c = _sizes(device).values()
+    graphs = [tuple(t.to(device) for t in _graph(n, e, seed=seed)) for seed in (0, 1)]
+    sorts = []
+    original = conv._csr
+    monkeypatch.setattr(conv, "_csr", lambda *a: sorts.append(1) or original(*a))
+    held = [conv.csr_graph(*g, n) for g in graphs]  # the graphs in use (autograd would hold them)
+    assert held[0] is not held[1] and len(sorts) == 4  # receiver and sender order of each
+    x, y, w = (t.to(device).requires_grad_() for t in _inputs((1, 2, 1), torch.float64, n=n, e=e, c=c))
+    for _ in range(2):
+        outs = [ops.conv_tp(x, y, w, *g, n, 1, 2, 1) for g in graphs]  # A, B, A, B
+        for g, out in zip(graphs, outs):
+            want = ref.conv_tp(x, y, w, *g, n, 1, 2, 1)
+            _close(out.detach(), want.detach(), torch.float64, device)
+            for a, b in zip(torch.autograd.grad(out.square().sum(), (x, y, w)),
+                            torch.autograd.grad(want.square().sum(), (x, y, w))):
+                _close(a, b, torch.float64, device)
+        assert [conv.csr_graph(*g, n) for g in graphs] == held and len(sorts) == 4  # no re-sort: one entry each
+    # an entry goes with its graph: with nothing holding them, only the most recent one is kept
+    del held, outs, out
+    gc.collect()
+    assert len(conv._GRAPH_CACHE) <= 1
+
+
+def test_committed_kernel_sources_equal_the_generator_and_nothing_is_written_at_run_time(tmp_path, monkeypatch):
+    """The generated modules in mlip/kernels/triton/generated are what the generator writes now
+    (regenerate: python -m mlip.kernels.triton.codegen), the kernels are loaded from them, each
+    kernel's parameters are its one argument list, and a triple without a committed module is
+    generated in memory: no file is written (the old code wrote under ~/.cache)."""
+    import inspect
+    from pathlib import Path
+
+    from mlip.kernels.triton import codegen
+
+    assert codegen.stale_modules() == [], "run: python -m mlip.kernels.triton.codegen"
+    assert (0, 3, 3) in codegen.COMMITTED and (1, 3, 3) in codegen.COMMITTED and (1, 2, 2) in codegen.COMMITTED
+    mod = conv._generated_module(1, 2, 1)
+    assert Path(mod.__file__) == codegen.generated_path(1, 2, 1)
+    for name, spec in codegen.KERNELS.items():
+        params = list(inspect.signature(getattr(mod, name)).parameters)
+        assert params == [a.name for a in spec.args] == list(spec.signature("fp32")), name
+        assert [p.name for p in spec.op_signature().parameters.values()][:len(spec.inputs)] == \
+            [a.name.removesuffix("_ptr") for a in spec.inputs]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lmax = (3, 1, 2)  # lmax_in above lmax_sh: no committed module
+    assert lmax not in codegen.COMMITTED and not codegen.generated_path(*lmax).exists()
+    sender, receiver = _graph()
+    x, y, w = _inputs(lmax, torch.float64)
+    torch.testing.assert_close(_ops().conv_tp(x, y, w, sender, receiver, 5, *lmax),
+                               ref.conv_tp(x, y, w, sender, receiver, 5, *lmax), **_tol(torch.float64))
+    assert conv._generated_module(*lmax).__file__.startswith("<")  # in memory (linecache)
+    assert not codegen.generated_path(*lmax).exists() and not any(tmp_path.iterdir())
 
 
 def test_generated_kernels_unroll_only_nonzero_cg():
@@ -186,47 +286,56 @@ def test_generated_kernels_compile_for_hopper_without_a_gpu():
 # --------------------------------------------------------------------------------------------
 # conv_tp: forward, gradients, errors
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lmax", LMAX_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_forward_matches_reference_and_e3nn(lmax, dtype):
+def test_conv_forward_matches_reference_and_e3nn(lmax, dtype, device):
     ops = _ops()
-    sender, receiver = _graph()
-    x, y, w = _inputs(lmax, dtype)
-    out = ops.conv_tp(x, y, w, sender, receiver, 5, *lmax)
-    expected = ref.conv_tp(x, y, w, sender, receiver, 5, *lmax)
-    assert out.shape == (5, 3, ref.tp_out_dim(*lmax)) and out.dtype == dtype
-    torch.testing.assert_close(out, expected, **_tol(dtype))
-    assert torch.all(out[4] == 0)  # a node without edges
-    torch.testing.assert_close(out, _e3nn_conv(x, y, w, sender, receiver, 5, lmax), **_tol(dtype))
-    assert torch.equal(out, ops.conv_tp(x, y, w, sender, receiver, 5, *lmax))  # deterministic (no atomics)
+    device = require_device(device)
+    n, e, c = _sizes(device).values()
+    sender, receiver = (t.to(device) for t in _graph(n, e))
+    x, y, w = (t.to(device) for t in _inputs(lmax, dtype, n=n, e=e, c=c))
+    out = ops.conv_tp(x, y, w, sender, receiver, n, *lmax)
+    expected = ref.conv_tp(x, y, w, sender, receiver, n, *lmax)
+    assert out.shape == (n, c, ref.tp_out_dim(*lmax)) and out.dtype == dtype and out.device == device
+    _close(out, expected, dtype, device)
+    assert torch.all(out[n - 1] == 0)  # a node without edges
+    _close(out, _e3nn_conv(x, y, w, sender, receiver, n, lmax), dtype, device)
+    assert torch.equal(out, ops.conv_tp(x, y, w, sender, receiver, n, *lmax))  # deterministic (no atomics)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_forward_lmax3_matches_reference_and_e3nn(dtype):
+def test_conv_forward_lmax3_matches_reference_and_e3nn(dtype, device):
     ops = _ops()
-    sender, receiver = _graph(n=4, e=6)
-    x, y, w = _inputs((3, 3, 3), dtype, n=4, e=6, c=2)
-    out = ops.conv_tp(x, y, w, sender, receiver, 4, 3, 3, 3)
-    torch.testing.assert_close(out, ref.conv_tp(x, y, w, sender, receiver, 4, 3, 3, 3), **_tol(dtype))
-    torch.testing.assert_close(out, _e3nn_conv(x, y, w, sender, receiver, 4, (3, 3, 3)), **_tol(dtype))
+    device = require_device(device)
+    n, e, c = (4, 6, 2) if device.type == "cpu" or INTERPRETING else _sizes(device).values()
+    sender, receiver = (t.to(device) for t in _graph(n=n, e=e))
+    x, y, w = (t.to(device) for t in _inputs((3, 3, 3), dtype, n=n, e=e, c=c))
+    out = ops.conv_tp(x, y, w, sender, receiver, n, 3, 3, 3)
+    _close(out, ref.conv_tp(x, y, w, sender, receiver, n, 3, 3, 3), dtype, device)
+    _close(out, _e3nn_conv(x, y, w, sender, receiver, n, (3, 3, 3)), dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lmax,dtype", [((1, 1, 1), torch.float32), ((2, 2, 2), torch.float64), ((1, 2, 1), torch.float64)])
-def test_conv_first_and_second_derivatives_match_reference(lmax, dtype):
+def test_conv_first_and_second_derivatives_match_reference(lmax, dtype, device):
     ops = _ops()
-    sender, receiver = _graph()
+    device = require_device(device)
+    n, e, c = _sizes(device).values()
+    sender, receiver = (t.to(device) for t in _graph(n, e))
     outs = {}
     for name, fn in (("triton", ops.conv_tp), ("torch", ref.conv_tp)):
-        x, y, w = _inputs(lmax, dtype, requires_grad=True)
-        out = fn(x, y, w, sender, receiver, 5, *lmax)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        x, y, w = (t.to(device).requires_grad_() for t in _inputs(lmax, dtype, n=n, e=e, c=c))
+        out = fn(x, y, w, sender, receiver, n, *lmax)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
         grads = torch.autograd.grad(out, (x, y, w), g, create_graph=True)
-        v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2 + i), dtype=torch.float64).to(dtype)
+        v = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2 + i), dtype=torch.float64).to(device, dtype)
              for i, t in enumerate(grads)]
         second = torch.autograd.grad(grads, (x, y, w), v)
         outs[name] = [t.detach() for t in grads] + list(second)
     for a, b in zip(outs["triton"], outs["torch"]):
-        torch.testing.assert_close(a, b, **_tol(dtype))
+        _close(a, b, dtype, device)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
@@ -463,6 +572,40 @@ def test_op_check_passes_for_triton_and_reports_a_wrong_op(monkeypatch):
         op_check.check_ops(triton_b, "cpu", torch.float64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_check_compares_second_derivatives_of_every_fused_op(device):
+    """The GPU check's parity (python -m benchmarks gpu): forward, backward and double backward of
+    every op the Triton backend fuses, within op_check's tolerances; model-like sizes on CUDA."""
+    device = require_device(device)
+    fused = tuple(sorted(BACKENDS["triton"].fused))
+    assert fused == ("conv_tp", "conv_tp_spline", "grid_product")
+    real = device.type == "cuda" and not INTERPRETING
+    for dtype, lmax in ((torch.float64, 2), (torch.float32, 1)):
+        sizes = {"n_nodes": 300, "n_edges": 9_000, "channels": 33, "lmax": 3} if real else {"lmax": lmax}
+        checks = op_check.check_ops(BACKENDS["triton"], device, dtype, ops=fused, lmax_in=1, double_backward=True,
+                                    **sizes)
+        for check in checks:
+            assert check.ok, check.describe()
+            assert {key.split()[0] for key in check.errors} == {"output", "grad", "grad2"}
+            assert check.shape["lmax_in"] == 1 and check.shape["n_edges"] == sizes.get("n_edges", 12)
+
+
+def test_op_check_reports_an_op_right_to_first_order_but_wrong_in_its_second_derivative(monkeypatch):
+    """A term with zero value and zero gradient but a nonzero second derivative: only the double
+    backward sees it."""
+    ops = _ops()
+
+    def wrong_second_derivative(x, *rest):
+        return ref.conv_tp(x, *rest) + 1e-3 * ((x - x.detach()) ** 2).sum()
+
+    monkeypatch.setattr(ops, "conv_tp", wrong_second_derivative)
+    first = op_check.check_ops(BACKENDS["triton"], "cpu", torch.float64, lmax=1, ops=("conv_tp",))[0]
+    assert first.ok and max(first.errors.values()) < 1e-12
+    second = op_check.check_ops(BACKENDS["triton"], "cpu", torch.float64, lmax=1, ops=("conv_tp",),
+                                double_backward=True)[0]
+    assert not second.ok and second.errors["grad2 node_feats"] > 1e-6 and second.errors["output"] < 1e-12
+
+
 def test_kernels_package_imports_nothing_from_models_train_calculator_or_md():
     """mlip.kernels sits below the model code: no import statement in it (at any depth, relative
     ones resolved) names mlip.models, mlip.train, mlip.calculator or mlip.md."""
@@ -526,36 +669,45 @@ def test_spline_coefficients_are_the_models_spline_basis():
                                rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lmax", [(1, 1, 1), (2, 2, 2), (1, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_spline_forward_matches_reference(lmax, dtype):
+def test_conv_spline_forward_matches_reference(lmax, dtype, device):
     ops = _ops()
-    sender, receiver = _graph()
-    (x, y, v, t), idx = _spline_inputs(lmax, dtype)
-    out = ops.conv_tp_spline(x, y, v, idx, t, sender, receiver, 5, *lmax)
-    expected = ref.conv_tp_spline(x, y, v, idx, t, sender, receiver, 5, *lmax)
-    assert out.shape == (5, 3, ref.tp_out_dim(*lmax)) and out.dtype == dtype
-    torch.testing.assert_close(out, expected, **_tol(dtype))
+    device = require_device(device)
+    n, e, c = _sizes(device).values()
+    sender, receiver = (t.to(device) for t in _graph(n, e))
+    (x, y, v, t), idx = _spline_inputs(lmax, dtype, n=n, e=e, c=c)
+    x, y, v, t, idx = (q.to(device) for q in (x, y, v, t, idx))
+    out = ops.conv_tp_spline(x, y, v, idx, t, sender, receiver, n, *lmax)
+    expected = ref.conv_tp_spline(x, y, v, idx, t, sender, receiver, n, *lmax)
+    assert out.shape == (n, c, ref.tp_out_dim(*lmax)) and out.dtype == dtype and out.device == device
+    _close(out, expected, dtype, device)
     w = ref.spline_weights(v, idx, t)  # the same as the unfused kernel on materialised weights
-    torch.testing.assert_close(out, ops.conv_tp(x, y, w, sender, receiver, 5, *lmax), **_tol(dtype))
+    _close(out, ops.conv_tp(x, y, w, sender, receiver, n, *lmax), dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lmax,dtype", [((1, 1, 1), torch.float32), ((1, 2, 1), torch.float64)])
-def test_conv_spline_first_and_second_derivatives_match_reference(lmax, dtype):
+def test_conv_spline_first_and_second_derivatives_match_reference(lmax, dtype, device):
     ops = _ops()
-    sender, receiver = _graph()
+    device = require_device(device)
+    n, e, c = _sizes(device).values()
+    sender, receiver = (q.to(device) for q in _graph(n, e))
     outs = {}
     for name, fn in (("triton", ops.conv_tp_spline), ("torch", ref.conv_tp_spline)):
-        (x, y, v, t), idx = _spline_inputs(lmax, dtype, requires_grad=True)
-        out = fn(x, y, v, idx, t, sender, receiver, 5, *lmax)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        (x, y, v, t), idx = _spline_inputs(lmax, dtype, n=n, e=e, c=c)
+        x, y, v, t = (q.to(device).requires_grad_() for q in (x, y, v, t))
+        idx = idx.to(device)
+        out = fn(x, y, v, idx, t, sender, receiver, n, *lmax)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
         grads = torch.autograd.grad(out, (x, y, v, t), g, create_graph=True)
-        cot = [torch.randn(q.shape, generator=torch.Generator().manual_seed(2 + i), dtype=torch.float64).to(dtype)
+        cot = [torch.randn(q.shape, generator=torch.Generator().manual_seed(2 + i), dtype=torch.float64).to(device, dtype)
                for i, q in enumerate(grads)]
         second = torch.autograd.grad(grads, (x, y, v, t), cot)
         outs[name] = [q.detach() for q in grads] + list(second)
     for a, b in zip(outs["triton"], outs["torch"]):
-        torch.testing.assert_close(a, b, **_tol(dtype))
+        _close(a, b, dtype, device)
 
 
 def test_conv_spline_gradcheck_and_gradgradcheck_float64(big_blocks):
@@ -635,18 +787,20 @@ def test_gaunt_grid_reference_is_the_exact_gaunt_product():
                 torch.testing.assert_close(blk, sign * c * w3j, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lmax,lmax_out", [(1, 2), (2, 2), (3, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_grid_product_matches_reference(lmax, lmax_out, dtype):
+def test_grid_product_matches_reference(lmax, lmax_out, dtype, device):
     ops = _ops()
-    to_grid, from_grid = refgrid.gaunt_grid(lmax, lmax_out, dtype=dtype)
+    device = require_device(device)
+    rows, c = (3, 3) if device.type == "cpu" or INTERPRETING else (500, 33)
+    to_grid, from_grid = refgrid.gaunt_grid(lmax, lmax_out, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 3, (lmax + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(3, 3, (lmax + 1) ** 2, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.randn(rows, c, (lmax + 1) ** 2, generator=g, dtype=torch.float64).to(device, dtype)
+    b = torch.randn(rows, c, (lmax + 1) ** 2, generator=g, dtype=torch.float64).to(device, dtype)
     out = ops.grid_product(a, b, to_grid, from_grid)
-    assert out.shape == (3, 3, (lmax_out + 1) ** 2)
-    torch.testing.assert_close(out, refgrid.grid_product(a, b, to_grid, from_grid),
-                               **({"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}))
+    assert out.shape == (rows, c, (lmax_out + 1) ** 2) and out.device == device
+    _close(out, refgrid.grid_product(a, b, to_grid, from_grid), dtype, device)
 
 
 def test_grid_product_gradcheck_and_gradgradcheck_float64():
