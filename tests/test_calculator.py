@@ -1,6 +1,9 @@
 """MLIPCalculator: forces and stress against finite differences, skin reuse against rebuilds,
 resets on changed atoms/cell/pbc/charge, unknown elements, out-of-memory, TorchSim interface,
 and the one inference-batch builder they share. The ``test-morse`` model lives in toy_models.py.
+
+Tests that take the ``device`` fixture run on the CPU and on CUDA (skipped with the reason "no CUDA
+device" where there is none; ``mlip.testing.DEVICES``).
 """
 from __future__ import annotations
 
@@ -18,17 +21,29 @@ from toy_models import calc64, morse_model, rattled_cu
 from mlip.calculator import MLIPCalculator, NeighborCache
 from mlip.data.neighbors import neighbor_list
 from mlip.models.base import save_model
+from mlip.testing import DEVICES, require_device
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")  # tiny structures: speed only
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device of ``mlip.testing.DEVICES``; CUDA is skipped where absent."""
+    return require_device(request.param)
+
+
+def _calc(device: torch.device, model=None, **kw) -> MLIPCalculator:
+    """``calc64`` on ``device``: a float64 calculator (default model: ``morse_model()``)."""
+    return MLIPCalculator(model if model is not None else morse_model(), device=device, dtype="float64", **kw)
 
 
 # --------------------------------------------------------------------------------------------
 # forces, stress, energies
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("triclinic", [False, True])
-def test_forces_equal_finite_differences_periodic(triclinic):
+def test_forces_equal_finite_differences_periodic(triclinic, device):
     atoms = rattled_cu(triclinic=triclinic, rattle=0.1)
-    atoms.calc = calc64()
+    atoms.calc = _calc(device)
     f = atoms.get_forces()
     some = [0, 7, 13, 30]
     f_num = calculate_numerical_forces(atoms, eps=1e-4, iatoms=some)
@@ -36,11 +51,11 @@ def test_forces_equal_finite_differences_periodic(triclinic):
     np.testing.assert_allclose(f[some], f_num, atol=2e-7)
 
 
-def test_forces_equal_finite_differences_molecule():
+def test_forces_equal_finite_differences_molecule(device):
     atoms = molecule("CH4")
     atoms.positions *= 1.5  # Morse-sized bonds
     atoms.rattle(0.05, seed=3)
-    atoms.calc = calc64(morse_model(elements=[1, 6], r0=1.6))
+    atoms.calc = _calc(device, morse_model(elements=[1, 6], r0=1.6))
     assert not atoms.pbc.any()
     np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, eps=1e-4), atol=2e-7)
     with pytest.raises(PropertyNotImplementedError, match="periodic in all three"):
@@ -48,15 +63,15 @@ def test_forces_equal_finite_differences_molecule():
     # molecule in a box far larger than r_max, non-periodic: same energy as without a cell
     boxed = atoms.copy()
     boxed.cell = [30.0, 30.0, 30.0]
-    boxed.calc = calc64(morse_model(elements=[1, 6], r0=1.6))
+    boxed.calc = _calc(device, morse_model(elements=[1, 6], r0=1.6))
     assert boxed.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-12)
 
 
 @pytest.mark.parametrize("triclinic", [False, True])
-def test_stress_equals_finite_difference_strain_derivative(triclinic):
+def test_stress_equals_finite_difference_strain_derivative(triclinic, device):
     """stress_ij = (1/V) dE/dε_ij with positions and cell strained together (ASE sign)."""
     atoms = rattled_cu(triclinic=triclinic, rattle=0.1, a=3.5)
-    atoms.calc = calc64()
+    atoms.calc = _calc(device)
     stress = atoms.get_stress(voigt=False)
     cell0, vol = np.asarray(atoms.cell).copy(), atoms.get_volume()
     h = 1e-5
@@ -79,33 +94,34 @@ def test_stress_equals_finite_difference_strain_derivative(triclinic):
     np.testing.assert_allclose(voigt, [stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])
 
 
-def test_energies_free_energy_and_dtype():
+def test_energies_free_energy_and_dtype(device):
     atoms = rattled_cu()
     model = morse_model()
-    atoms.calc = calc64(model)
+    atoms.calc = _calc(device, model)
     e = atoms.get_potential_energy()
     assert atoms.get_potential_energies().sum() == pytest.approx(e, abs=1e-10)
     perfect = rattled_cu(rattle=0.0)  # every atom equivalent: equal per-atom energies
-    perfect.calc = calc64(model)
+    perfect.calc = _calc(device, model)
     e_perfect = perfect.get_potential_energy()
     np.testing.assert_allclose(perfect.get_potential_energies(), e_perfect / 32, atol=1e-12)
     assert atoms.calc.get_property("free_energy", atoms) == e
     assert atoms.get_potential_energy(force_consistent=True) == e
     # float32 agrees with float64 to float32 precision; the caller's model is not converted
     a32 = atoms.copy()
-    a32.calc = MLIPCalculator(model, device="cpu", dtype="float32")
+    a32.calc = MLIPCalculator(model, device=device, dtype="float32")
     assert a32.calc.model.log_depth.dtype == torch.float32
     assert model.log_depth.dtype == torch.float64
     assert a32.get_potential_energy() == pytest.approx(e, rel=1e-5)
     np.testing.assert_allclose(a32.get_forces(), atoms.get_forces(), atol=1e-4)
 
 
-def test_loads_model_from_path(tmp_path):
+def test_loads_model_from_path(tmp_path, device):
     model = morse_model(depth=0.4)
     path = tmp_path / "morse.pt"
     save_model(model, path)
     atoms = rattled_cu()
-    atoms.calc = MLIPCalculator(str(path), device="cpu", dtype="float64")
+    atoms.calc = MLIPCalculator(str(path), device=device, dtype="float64")
+    assert next(atoms.calc.model.parameters()).device.type == device.type
     ref = rattled_cu()
     ref.calc = calc64(model)
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-12)
@@ -134,11 +150,11 @@ def test_defaults_device_auto_float32_and_auto_neighbor_backend(tmp_path):
 # --------------------------------------------------------------------------------------------
 # neighbour list reuse
 # --------------------------------------------------------------------------------------------
-def test_skin_reuse_equals_full_rebuild_during_md():
+def test_skin_reuse_equals_full_rebuild_during_md(device):
     atoms = rattled_cu(repeat=(2, 2, 2))
     thermalize_momenta(atoms, 2000, rng=np.random.default_rng(1))
-    skin_calc = calc64(skin=0.6)
-    fresh_calc = calc64(skin=0.0)
+    skin_calc = _calc(device, skin=0.6)
+    fresh_calc = _calc(device, skin=0.0)
     atoms.calc = skin_calc
     dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
     max_diff = 0.0
@@ -390,11 +406,11 @@ def test_unknown_element_error_names_it():
         atoms.get_forces()
 
 
-def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch):
+def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch, device):
     import mlip.calculator.ase as calc_module
 
     atoms = rattled_cu()
-    calc = calc64()
+    calc = _calc(device)
     atoms.calc = calc
     f_old = atoms.get_forces().copy()
     real_predict = calc_module.predict
@@ -405,7 +421,7 @@ def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch
 
     monkeypatch.setattr(calc_module, "predict", failing_predict)
     atoms.positions[0] += [0.1, 0.0, 0.0]
-    with pytest.raises(RuntimeError, match="out of memory on cpu evaluating 32 atoms"):
+    with pytest.raises(RuntimeError, match=f"out of memory on {device.type}.* evaluating 32 atoms"):
         atoms.get_forces()
     with pytest.raises(RuntimeError, match="out of memory"):  # asked again: still no stale result
         atoms.get_forces()
@@ -416,12 +432,12 @@ def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch
     assert np.abs(f_new - f_old).max() > 1e-3
 
 
-def test_frechet_cell_filter_relaxation_reaches_zero_stress():
+def test_frechet_cell_filter_relaxation_reaches_zero_stress(device):
     from ase.filters import FrechetCellFilter
     from ase.optimize import BFGS
 
     atoms = rattled_cu(repeat=(1, 1, 1), a=3.5, rattle=0.02)
-    atoms.calc = calc64()
+    atoms.calc = _calc(device)
     opt = BFGS(FrechetCellFilter(atoms), logfile=None)
     assert opt.run(fmax=1e-3, steps=500)
     assert np.abs(atoms.get_forces()).max() < 1e-3
@@ -431,20 +447,20 @@ def test_frechet_cell_filter_relaxation_reaches_zero_stress():
 # --------------------------------------------------------------------------------------------
 # TorchSim (optional package)
 # --------------------------------------------------------------------------------------------
-def test_torchsim_model_interface():
+def test_torchsim_model_interface(device):
     ts = pytest.importorskip("torch_sim")
     from torch_sim.models.interface import validate_model_outputs
 
     from mlip.calculator import MLIPTorchSimModel
 
     model = morse_model(elements=[14, 26], r0=2.4)
-    ts_model = MLIPTorchSimModel(model, device="cpu", dtype=torch.float64)
-    validate_model_outputs(ts_model, torch.device("cpu"), torch.float64)
+    ts_model = MLIPTorchSimModel(model, device=device, dtype=torch.float64)
+    validate_model_outputs(ts_model, device, torch.float64)
     # same numbers as the ASE calculator, for a batch of two different structures
     structures = [rattled_cu(repeat=(1, 1, 2)), bulk("Si", "diamond", a=5.43, cubic=True)]
     structures[0].numbers[:] = 26
-    state = ts.io.atoms_to_state(structures, torch.device("cpu"), torch.float64)
-    out = ts_model(state)
+    state = ts.io.atoms_to_state(structures, device, torch.float64)
+    out = {k: v.cpu() for k, v in ts_model(state).items()}
     start = 0
     for k, at in enumerate(structures):
         at.calc = calc64(model)
@@ -455,12 +471,12 @@ def test_torchsim_model_interface():
     # and it runs in TorchSim's batched integrators: two systems, one model call per step
     start = [rattled_cu(repeat=(1, 1, 2)), rattled_cu(repeat=(2, 1, 1), seed=4)]
     cu_model = morse_model()
-    final = ts.integrate(system=start, model=MLIPTorchSimModel(cu_model, device="cpu", dtype=torch.float64),
+    final = ts.integrate(system=start, model=MLIPTorchSimModel(cu_model, device=device, dtype=torch.float64),
                          integrator=ts.nve, n_steps=20, temperature=300.0, timestep=0.002)
     for k, at in enumerate(ts.io.state_to_atoms(final)):
         assert np.abs(at.positions - start[k].positions).max() > 1e-3  # the atoms moved
         at.calc = calc64(cu_model)
-        assert float(final.energy[k]) == pytest.approx(at.get_potential_energy(), abs=1e-10)
+        assert float(final.energy[k].cpu()) == pytest.approx(at.get_potential_energy(), abs=1e-10)
 
 
 def test_torchsim_import_error_says_what_to_install(monkeypatch):
