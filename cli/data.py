@@ -285,6 +285,55 @@ def split(input_file: str, fractions: str, seed: int, out_dir: str, out_format: 
             click.echo(f"{name}: {count} structures -> {path}")
 
 
+@data.command("sample")
+@click.argument("input_file", metavar="IN", type=click.Path(exists=True))
+@click.argument("output_file", metavar="OUT")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Fraction of the structures (isolated atoms aside) to keep.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Number of structures to keep instead.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random choice.")
+@_key_options
+def sample(input_file: str, output_file: str, fraction: float | None, count: int | None, seed: int,
+           **key_options: Any) -> None:
+    """Write a random subset of IN to OUT (.xyz or .h5), in input order: e.g. the replay part of the
+    pretraining data for fine-tuning (docs/training.md). Isolated-atom reference frames are kept.
+
+    Example:
+
+    \b
+        mlip data sample pretrain.h5 replay.h5 --fraction 0.1 --seed 0
+    """
+    from mlip.data.formats import expand_paths, is_isolated_atom, iter_read, write_hdf5
+    from mlip.data.split import split_indices
+
+    if (fraction is None) == (count is None):
+        raise click.UsageError("give one of --fraction and --count")
+    with _data_errors():
+        fmt = _output_format(output_file)
+        keys, paths = _label_keys(key_options), expand_paths(input_file)
+
+        def frames() -> Iterable:
+            return (a for path in paths for a in iter_read(path, keys=keys))
+
+        flags = [is_isolated_atom(a) for a in frames()]
+        n, isolated = len(flags), np.flatnonzero(flags)
+        n_rest = n - len(isolated)
+        share = fraction if fraction is not None else min(count / max(n_rest, 1), 1.0)
+        chosen = set(split_indices(n, [share, 1.0 - share], seed, keep_in_first=isolated)[0].tolist())
+        kept = (a for i, a in enumerate(frames()) if i in chosen)
+        written = write_hdf5(kept, output_file) if fmt == "hdf5" else write_extxyz(kept, output_file)
+    click.echo(f"wrote {written} of {n} structures to {output_file}")
+
+
+def _output_format(path: str) -> str:
+    from mlip.data.formats import detect_format
+
+    fmt = detect_format(path)
+    if fmt not in ("hdf5", "extxyz"):
+        raise click.ClickException(f"{path}: write .h5 or .xyz")
+    return fmt
+
+
 def _parse_fractions(text: str) -> list[float]:
     try:
         fracs = [float(s) for s in text.split(",")]

@@ -82,12 +82,27 @@ class _Tagged:
             return self.cache[i]
         p = int(np.searchsorted(self.offsets, i, side="right") - 1)
         ds, w, cache = self.parts[p]
-        g = ds[i - int(self.offsets[p])]
+        g = _finite_cell(ds[i - int(self.offsets[p])])
         if w != 1.0:
             g.weight = g.weight * w
         if cache:
             self.cache[i] = g
         return g
+
+
+def _finite_cell(g: AtomGraph) -> AtomGraph:
+    """A molecule (no periodic direction) gets a finite dummy cell in place of a zero one.
+
+    Its cell enters nothing but the stress, ``(1/V) dE/dε``, whose label a molecule lacks (NaN,
+    masked). With ``V = 0`` that prediction is ``inf``/NaN, and when a batch mixes molecules with
+    stress-labelled crystals, backpropagating through the masked division turns the gradient into
+    NaN. A finite cell (a cube around the atoms) keeps it finite; energy and forces do not change.
+    """
+    if bool(g.pbc.any()) or bool(torch.linalg.det(g.cell).abs() > 0):
+        return g
+    extent = float((g.positions.max(0).values - g.positions.min(0).values).max()) if g.n_atoms else 0.0
+    g.cell = torch.eye(3, dtype=g.cell.dtype) * (extent + 10.0)
+    return g
 
 
 @dataclass

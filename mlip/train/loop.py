@@ -185,7 +185,7 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
     ``avg_num_neighbors``, ``shift``, ``scale`` and ``use_charge_spin`` (true when every training
     structure has a total charge and spin) from the data where the family has such a field left unset;
-    with ``train.init_from``, start from that model's config and weights."""
+    with ``train.init_from``, start from that model's config and weights (:func:`_fine_tune_heads`)."""
     section = dict(cfg.model)
     family = section.pop("family")
     base: dict = {}
@@ -197,6 +197,9 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
         base = config_to_dict(init.config)
     base.update(section)
     names = set(config_fields(family))
+    old_heads = list(base.get("heads") or ["default"])
+    if init is not None:
+        _fine_tune_heads(base, data, cfg, names)
     derived = {
         "elements": data.elements,
         "heads": data.heads,
@@ -222,15 +225,79 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
             base[key] = value
     model = _build(family, base).to(resolve_dtype(cfg.dtype))
     if init is not None:
-        own = model.state_dict()
-        loadable = {k: v for k, v in init.state_dict().items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(loadable, strict=False)
-        skipped = sorted(set(own) - set(loadable))
-        if skipped:
-            log.info("init-from: %d tensors not taken from %s (new or reshaped): %s", len(skipped),
-                     cfg.train.init_from, ", ".join(skipped[:8]))
+        _load_pretrained(model, init, old_heads, list(base.get("heads") or old_heads), cfg.train.init_from)
     _freeze(model, cfg.train.freeze)
     return model
+
+
+def _fine_tune_heads(base: dict, data: Data, cfg: TrainConfig, names: set[str]) -> None:
+    """Heads and E0s when fine-tuning (``--init-from``), as MACE's multi-head fine-tuning does.
+
+    The model keeps the pretrained heads, in their order, and gains the data's new ones; replayed
+    pretraining data (a ``data.train`` entry tagged with the pretrained head) keeps the pretrained
+    head trained while the new head learns. E0s: the pretrained ones with ``data.e0s: auto``
+    (the data's for new heads), else the data's for every head the data carry.
+
+    Raises:
+        ConfigError: the data hold elements the pretrained model has no embedding for.
+    """
+    pretrained_elements = set(base.get("elements") or [])
+    missing = sorted(set(data.elements) - pretrained_elements) if pretrained_elements else []
+    if missing:
+        from ase.data import chemical_symbols
+
+        raise ConfigError(f"--init-from {cfg.train.init_from} knows elements {sorted(pretrained_elements)}; the data "
+                          f"also hold {[chemical_symbols[z] for z in missing]}, which it has no embedding for")
+    if "heads" not in names:
+        return
+    old = list(base.get("heads") or ["default"])
+    heads = old + [h for h in data.heads if h not in old]
+    e0s = _per_head(base.get("e0s"), old) or {}
+    for head, table in (data.e0s or {}).items():
+        if head not in old or cfg.data.e0s != "auto":
+            e0s[head] = table
+    if len(heads) > len(old):
+        log.info("fine-tuning: heads %s from %s, new heads %s", old, cfg.train.init_from, heads[len(old):])
+    base["heads"] = heads
+    if set(e0s) >= set(heads):
+        base["e0s"] = e0s if len(heads) > 1 else e0s[heads[0]]
+
+
+def _per_head(e0s: dict | None, heads: list[str]) -> dict[str, dict] | None:
+    """A model config's E0s as ``{head: {Z: eV}}``, from either of its forms."""
+    if not e0s:
+        return None
+    if all(isinstance(k, str) and k in heads for k in e0s):
+        return {h: dict(t) for h, t in e0s.items()}
+    return {h: dict(e0s) for h in heads}
+
+
+def _load_pretrained(model: PotentialModel, init: PotentialModel, old_heads: list[str], heads: list[str],
+                     source: str) -> None:
+    """Copy the pretrained weights; a tensor with one entry per head (a readout) is widened to the
+    new heads, each new head starting from the first pretrained head (MACE initialises a
+    fine-tuning head from the pretrained one). Other reshaped tensors start fresh (logged)."""
+    own = model.state_dict()
+    rows = torch.tensor([old_heads.index(h) if h in old_heads else 0 for h in heads])
+    loadable, widened = {}, []
+    for key, value in init.state_dict().items():
+        if key not in own:
+            continue
+        if own[key].shape == value.shape:
+            loadable[key] = value
+            continue
+        axes = [d for d, (a, b) in enumerate(zip(value.shape, own[key].shape)) if a != b]
+        if value.dim() == own[key].dim() and len(axes) == 1 and (value.shape[axes[0]], own[key].shape[axes[0]]) == (
+                len(old_heads), len(heads)):
+            loadable[key] = value.index_select(axes[0], rows)
+            widened.append(key)
+    model.load_state_dict(loadable, strict=False)
+    if widened:
+        log.info("init-from: %d per-head tensors widened to heads %s: %s", len(widened), heads, ", ".join(widened))
+    skipped = sorted(set(own) - set(loadable))
+    if skipped:
+        log.info("init-from: %d tensors not taken from %s (new or reshaped): %s", len(skipped),
+                 source, ", ".join(skipped[:8]))
 
 
 def _freeze(model: torch.nn.Module, patterns: list[str]) -> None:
