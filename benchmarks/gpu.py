@@ -87,6 +87,8 @@ class Plan:
     kernel_peers: tuple[str, ...]
     repeats: int
     warmup: int
+    #: stop repeating a timing once its timed calls took this long together (large systems)
+    max_timing_s: float
     #: preset overrides (the smoke run cuts the channels)
     preset_overrides: dict[str, Any]
     presets: tuple[str, ...]
@@ -123,6 +125,7 @@ GPU_PLAN = Plan(
     kernel_peers=("e3nn", "cueq", "oeq"),
     repeats=5,
     warmup=2,
+    max_timing_s=2.0,
     preset_overrides={},
     presets=("small", "medium"),
     model_sizes=(1_000, 10_000, 100_000),
@@ -147,6 +150,7 @@ SMOKE_PLAN = Plan(
     kernel_peers=("e3nn", "cueq", "oeq"),
     repeats=1,
     warmup=1,
+    max_timing_s=2.0,
     # the presets' code path at a size the interpreter runs in seconds: 4 channels, degree 1
     preset_overrides={"num_channels": 4, "spline_knots": 6, "lmax": 1, "hidden_lmax": 1},
     presets=("small", "medium"),
@@ -239,30 +243,32 @@ def run_parity(plan: Plan, device, budget: Budget) -> list[dict[str, Any]]:
     from mlip.kernels.op_check import check_ops
 
     records = []
-    for case in plan.parity:
-        for dtype_name in case.dtypes:
-            rec = {**dataclasses.asdict(case), "dtype": dtype_name}
-            del rec["dtypes"]
+    # float32 first (the models' dtype: its kernels are compiled once for the parts after this one),
+    # then float64; a time budget cuts float64 cases first
+    order = [(case, d) for d in ("float32", "float64") for case in plan.parity if d in case.dtypes]
+    for case, dtype_name in order:
+        rec = {**dataclasses.asdict(case), "dtype": dtype_name}
+        del rec["dtypes"]
 
-            def one(case=case, dtype_name=dtype_name):
-                t0 = time.perf_counter()
-                (check,) = check_ops(BACKENDS["triton"], device, getattr(torch, dtype_name), lmax=case.lmax,
-                                     lmax_in=case.lmax_in, channels=case.channels, ops=(case.op,),
-                                     n_nodes=case.n_nodes, n_edges=max(case.n_edges, 1), double_backward=True)
-                _sync(device)
-                worst = max(check.errors, key=check.errors.get)
-                return {"passed": check.ok, "tolerance": check.tolerance, "errors": check.errors,
-                        "worst": worst, "worst_error": check.errors[worst], "seconds": time.perf_counter() - t0}
+        def one(case=case, dtype_name=dtype_name):
+            t0 = time.perf_counter()
+            (check,) = check_ops(BACKENDS["triton"], device, getattr(torch, dtype_name), lmax=case.lmax,
+                                 lmax_in=case.lmax_in, channels=case.channels, ops=(case.op,),
+                                 n_nodes=case.n_nodes, n_edges=max(case.n_edges, 1), double_backward=True)
+            _sync(device)
+            worst = max(check.errors, key=check.errors.get)
+            return {"passed": check.ok, "tolerance": check.tolerance, "errors": check.errors,
+                    "worst": worst, "worst_error": check.errors[worst], "seconds": time.perf_counter() - t0}
 
-            rec.update(attempt(one, device, budget))
-            if rec["status"] != "ok":
-                rec["passed"] = False
-            records.append(rec)
-            _log(f"parity {case.op} l=({case.lmax_in},{case.lmax},{case.lmax}) C={case.channels} "
-                 f"E={case.n_edges} {dtype_name}: {rec['status']}"
-                 + (f", worst {rec['worst']} {rec['worst_error']:.1e}" if rec["status"] == "ok" else
-                    f" ({rec.get('reason', '')})"))
-            _free(device)
+        rec.update(attempt(one, device, budget))
+        if rec["status"] != "ok":
+            rec["passed"] = False
+        records.append(rec)
+        _log(f"parity {case.op} l=({case.lmax_in},{case.lmax},{case.lmax}) C={case.channels} "
+             f"E={case.n_edges} {dtype_name}: {rec['status']}"
+             + (f", worst {rec['worst']} {rec['worst_error']:.1e}" if rec["status"] == "ok" else
+                f" ({rec.get('reason', '')})"))
+        _free(device)
     return records
 
 
@@ -335,7 +341,7 @@ def time_model(model, batch, plan: Plan, device, keep: dict) -> dict[str, Any]:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    ms, _ = time_ms(call, plan.repeats, plan.warmup, device)
+    ms, _ = time_ms(call, plan.repeats, plan.warmup, device, max_s=plan.max_timing_s)
     out = {"ms": ms, "us_per_atom": 1e3 * ms / batch.n_atoms}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -368,11 +374,12 @@ def model_structure(pair: dict, preset: str, element: str, size: int, plan: Plan
 
 
 def run_model(plan: Plan, device, budget: Budget) -> list[dict[str, Any]]:
+    """Sizes in ascending order, both presets at each: a time budget cuts the largest systems first."""
     records = []
-    for preset in plan.presets:
-        pair = build_pair(preset, plan, device)
-        for element in ("Cu", "Si"):
-            for size in plan.model_sizes:
+    for size in plan.model_sizes:
+        for preset in plan.presets:
+            pair = build_pair(preset, plan, device)
+            for element in ("Cu", "Si"):
                 if budget.spent():
                     records.append({"preset": preset, "structure": element, "target_atoms": size,
                                     "status": "skipped", "reason": "time budget"})
@@ -560,7 +567,7 @@ def kernel_shape(lmax: tuple[int, int, int], c: int, n_edges: int, plan: Plan, d
             continue
         for pname, work in tk.passes(built["conv"], x, y, built["radial"]).items():
             def timed(work=work):
-                ms, mib = tk.time_ms(work, plan.repeats, plan.warmup, device)
+                ms, mib = tk.time_ms(work, plan.repeats, plan.warmup, device, max_s=plan.max_timing_s)
                 return {"ms": ms, **({"peak_mib": mib} if not math.isnan(mib) else {})}
 
             rec = {**shape, "impl": label, "pass": pname, **attempt(timed, device, budget)}

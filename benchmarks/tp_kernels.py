@@ -98,9 +98,10 @@ def random_problem(lmax, n_nodes, n_edges, c, dtype, device, seed=0):
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3,
-            device: torch.device | str = "cuda") -> tuple[float, float]:
+            device: torch.device | str = "cuda", max_s: float | None = None) -> tuple[float, float]:
     """Median time (ms) and peak extra memory (MiB) of ``fn`` on ``device`` (on the CPU the memory is
-    not measured: NaN). CUDA-synchronised around every call."""
+    not measured: NaN). CUDA-synchronised around every call; with ``max_s``, fewer than ``repeats``
+    timed calls once they took that many seconds together (at least one)."""
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
@@ -115,6 +116,8 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3,
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+        if max_s is not None and sum(times) > 1e3 * max_s:
+            break
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     return statistics.median(times), peak
 
