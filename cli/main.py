@@ -14,6 +14,8 @@ COMMANDS = [
     ("evaluate", "evaluate"),
     ("md", "md"),
     ("relax", "relax"),
+    ("predict", "predict"),
+    ("export", "export"),
 ]
 
 

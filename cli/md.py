@@ -4,6 +4,27 @@ from __future__ import annotations
 import click
 
 
+class _Greedy(click.Option):
+    """A repeatable option that also takes several values after one flag: ``--committee a.pt b.pt``
+    (click options take a fixed number of values; the extra ones are taken from the parser's
+    remaining arguments up to the next option)."""
+
+    def add_to_parser(self, parser, ctx):  # noqa: ANN001, ANN201 - click's signature
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = getattr(parser, "_long_opt", {}).get(name)
+            if opt is None:  # another click parser: plain repeated --committee A --committee B still works
+                continue
+            store = opt.process
+
+            def process(value, state, store=store):  # noqa: ANN001, ANN202
+                store(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    store(state.rargs.pop(0), state)
+
+            opt.process = process
+
+
 @click.command("md")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
@@ -33,20 +54,33 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option("--dispersion", default=None, metavar="FUNCTIONAL",
+              help="Add D3(BJ) dispersion with this functional's parameters, e.g. pbe (needs mlip[d3]).")
+@click.option("--committee", "committee", cls=_Greedy, multiple=True, metavar="MODEL...",
+              type=click.Path(exists=True, dir_okay=False),
+              help="More models of a committee with MODEL: the mean drives MD, the spread is logged.")
+@click.option("--max-force-std", type=float, default=None,
+              help="With --committee: stop cleanly when the largest per-atom force spread exceeds this, eV/Å.")
 def md(model: str, structure: str, ensemble: str, thermostat: str, temperature: float, steps: int,
        timestep: float, pressure: float, friction: float, tdamp: float, pdamp: float, out: str, log: str | None,
        log_every: int, traj_every: int, index: int, max_temperature: float | None, max_force: float, seed: int,
-       skin: float, device: str, dtype: str, progress: bool) -> None:
+       skin: float, device: str, dtype: str, progress: bool, dispersion: str | None, committee: tuple[str, ...],
+       max_force_std: float | None) -> None:
     """Run MD of STRUCTURE (any file ASE reads: extxyz, CIF, POSCAR, ...) with MODEL.
 
     Logs step, time, temperature, potential/kinetic/total energy, the conserved quantity and its
     drift per atom every --log-every steps. Stops with a clear message, keeping the trajectory
     written so far, if the temperature or a force leaves the bounds (the simulation blew up).
+    MODEL may be a model.pt or an exported model.pt2. With --committee the run also logs the
+    members' energy and force spread, and --max-force-std ends it cleanly (exit code 0, trajectory
+    kept) at the first step where the force spread exceeds the bound: a structure to label.
 
     Example:
 
         mlip md runs/quickstart/model.pt data/emt_crystals.xyz --ensemble nvt --temperature 600 \\
             --steps 2000 --timestep 2 --out runs/md/cu.extxyz
+
+        mlip md m1.pt cu.cif --committee m2.pt m3.pt --max-force-std 0.2 --dispersion pbe
     """
     from ase.io import read
 
@@ -56,17 +90,23 @@ def md(model: str, structure: str, ensemble: str, thermostat: str, temperature: 
         atoms = read(structure, index=index)
     except Exception as err:
         raise click.ClickException(f"{structure}: cannot read a structure ({err})") from err
+    if max_force_std is not None and not committee:
+        raise click.UsageError("--max-force-std needs --committee (two or more models)")
+    models = [model, *committee] if committee else model
     try:
         result = run_md(
-            atoms, model, ensemble=ensemble.lower(), thermostat=thermostat, temperature=temperature, steps=steps,
+            atoms, models, ensemble=ensemble.lower(), thermostat=thermostat, temperature=temperature, steps=steps,
             timestep=timestep, out=out, log=log, log_every=log_every, traj_every=traj_every, friction=friction,
             tdamp=tdamp, pressure=pressure, pdamp=pdamp, max_temperature=max_temperature, max_force=max_force,
-            seed=seed, progress=progress, device=device, dtype=dtype, skin=skin,
+            seed=seed, progress=progress, device=device, dtype=dtype, skin=skin, dispersion=dispersion,
+            max_force_std=max_force_std,
         )
     except MDBlowUpError as err:
         raise click.ClickException(str(err)) from err
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         raise click.ClickException(str(err)) from err
+    if result.stop_reason is not None:
+        click.echo(result.stop_reason)
     last = result.rows[-1] if result.rows else None
     if last is not None:
         click.echo(

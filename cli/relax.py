@@ -75,12 +75,16 @@ def _write_native(atoms, name: str, path: Path, out_dir: Path) -> None:
               help="Output folder: relaxed.extxyz, relax.csv and a relaxed CIF/POSCAR per CIF/POSCAR input.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--dispersion", default=None, metavar="FUNCTIONAL",
+              help="Add D3(BJ) dispersion with this functional's parameters, e.g. pbe (needs mlip[d3]).")
 def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool, optimizer: str,
-          batched: bool | None, max_steps: int, pressure: float, out: str, device: str, dtype: str) -> None:
+          batched: bool | None, max_steps: int, pressure: float, out: str, device: str, dtype: str,
+          dispersion: str | None) -> None:
     """Relax every structure in STRUCTURES (CIF, POSCAR, extxyz, ...) with MODEL.
 
     Writes OUT/relaxed.extxyz (energy, forces, stress attached), OUT/relax.csv (energy, volume,
     steps, convergence per structure) and, for CIF/POSCAR inputs, a relaxed file in the same format.
+    MODEL may be a model.pt or an exported model.pt2.
 
     Example:
 
@@ -106,18 +110,19 @@ def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool
         if batched:
             click.echo(f"relaxing {len(items)} structure(s) together (batched FIRE, fmax={fmax} eV/Å)")
             results = relax_batch([a for _, _, a in items], model, fmax=fmax, relax_cell=relax_cell,
-                                  max_steps=max_steps, pressure=pressure, device=device, dtype=dtype)
+                                  max_steps=max_steps, pressure=pressure, device=device, dtype=dtype,
+                                  dispersion=dispersion)
             relaxed = [r.atoms for r in results]
         else:
             from mlip.calculator import MLIPCalculator
 
-            calc = MLIPCalculator(model, device=device, dtype=dtype)
+            calc = MLIPCalculator(model, device=device, dtype=dtype, dispersion=dispersion)
             relaxed = []
             for name, _, atoms in items:
                 click.echo(f"relaxing {name} ({optimizer.upper()}, fmax={fmax} eV/Å)")
                 relaxed.append(relax_one(atoms, fmax=fmax, relax_cell=relax_cell, optimizer=optimizer,
                                          max_steps=max_steps, pressure=pressure, calculator=calc))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         raise click.ClickException(str(err)) from err
 
     rows = []

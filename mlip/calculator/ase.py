@@ -10,6 +10,7 @@ model sees is exactly the one a full rebuild gives (same edges, same order).
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -28,7 +29,7 @@ from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
 
-__all__ = ["MLIPCalculator", "NeighborCache", "prepare_model", "resolve_device"]
+__all__ = ["MLIPCalculator", "NeighborCache", "evaluate_model", "prepare_model", "resolve_device"]
 
 #: CUDA out-of-memory (``torch.OutOfMemoryError`` since torch 2.5)
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -42,14 +43,27 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def prepare_model(
-    model: PotentialModel | str, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
+    model: PotentialModel | str | Sequence[PotentialModel | str], device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
 ) -> PotentialModel:
     """A model in eval mode on ``device``/``dtype``: loads a path, copies a model that must change.
 
     A model passed in is never modified: if it lives on another device or dtype, a deep copy is
-    converted, so the caller's model (e.g. one still being trained) is left as it was.
+    converted, so the caller's model (e.g. one still being trained) is left as it was. A list of
+    models (or paths) becomes a :class:`~mlip.calculator.committee.Committee`; a ``.pt2`` path an
+    :class:`~mlip.export.ExportedModel` (its dtype was fixed when it was exported).
     """
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if isinstance(model, (list, tuple)):
+        from mlip.calculator.committee import Committee
+
+        return Committee([prepare_model(m, dev, dt) for m in model])
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".pt2"):
+        from mlip.export import ExportedModel
+
+        return ExportedModel(model, device=dev)
+    if not isinstance(model, torch.nn.Module) and hasattr(model, "predict_batch"):
+        return model  # a Committee or ExportedModel: prepared when it was made
     if not isinstance(model, torch.nn.Module):
         from mlip.models.base import load_model
 
@@ -59,6 +73,15 @@ def prepare_model(
     if same and not model.training:
         return model
     return _copy_model(model).to(device=dev, dtype=dt).eval()
+
+
+def evaluate_model(model: Any, batch: GraphBatch, forces: bool = True, stress: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`mlip.models.outputs.predict` for a model; a committee or an exported package (anything with
+    ``predict_batch``) evaluates itself. Same keys, shapes and units as ``predict``."""
+    own = getattr(model, "predict_batch", None)
+    if own is not None:
+        return own(batch, forces=forces, stress=stress)
+    return predict(model, batch, forces=forces, stress=stress)
 
 
 def _copy_model(model: PotentialModel) -> PotentialModel:
@@ -219,7 +242,9 @@ class MLIPCalculator(Calculator):
 
     Args:
         model: a loaded :class:`~mlip.models.base.PotentialModel` or the path of a model file.
-            A model passed in is not modified (a copy is moved if device or dtype differ).
+            A model passed in is not modified (a copy is moved if device or dtype differ). An
+            exported ``model.pt2`` (:mod:`mlip.export`) loads like ``model.pt``; a list of models or
+            paths is a committee (:class:`~mlip.calculator.committee.Committee`).
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: ``"float32"`` (default: fast, and accurate enough for MD and relaxation at the
             force precision of trained models) or ``"float64"`` (use it for finite-difference
@@ -239,17 +264,23 @@ class MLIPCalculator(Calculator):
             the edge work runs in chunks that fit (same results); ``None`` (default): 80 % of the
             device's free memory at each call. A call that cannot fit raises
             :class:`~mlip.calculator.memory.MemoryBudgetError` before computing anything.
+        dispersion: ``None``, or a functional name (``"pbe"``) whose D3(BJ) correction is added to
+            energy, forces and stress (:class:`~mlip.calculator.dispersion.D3Dispersion`, needs the
+            ``d3`` extra), or a configured ``D3Dispersion``.
 
     Results: ``energy`` and ``free_energy`` (eV, equal: the model has no electronic entropy),
     ``energies`` (per-atom, eV, summing to the energy), ``forces`` (eV/Å), ``stress`` (Voigt
-    xx yy zz yz xz xy, eV/Å³, ASE sign) for cells periodic in all three directions.
+    xx yy zz yz xz xy, eV/Å³, ASE sign) for cells periodic in all three directions; for a
+    committee also ``energy_std`` (eV) and ``forces_std`` ([n_atoms], eV/Å), see
+    :class:`~mlip.calculator.committee.Committee`. With ``dispersion``, ``energies`` are computed
+    only when asked for (D3's per-atom split costs a second D3 evaluation).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(
         self,
-        model: PotentialModel | str,
+        model: PotentialModel | str | Sequence[PotentialModel | str],
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "float32",
         skin: float = 0.5,
@@ -259,6 +290,7 @@ class MLIPCalculator(Calculator):
         compute_stress: bool | None = None,
         neighbor_backend: str = "auto",
         max_memory_gb: float | None = None,
+        dispersion: str | Any | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -274,6 +306,9 @@ class MLIPCalculator(Calculator):
         budget_bytes(max_memory_gb, self.device)  # a bad value fails here, not at the first step
         self._memory: MemoryModel | None = None
         self.uses_charge_spin = uses_charge_spin(self.model)
+        from mlip.calculator.dispersion import resolve_dispersion
+
+        self.dispersion = resolve_dispersion(dispersion)
 
     # -- state ------------------------------------------------------------------------------
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
@@ -311,6 +346,8 @@ class MLIPCalculator(Calculator):
     def _predict(self, batch: GraphBatch, stress: bool) -> dict[str, torch.Tensor]:
         """Energy, forces (and stress) of ``batch``, the edge work chunked when the predicted peak
         memory would exceed ``max_memory_gb`` (:mod:`mlip.calculator.memory`)."""
+        if hasattr(self.model, "predict_batch"):  # a committee or an exported package: no edge chunking
+            return evaluate_model(self.model, batch, forces=True, stress=stress)
         n_atoms, n_edges = batch.n_atoms, batch.n_edges
         budget = budget_bytes(self.max_memory_gb, self.device)
         chunk = None
@@ -347,6 +384,8 @@ class MLIPCalculator(Calculator):
         try:
             batch = self.batch_from_atoms(atoms)
             out = self._predict(batch, want_stress)
+            if self.dispersion is not None:
+                out = self.dispersion.add_to(out, batch, per_atom="energies" in properties)
         except _OOM as err:
             self.atoms = None  # nothing cached for this structure
             if self.device.type == "cuda":
@@ -364,8 +403,12 @@ class MLIPCalculator(Calculator):
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        self.results["energies"] = out["node_energy"].detach().to("cpu", torch.float64).numpy()
+        if "node_energy" in out:  # dropped by the dispersion unless asked for
+            self.results["energies"] = out["node_energy"].detach().to("cpu", torch.float64).numpy()
         self.results["forces"] = out["forces"].detach().to("cpu", torch.float64).numpy()
+        if "energy_std" in out:  # a committee's spread
+            self.results["energy_std"] = float(out["energy_std"][0])
+            self.results["forces_std"] = out["forces_std"].detach().to("cpu", torch.float64).numpy()
         if want_stress:
             s = out["stress"][0].detach().to("cpu", torch.float64).numpy()
             self.results["stress"] = full_3x3_to_voigt_6_stress(0.5 * (s + s.T))

@@ -19,10 +19,11 @@ import torch
 from ase import Atoms, units
 
 from mlip.calculator.ase import MLIPCalculator
+from mlip.calculator.committee import Committee
 from mlip.models.base import PotentialModel
 from mlip.units import GPA
 
-__all__ = ["ENSEMBLES", "LOG_COLUMNS", "THERMOSTATS", "MDBlowUpError", "MDResult", "run_md"]
+__all__ = ["COMMITTEE_COLUMNS", "ENSEMBLES", "LOG_COLUMNS", "THERMOSTATS", "MDBlowUpError", "MDResult", "run_md"]
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("nose-hoover", "langevin")
@@ -34,6 +35,8 @@ LOG_COLUMNS = (
     "step", "time_fs", "temperature_K", "epot_eV", "ekin_eV", "etot_eV", "conserved_eV",
     "drift_eV_per_atom", "volume_A3", "max_force_eV_A",
 )
+#: extra columns with a committee: the members' energy spread (eV) and largest per-atom force spread (eV/Å)
+COMMITTEE_COLUMNS = ("energy_std_eV", "max_force_std_eV_A")
 
 
 class MDBlowUpError(RuntimeError):
@@ -54,6 +57,8 @@ class MDResult:
         trajectory: path of the trajectory file; log: path of the CSV log.
         rows: the logged rows (dicts keyed by :data:`LOG_COLUMNS`).
         max_abs_drift: largest ``|drift_eV_per_atom|`` over the logged rows (eV/atom).
+        stop_reason: why the run ended before ``steps`` without blowing up (the committee's force
+            spread exceeded ``max_force_std``), else ``None``.
     """
 
     atoms: Atoms
@@ -62,6 +67,7 @@ class MDResult:
     log: str | None
     rows: list[dict[str, float]] = field(default_factory=list)
     max_abs_drift: float = 0.0
+    stop_reason: str | None = None
 
 
 class _TrajectoryWriter:
@@ -167,6 +173,8 @@ class _Sample:
     volume: float
     max_force: float
     finite: bool
+    energy_std: float = math.nan
+    max_force_std: float = math.nan
 
 
 def _observe(atoms: Atoms, dyn: Any) -> _Sample:
@@ -177,12 +185,17 @@ def _observe(atoms: Atoms, dyn: Any) -> _Sample:
     ekin = float(atoms.get_kinetic_energy())
     n_atoms = len(atoms)
     conserved = float(dyn.get_conserved_energy()) if hasattr(dyn, "get_conserved_energy") else epot + ekin
+    results = atoms.calc.results if atoms.calc is not None else {}
+    spread = {}
+    if "forces_std" in results:  # a committee (read after get_forces: same step)
+        spread = {"energy_std": float(results["energy_std"]),
+                  "max_force_std": float(np.max(results["forces_std"])) if n_atoms else 0.0}
     return _Sample(
         step=int(dyn.nsteps), epot=epot, ekin=ekin, conserved=conserved,
         temperature=float(atoms.get_temperature()) if n_atoms else 0.0,
         volume=float(abs(np.linalg.det(np.asarray(atoms.cell)))),
         max_force=float(np.sqrt((forces**2).sum(axis=1).max())) if n_atoms else 0.0,
-        finite=bool(math.isfinite(epot) and np.all(np.isfinite(forces))),
+        finite=bool(math.isfinite(epot) and np.all(np.isfinite(forces))), **spread,
     )
 
 
@@ -197,6 +210,14 @@ def _blow_up_reason(sample: _Sample, max_temperature: float, max_force: float) -
     return None
 
 
+def _spread_reason(sample: _Sample, max_force_std: float | None) -> str | None:
+    """Why a committee run stops cleanly at this step (the force spread is too large), or ``None``."""
+    if max_force_std is not None and sample.max_force_std > max_force_std:
+        return (f"the committee's force spread {sample.max_force_std:.3g} eV/Å exceeds --max-force-std "
+                f"{max_force_std:.3g} eV/Å (the model is uncertain here: label this structure)")
+    return None
+
+
 class _Recorder:
     """The outputs of one run: trajectory frames, CSV rows (kept in ``rows`` too) and a progress bar.
 
@@ -206,10 +227,11 @@ class _Recorder:
 
     def __init__(
         self, atoms: Atoms, out: str | None, log: str | None, log_every: int, traj_every: int,
-        timestep: float, progress: bool, steps: int, ensemble: str,
+        timestep: float, progress: bool, steps: int, ensemble: str, committee: bool = False,
     ) -> None:
         self.atoms, self.out, self.log = atoms, out, log
         self.log_every, self.traj_every, self.timestep = log_every, traj_every, timestep
+        self.committee = committee
         self.rows: list[dict[str, float]] = []
         self.steps_done = 0
         self._conserved0: float | None = None
@@ -218,7 +240,8 @@ class _Recorder:
         if log is not None:
             Path(log).parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(log, "w", newline="")  # noqa: SIM115 - closed by close()
-            self._log_csv = csv.DictWriter(self._log_fh, fieldnames=list(LOG_COLUMNS))
+            columns = list(LOG_COLUMNS) + (list(COMMITTEE_COLUMNS) if committee else [])
+            self._log_csv = csv.DictWriter(self._log_fh, fieldnames=columns)
             self._log_csv.writeheader()
         self._bar = None
         if progress:
@@ -242,21 +265,24 @@ class _Recorder:
             "epot_eV": s.epot, "ekin_eV": s.ekin, "etot_eV": s.epot + s.ekin, "conserved_eV": s.conserved,
             "drift_eV_per_atom": drift, "volume_A3": s.volume, "max_force_eV_A": s.max_force,
         }
+        if self.committee:
+            row.update(energy_std_eV=s.energy_std, max_force_std_eV_A=s.max_force_std)
         self.rows.append(row)
         if self._log_csv is not None:
             self._log_csv.writerow(row)
             self._log_fh.flush()  # a run that dies keeps its log
         if self._bar is not None:
-            self._bar.set_postfix(T=f"{s.temperature:.0f}K", Epot=f"{s.epot:.3f}", drift=f"{drift:.1e}")
+            spread = {"Fstd": f"{s.max_force_std:.2g}"} if self.committee else {}
+            self._bar.set_postfix(T=f"{s.temperature:.0f}K", Epot=f"{s.epot:.3f}", drift=f"{drift:.1e}", **spread)
 
     def advance(self, step: int) -> None:
         if self._bar is not None and step > 0:
             self._bar.update(1)
 
-    def result(self) -> MDResult:
+    def result(self, stop_reason: str | None = None) -> MDResult:
         drift = max((abs(r["drift_eV_per_atom"]) for r in self.rows), default=0.0)
         return MDResult(atoms=self.atoms, steps=self.steps_done, trajectory=self.out, log=self.log,
-                        rows=self.rows, max_abs_drift=drift)
+                        rows=self.rows, max_abs_drift=drift, stop_reason=stop_reason)
 
     def close(self) -> None:
         for closable in (self._bar, self._writer, self._log_fh):
@@ -266,7 +292,7 @@ class _Recorder:
 
 def run_md(
     atoms: Atoms,
-    model: PotentialModel | str | None = None,
+    model: PotentialModel | str | list[PotentialModel | str] | None = None,
     *,
     calculator: MLIPCalculator | None = None,
     ensemble: str = "nve",
@@ -290,6 +316,8 @@ def run_md(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",
     skin: float = 0.5,
+    dispersion: str | None = None,
+    max_force_std: float | None = None,
 ) -> MDResult:
     """Run MD on ``atoms`` (modified in place) and write trajectory and log as it goes.
 
@@ -297,7 +325,8 @@ def run_md(
         atoms: starting structure. Velocities: kept if it already has momenta, otherwise drawn
             from Maxwell-Boltzmann at ``temperature`` (when ``init_velocities``), with the centre
             of mass at rest.
-        model: model or model path (ignored when ``calculator`` is given).
+        model: model or model path (``.pt`` or exported ``.pt2``), or a list of them: a committee,
+            whose mean drives the dynamics and whose spread is logged (ignored when ``calculator`` is given).
         calculator: an existing :class:`~mlip.calculator.MLIPCalculator`.
         ensemble: ``"nve"``, ``"nvt"`` or ``"npt"``.
         thermostat: for NVT, ``"nose-hoover"`` (chain of 3) or ``"langevin"``.
@@ -313,7 +342,10 @@ def run_md(
         max_force: stop when any force exceeds this, eV/Å (also on NaN/inf energy or forces).
         seed: random seed for the initial velocities and the Langevin noise.
         progress: show a tqdm progress bar.
-        device, dtype, skin: passed to the calculator built from ``model``.
+        device, dtype, skin, dispersion: passed to the calculator built from ``model`` (``dispersion``:
+            a functional name whose D3(BJ) correction is added, e.g. ``"pbe"``).
+        max_force_std: with a committee, stop cleanly (no error; ``MDResult.stop_reason`` says why,
+            the trajectory ends with that step) when the largest per-atom force spread exceeds this, eV/Å.
 
     Returns:
         :class:`MDResult`.
@@ -327,7 +359,10 @@ def run_md(
     if calculator is None:
         if model is None:
             raise ValueError("run_md() needs a model or a calculator")
-        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin)
+        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin, dispersion=dispersion)
+    committee = isinstance(calculator.model, Committee)
+    if max_force_std is not None and not committee:
+        raise ValueError("max_force_std needs a committee: pass several models (mlip md ... --committee m2.pt m3.pt)")
     atoms.calc = calculator
     if max_temperature is None:
         max_temperature = max(10.0 * temperature, 5000.0)
@@ -336,12 +371,14 @@ def run_md(
     dyn = _make_dynamics(atoms, ensemble, thermostat, temperature, timestep, friction, tdamp, pressure, pdamp, seed)
     if log is None and out is not None:
         log = str(Path(out).with_suffix("")) + ".log.csv"
-    recorder = _Recorder(atoms, out, log, log_every, traj_every, timestep, progress, steps, ensemble)
+    recorder = _Recorder(atoms, out, log, log_every, traj_every, timestep, progress, steps, ensemble, committee)
+    stop_reason = None
     try:
         for _ in dyn.irun(steps):
             sample = _observe(atoms, dyn)
             reason = _blow_up_reason(sample, max_temperature, max_force)
-            recorder.record(sample, last=reason is not None or sample.step == steps)
+            spread = _spread_reason(sample, max_force_std)
+            recorder.record(sample, last=reason is not None or spread is not None or sample.step == steps)
             if reason is not None:
                 where = f"; trajectory so far kept in {out}" if out is not None else ""
                 raise MDBlowUpError(
@@ -349,7 +386,11 @@ def run_md(
                     f"simulation blew up (try a smaller timestep, a lower temperature, or check the model){where}",
                     recorder.result(),
                 )
+            if spread is not None:
+                where = f"; trajectory so far kept in {out}" if out is not None else ""
+                stop_reason = f"MD stopped at step {sample.step} ({sample.step * timestep:g} fs): {spread}{where}"
+                break
             recorder.advance(sample.step)
     finally:
         recorder.close()
-    return recorder.result()
+    return recorder.result(stop_reason)

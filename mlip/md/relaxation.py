@@ -23,12 +23,12 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from mlip.calculator.ase import MLIPCalculator, NeighborCache, prepare_model, resolve_device
+from mlip.calculator.ase import MLIPCalculator, NeighborCache, evaluate_model, prepare_model, resolve_device
+from mlip.calculator.dispersion import D3Dispersion, resolve_dispersion
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
 from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
-from mlip.models.outputs import predict
 from mlip.units import GPA
 
 __all__ = ["OPTIMIZERS", "FireParams", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
@@ -98,6 +98,7 @@ def relax(
     head: str = "default",
     skin: float = 0.5,
     neighbor_backend: str = "auto",
+    dispersion: str | D3Dispersion | None = None,
 ) -> Any:
     """Relax one structure with an ASE optimiser; returns the same type as given (a new object).
 
@@ -113,8 +114,8 @@ def relax(
         device, dtype: see :class:`~mlip.calculator.MLIPCalculator` (float32 by default).
         calculator: reuse an existing calculator (and its model) instead of building one.
         trajectory, logfile: passed to the ASE optimiser (``None``: no file, no log).
-        charge, spin, head, skin, neighbor_backend: for the calculator built from ``model`` (see
-            :class:`~mlip.calculator.MLIPCalculator`); ``atoms.info`` values take precedence.
+        charge, spin, head, skin, neighbor_backend, dispersion: for the calculator built from ``model``
+            (see :class:`~mlip.calculator.MLIPCalculator`); ``atoms.info`` values take precedence.
 
     Returns:
         The relaxed structure. An ``Atoms`` carries its energy, forces and stress in a
@@ -130,7 +131,7 @@ def relax(
         if model is None:
             raise ValueError("relax() needs a model or a calculator")
         calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin, head=head, charge=charge,
-                                    spin=spin, neighbor_backend=neighbor_backend)
+                                    spin=spin, neighbor_backend=neighbor_backend, dispersion=dispersion)
     name = optimizer.lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {[o.upper() for o in OPTIMIZERS]}")
@@ -409,7 +410,7 @@ class _Final:
 
 def _run_fire(
     structures: _Structures, fire: _BatchedFire, model: PotentialModel, dtype: torch.dtype, fmax: float,
-    max_steps: int,
+    max_steps: int, dispersion: D3Dispersion | None = None,
 ) -> list[_Final]:
     """FIRE steps until every structure converged or took ``max_steps``: one model call per step for
     the structures still relaxing (a finished one leaves the batch)."""
@@ -424,7 +425,9 @@ def _run_fire(
         # a 3D-periodic batch gets stress even with a fixed cell: it goes into the results
         want_stress = structures.relax_cell or bool(structures.pbc[sel.graphs].all())
         batch = structures.graph_batch(sel, positions, cell, dtype, needs_charge_spin)
-        out = predict(model, batch, forces=True, stress=want_stress)
+        out = evaluate_model(model, batch, forces=True, stress=want_stress)  # a model, committee or .pt2
+        if dispersion is not None:
+            out = dispersion.add_to(out, batch)
         out = {key: value.detach() for key, value in out.items()}
         g_x, g_c = structures.generalised_forces(sel, deform, cell, out)
         f2 = sel.largest_row2(g_x, g_c).tolist()  # ASE's test: max squared row < fmax**2
@@ -481,6 +484,7 @@ def relax_batch(
     spin: float | None = None,
     head: str = "default",
     neighbor_backend: str = "auto",
+    dispersion: str | D3Dispersion | None = None,
 ) -> list[RelaxResult]:
     """Relax many structures together with FIRE, one model call per step for the whole batch.
 
@@ -494,7 +498,7 @@ def relax_batch(
 
     Args:
         structures: ``ase.Atoms`` or pymatgen ``Structure`` objects (left unmodified).
-        model: model or model path.
+        model: model or model path (``.pt``, or an exported ``.pt2``), or a list of them (a committee: the mean).
         fmax: convergence threshold on the largest generalised force (eV/Å).
         relax_cell: relax cells too (needs 3D-periodic cells).
         max_steps: FIRE steps at most per structure.
@@ -503,6 +507,8 @@ def relax_batch(
         skin, neighbor_backend: of each structure's :class:`~mlip.calculator.NeighborCache` (as in the
             calculator: Å, ``"auto"``).
         charge, spin, head: used where a structure's ``info`` lacks them, as in the calculator.
+        dispersion: a functional name (``"pbe"``) whose D3(BJ) energy, forces and virial are added
+            (see :class:`~mlip.calculator.dispersion.D3Dispersion`).
 
     Returns:
         One :class:`RelaxResult` per input, in input order.
@@ -520,5 +526,5 @@ def relax_batch(
         settings=[structure_settings(a.info, charge, spin, head) for a in atoms_list],
     )
     fire = _BatchedFire(stacked, FireParams(dt, maxstep, dtmax, n_min, finc, fdec, astart, fa))
-    finals = _run_fire(stacked, fire, net, dtype_, fmax, max_steps)
+    finals = _run_fire(stacked, fire, net, dtype_, fmax, max_steps, resolve_dispersion(dispersion))
     return [_relax_result(atoms, kind, final) for (atoms, kind), final in zip(converted, finals)]
