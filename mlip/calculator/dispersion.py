@@ -44,8 +44,12 @@ class D3Dispersion:
             in the D3(BJ) parameters fitted without it and in torch-dftd's default.
         cutoff, cn_cutoff: real-space cutoffs (Å) of the pair sum and of the coordination numbers;
             ``None`` keeps simple-dftd3's defaults (60 and 40 bohr, 31.8 and 21.2 Å).
-        smooth_width: width (Å) over which the pair sum is switched off before ``cutoff``; 0 (the
-            default) is D3's plain truncation, whose energy steps by ~1e-7 eV when a pair crosses it.
+        smooth_width: width (Å) over which the pair sum is switched off before ``cutoff`` (simple-dftd3's
+            ``width2``), so that forces are the gradient of a continuous energy. 0 is D3's plain
+            truncation (simple-dftd3's default), whose energy steps when a pair crosses the cutoff: in
+            a rattled 32-atom Cu cell that made central-difference forces differ from the analytic
+            ones by 5e-4 eV/Å, against 1e-8 eV/Å with 0.5 Å or more; the 1 Å default moves that
+            cell's D3 energy by 3e-5 eV/atom.
 
     Raises:
         ImportError: simple-dftd3 is not installed (the message says what to install).
@@ -53,7 +57,7 @@ class D3Dispersion:
     """
 
     def __init__(self, functional: str = "pbe", three_body: bool = False, cutoff: float | None = None,
-                 cn_cutoff: float | None = None, smooth_width: float = 0.0) -> None:
+                 cn_cutoff: float | None = None, smooth_width: float = 1.0) -> None:
         api = _dftd3()
         self.functional = str(functional).lower()
         try:
@@ -63,11 +67,9 @@ class D3Dispersion:
                              "use a functional name such as 'pbe', 'pbesol', 'r2scan', 'b3lyp'") from err
         self.three_body = bool(three_body)
         # simple-dftd3 takes bohr; its defaults are 60 (pairs) and 40 bohr (CN, three-body)
-        self._cutoffs = None
-        if cutoff is not None or cn_cutoff is not None or smooth_width:
-            cut = (60.0 * Bohr if cutoff is None else float(cutoff)) / Bohr
-            cn = (40.0 * Bohr if cn_cutoff is None else float(cn_cutoff)) / Bohr
-            self._cutoffs = {"disp2": cut, "disp3": min(cn, cut), "cn": cn, "width2": float(smooth_width) / Bohr}
+        cut = (60.0 * Bohr if cutoff is None else float(cutoff)) / Bohr
+        cn = (40.0 * Bohr if cn_cutoff is None else float(cn_cutoff)) / Bohr
+        self._cutoffs = {"disp2": cut, "disp3": min(cn, cut), "cn": cn, "width2": float(smooth_width) / Bohr}
 
     def __repr__(self) -> str:
         return f"D3Dispersion({self.functional!r}, three_body={self.three_body})"
@@ -88,8 +90,7 @@ class D3Dispersion:
             np.asarray(numbers, dtype=np.int32), np.asarray(positions, dtype=np.float64) / Bohr,
             np.asarray(cell, dtype=np.float64) / Bohr if periodic else None, pbc if periodic else None,
         )
-        if self._cutoffs is not None:
-            model.set_realspace_cutoff(**self._cutoffs)
+        model.set_realspace_cutoff(**self._cutoffs)
         res = model.get_dispersion(self._param, grad=True)
         out = {
             "energy": np.asarray(float(res["energy"]) * Hartree),
