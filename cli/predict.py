@@ -57,9 +57,9 @@ def predict_frames(net: Any, frames: Sequence[Any], dtype: Any, device: Any, hea
     graph = inference_batch(positions, numbers, cell, pbc, edge_index, shifts, batch, charge, spin, heads, dtype,
                             needs_charge_spin=uses_charge_spin(net))
     periodic = [bool(np.all(a.pbc)) for a in frames]
-    out = evaluate_model(net, graph, forces=True, stress=any(periodic))
+    out = {k: v.detach() for k, v in evaluate_model(net, graph, forces=True, stress=any(periodic)).items()}
     ptr = graph.ptr.tolist()
-    as_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+    as_np = lambda t: t.to("cpu", torch.float64).numpy()  # noqa: E731
     results = []
     for g in range(len(frames)):
         item = {"energy": float(out["energy"][g]), "forces": as_np(out["forces"][ptr[g]:ptr[g + 1]])}
