@@ -114,11 +114,12 @@ GPU_PLAN = Plan(
         # the medium preset's layers (C 128, harmonics l 3, hidden l 1): the fused-spline force path
         ParityCase("conv_tp_spline", 1, 3, 128, 3_334, 100_000),
         ParityCase("grid_product", 1, 1, 128, 30_000, 0),
-        # the small preset's layers (C 64, l 2) at 10^6 edges
+        # the small preset's second layer (C 64, l 2) at 10^6 edges (its first, l_in 0, below)
         ParityCase("conv_tp_spline", 1, 2, 64, 33_334, 1_000_000, ("float32",)),
         ParityCase("conv_tp", 1, 3, 128, 3_334, 100_000),
         ParityCase("conv_tp_spline", 0, 3, 128, 3_334, 100_000),
         ParityCase("grid_product", 3, 3, 64, 10_000, 0),
+        ParityCase("conv_tp_spline", 0, 2, 64, 33_334, 1_000_000, ("float32",)),
         ParityCase("conv_tp_spline", 1, 2, 64, 10_000, 300_000, ("float64",)),
     ),
     kernel_shapes=(((1, 3, 3), 128, 100_000), ((1, 3, 3), 128, 1_000_000)),
