@@ -24,7 +24,8 @@ import torch
 from mlip.atomic import atomic_path
 from mlip.data.graph import BoundedBatchSampler, GraphBatch, collate
 from mlip.dtypes import resolve_dtype
-from mlip.models.base import PotentialModel, config_fields, config_to_dict, load_model, model_class, save_model
+from mlip.models.base import (PotentialModel, config_fields, config_to_dict, load_model, load_torch_file, model_class,
+                              save_model)
 from mlip.models.base import build_model as _build
 from mlip.models.outputs import predict
 from mlip.train import checkpoint as ckpt
@@ -181,7 +182,7 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------- build_model
-def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
+def build_model(cfg: TrainConfig, data: Data, device: torch.device | str = "cpu") -> PotentialModel:
     """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
     ``avg_num_neighbors``, ``shift``, ``scale`` and ``use_charge_spin`` (true when every training
     structure has a total charge and spin) from the data where the family has such a field left unset;
@@ -191,7 +192,7 @@ def build_model(cfg: TrainConfig, data: Data) -> PotentialModel:
     base: dict = {}
     init = None
     if cfg.train.init_from:
-        init = load_model(cfg.train.init_from)
+        init = load_model(cfg.train.init_from, map_location=device)  # checked where it will train
         if init.family != family:
             raise ConfigError(f"--init-from {cfg.train.init_from} is a {init.family!r} model; the config asks for {family!r}")
         base = config_to_dict(init.config)
@@ -688,7 +689,7 @@ def train(
         _seed_everything(cfg.seed)
         r_max = _r_max(cfg)
         data = build_data(cfg, r_max, log=log if info.is_main else None, dist=info)
-        model = build_model(cfg, data).to(info.device)
+        model = build_model(cfg, data, info.device).to(info.device)
         if info.is_main:
             save_config(cfg, out / "config.yaml")
             log.info("model %s with %d parameters (%d trainable); %d train / %d valid structures",
@@ -738,8 +739,9 @@ def _r_max(cfg: TrainConfig) -> float:
     """The cutoff the data's neighbour lists need: the model section's, else the family default."""
     if "r_max" in cfg.model:
         return float(cfg.model["r_max"])
-    if cfg.train.init_from:
-        return load_model(cfg.train.init_from).r_max
+    if cfg.train.init_from:  # the file's config alone: no model is built (nor its kernel checked) here
+        payload = load_torch_file(cfg.train.init_from, "model file", ("family", "config"))
+        return float(payload["config"]["r_max"])
     return float(model_class(cfg.model["family"]).Config().r_max)
 
 
