@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import ase.db
 import ase.io
@@ -261,3 +262,48 @@ def test_mptrj_units_and_sign(tmp_path, suffix):
     assert atoms.get_chemical_symbols() == ["Li", "Fe", "O"] and all(atoms.pbc)
     corrected = read(path, keys=LabelKeys(energy="corrected_total_energy"))
     assert [a.info["energy"] for a in corrected] == [-21.5, -20.5]
+
+
+def _read_row(args):
+    reader, i = args
+    atoms = reader[i]
+    return atoms.info["energy"], atoms.info["charge"], atoms.info["spin"], reader._pid
+
+
+def test_aselmdb_folder_streams_row_by_row_and_workers_open_their_own_handles(tmp_path):
+    """A folder of OMol25-style .aselmdb files opens as one lazy data set: rows are read on demand
+    (nothing is loaded up front), charge and spin come from row.data, and DataLoader-style worker
+    processes each open their own connection."""
+    pytest.importorskip("ase_db_backends")
+    import multiprocessing as mp
+    import pickle
+
+    from mlip.data.datasets import open_dataset
+    from mlip.data.formats import AseDBReader, expand_paths
+
+    folder = tmp_path / "omol"
+    folder.mkdir()
+    expected = []
+    for f in range(2):
+        db = ase.db.connect(str(folder / f"data{f:04d}.aselmdb"), type="aselmdb")
+        for k in range(3):
+            atoms, labels = molecule(10 * f + k)
+            a = atoms.copy()
+            a.calc = SinglePointCalculator(a, energy=labels["energy"], forces=labels["forces"])
+            db.write(a, data={"charge": labels["charge"], "spin": labels["spin"]})
+            expected.append((labels["energy"], labels["charge"], labels["spin"]))
+        db.close()
+    (folder / "notes.txt").write_text("not data")
+    assert [p.rsplit("/", 1)[1] for p in expand_paths(folder)] == ["data0000.aselmdb", "data0001.aselmdb"]
+    ds = open_dataset(folder, r_max=3.0)
+    readers = ds.source.parts
+    assert all(isinstance(r, AseDBReader) and r._n_atoms is None for r in readers)  # ids only, no row read yet
+    assert len(ds) == 6 and ds.n_atoms.tolist() == [len(molecule(i)[0]) for i in (0, 1, 2, 10, 11, 12)]
+    assert [(float(g.energy), float(g.charge), float(g.spin)) for g in (ds[i] for i in range(6))] == expected
+    reader = readers[1]
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._db is None and clone._ids is None                 # no handle, no ids travel along
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pool.map(_read_row, [(reader, i) for i in range(3)])
+    assert [r[:3] for r in results] == expected[3:]
+    assert all(pid != os.getpid() for *_, pid in results)

@@ -173,3 +173,24 @@ def test_changed_inputs_restart_and_foreign_folders_are_refused(tmp_path, inputs
     (other / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="holds other files"):
         convert(inputs[:1], str(other), shard_size=4)
+
+
+def test_training_reads_an_aselmdb_folder_directly(tmp_path, inputs):
+    """OMol25 layout: data.train is the folder of .aselmdb files, read row by row (also from a
+    DataLoader worker), with the charge and spin of every molecule."""
+    import toy_models  # noqa: F401 - registers the toy-pair family
+    from mlip.train.config import config_from_mapping
+    from mlip.train.data import build_data
+    from mlip.train.loop import train
+
+    cfg = config_from_mapping({
+        "output_dir": str(tmp_path / "run"), "dtype": "float64", "device": "cpu", "num_threads": 1,
+        "model": {"family": "toy-pair", "r_max": 3.0},
+        "data": {"train": inputs[2], "valid_fraction": 0.2, "num_workers": 1},
+        "batch": {"max_atoms": 200}, "train": {"epochs": 1, "progress": False},
+    })
+    data = build_data(cfg, r_max=3.0)
+    assert len(data.train) + len(data.valid) == 17 and data.charge_spin
+    assert not data.train.dataset.cache  # streamed, not cached
+    train(cfg)
+    assert "14 train / 3 valid structures" in (tmp_path / "run" / "train.log").read_text()

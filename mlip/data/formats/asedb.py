@@ -58,12 +58,29 @@ def _shared_connection(path: str) -> Any:
     entry = _OPEN.get(key)
     if entry is not None and entry[1] == os.getpid() and entry[0] == stamp:
         return entry[2]
-    if entry is not None and entry[1] == os.getpid():
+    if entry is not None:
         _OPEN.pop(key)
-        entry[2].close() if hasattr(entry[2], "close") else None
+        if entry[1] == os.getpid():
+            entry[2].close() if hasattr(entry[2], "close") else None
+        else:
+            _release_inherited(entry[2])
     db = _connect(path)
     _OPEN[key] = (stamp, os.getpid(), db)
     return db
+
+
+def _release_inherited(db: Any) -> None:
+    """Close, in a forked child, the LMDB environment it inherited from its parent.
+
+    py-lmdb refuses to open a file that is "already open in this process", which the inherited
+    environment is; LMDB must not use it after a fork anyway. ``LMDBDatabase`` would reopen an
+    environment to close it (its ``env`` property checks the process id), so the inherited one is
+    closed directly and marked as this process's, which makes the database's own ``close`` a no-op.
+    """
+    env = getattr(db, "_env", None)
+    if env is not None:
+        env.close()
+        db._env_pid = os.getpid()
 
 
 def _row_to_raw(row: Any) -> Atoms:
