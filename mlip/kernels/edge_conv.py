@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import torch
 
-#: bytes of one chunk's ``[chunk, C, D_out]`` message on the CPU: a few MB stay in the L2/L3 cache
-CPU_CHUNK_BYTES = 1 << 21
+#: bytes of one chunk's ``[chunk, C, D_out]`` message on the CPU: small enough to stay in the L2 cache
+CPU_CHUNK_BYTES = 1 << 18
 #: on a GPU, chunks only bound memory: launch overhead favours few, large chunks
 GPU_CHUNK_BYTES = 1 << 28
+#: below this many bytes of messages ``[n_edges, C, D_out]`` plain autograd over all edges is faster
+#: (training batches of small molecules: no per-chunk overhead, no recomputation in the backward)
+DENSE_BYTES = 1 << 24
 
 
 def chunk_edges(n_edges: int, row_bytes: int, device: torch.device) -> int:
@@ -31,9 +34,11 @@ def _chunk_messages(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, u: torch.
         x [c, C, d_in] gathered sender features; y [c, d_sh] harmonics; w [c, P, C]; u [d_sh, d_in * D];
         one_hot [P, D] -> raw [c, C, D], w_exp [c, C, D], coupling [c, d_in, D].
     """
-    coupling = (y @ u).view(y.shape[0], x.shape[2], one_hot.shape[1])
+    c, n_ch, n_paths = x.shape[0], x.shape[1], w.shape[1]
+    coupling = (y @ u).view(c, x.shape[2], one_hot.shape[1])
     raw = torch.bmm(x, coupling)
-    w_exp = torch.matmul(w.transpose(1, 2), one_hot)
+    # one [c*C, P] @ [P, D] product: a transposed 3-d operand would make matmul a slow batched one
+    w_exp = (w.transpose(1, 2).reshape(c * n_ch, n_paths) @ one_hot).view(c, n_ch, -1)
     return raw, w_exp, coupling
 
 
@@ -57,18 +62,26 @@ class _ChunkedConvTP(torch.autograd.Function):
         node_feats, edge_attrs, edge_weights, sender, receiver, u, one_hot = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         need_x, need_y, need_w = ctx.needs_input_grad[:3]
+        # without create_graph nothing here is recorded: products may then overwrite their inputs,
+        # which saves allocating (and page-faulting) a fresh [c, C, D] buffer per product
+        inplace = not torch.is_grad_enabled()
+        # recorded for a second differentiation (training on forces), one chunk: the per-edge tensors
+        # are then kept for that backward anyway, and many small recorded ops cost more than they save
+        chunk = ctx.chunk if inplace else max(1, sender.shape[0])
         grad_x = torch.zeros_like(node_feats) if need_x else None
         parts_y, parts_w = [], []
-        for a in range(0, sender.shape[0], ctx.chunk):
-            s = slice(a, a + ctx.chunk)
+        for a in range(0, sender.shape[0], chunk):
+            s = slice(a, a + chunk)
             x = node_feats.index_select(0, sender[s])
             raw, w_exp, coupling = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot)
             g = grad_out.index_select(0, receiver[s])  # [c, C, D]
             if need_w:
-                parts_w.append(torch.matmul(g * raw, one_hot.T).transpose(1, 2))  # [c, P, C]
-            g_raw = g * w_exp
+                g_w = raw.mul_(g) if inplace else g * raw
+                parts_w.append(torch.matmul(g_w, one_hot.T).transpose(1, 2))  # [c, P, C]
+            g_raw = g.mul_(w_exp) if inplace else g * w_exp
             if need_x:
-                grad_x = grad_x.index_add(0, sender[s], torch.bmm(g_raw, coupling.transpose(1, 2)))
+                g_x = torch.bmm(g_raw, coupling.transpose(1, 2))
+                grad_x = grad_x.index_add_(0, sender[s], g_x) if inplace else grad_x.index_add(0, sender[s], g_x)
             if need_y:
                 g_coupling = torch.bmm(x.transpose(1, 2), g_raw)  # [c, d_in, D]
                 parts_y.append(g_coupling.reshape(g_coupling.shape[0], -1) @ u.T)  # [c, d_sh]
@@ -80,7 +93,8 @@ class _ChunkedConvTP(torch.autograd.Function):
 def conv_tp_chunked(node_feats: torch.Tensor, edge_attrs: torch.Tensor, edge_weights: torch.Tensor,
                     sender: torch.Tensor, receiver: torch.Tensor, n_nodes: int, u: torch.Tensor,
                     one_hot: torch.Tensor) -> torch.Tensor:
-    """The dense-coupling convolution of :func:`mlip.kernels.reference.conv_tp` over edge chunks.
+    """The dense-coupling convolution of :func:`mlip.kernels.reference.conv_tp`: over edge chunks when
+    its messages would exceed :data:`DENSE_BYTES`, else over all edges at once with plain autograd.
 
     Shapes:
         node_feats [n_nodes, C, d_in]; edge_attrs [n_edges, d_sh]; edge_weights [n_edges, P, C];
@@ -88,5 +102,9 @@ def conv_tp_chunked(node_feats: torch.Tensor, edge_attrs: torch.Tensor, edge_wei
         -> [n_nodes, C, D].
     """
     row_bytes = node_feats.shape[1] * one_hot.shape[1] * node_feats.element_size()
+    if sender.shape[0] * row_bytes <= DENSE_BYTES:
+        x = node_feats.index_select(0, sender)
+        raw, w_exp, _ = _chunk_messages(x, edge_attrs, edge_weights, u, one_hot)
+        return node_feats.new_zeros((n_nodes,) + raw.shape[1:]).index_add(0, receiver, raw * w_exp)
     chunk = chunk_edges(sender.shape[0], row_bytes, node_feats.device)
     return _ChunkedConvTP.apply(node_feats, edge_attrs, edge_weights, sender, receiver, u, one_hot, n_nodes, chunk)
