@@ -172,12 +172,21 @@ def _trace(fn: EnergyForcesStress, example: tuple[torch.Tensor, ...]) -> torch.e
     and become run-time assertions in the graph. opt_einsum is off while tracing: it plans a
     contraction from concrete sizes, which would pin the edge count.
     """
+    import logging
+
     import torch._functorch.config as functorch_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch.backends.opt_einsum.flags(enabled=False), \
-            functorch_config.patch(fake_tensor_propagate_real_tensors=True):
-        graph = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+    # each data-dependent check resolved from real values logs a warning: expected here, not news
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = shapes_log.level
+    shapes_log.setLevel(logging.ERROR)
+    try:
+        with torch.backends.opt_einsum.flags(enabled=False), \
+                functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+            graph = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+    finally:
+        shapes_log.setLevel(level)
     n_atoms = torch.export.Dim("n_atoms", min=1)
     n_edges = torch.export.Dim("n_edges", min=0)
     atoms, edges = {0: n_atoms}, {0: n_edges}
