@@ -14,7 +14,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.units import GPa
 
-__all__ = ["VOIGT", "elastic_constants", "eos", "phonons"]
+__all__ = ["VOIGT", "elastic_constants", "eos", "frequencies_at", "phonons"]
 
 #: Voigt order of ASE's stress (xx yy zz yz xz xy) as Cartesian index pairs
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -174,7 +174,7 @@ def phonons(atoms: Atoms, calc: Calculator, supercell: tuple[int, int, int] = (3
         forces.append(f - f.mean(axis=0))  # the net force of a finite-difference step is numerical noise
     ph.forces = np.array(forces)
     ph.produce_force_constants()
-    gamma = np.asarray(ph.get_frequencies([0.0, 0.0, 0.0]))
+    gamma = frequencies_at(ph, [[0.0, 0.0, 0.0]])[0]
     band = _band_structure(ph, band_points)
     ph.run_mesh(list(mesh))
     ph.run_total_dos()
@@ -185,6 +185,13 @@ def phonons(atoms: Atoms, calc: Calculator, supercell: tuple[int, int, int] = (3
     if plot is not None:
         _plot(out, plot)
     return out
+
+
+def frequencies_at(ph: Any, qpoints: Any) -> np.ndarray:
+    """Phonon frequencies (THz; imaginary ones negative) at ``qpoints`` [n_q, 3] (reduced coordinates of
+    the primitive cell's reciprocal lattice) of a ``Phonopy`` object with force constants -> [n_q, n_modes]."""
+    ph.run_qpoints(np.asarray(qpoints, dtype=float))
+    return np.asarray(ph.get_qpoints_dict()["frequencies"])
 
 
 def _band_structure(ph: Any, n_points: int) -> dict[str, Any]:
