@@ -176,7 +176,7 @@ def phonons(atoms: Atoms, calc: Calculator, supercell: tuple[int, int, int] = (3
     ph.produce_force_constants()
     gamma = frequencies_at(ph, [[0.0, 0.0, 0.0]])[0]
     band = _band_structure(ph, band_points)
-    ph.run_mesh(list(mesh))
+    ph.run_mesh(list(mesh), is_gamma_center=True)  # keeps the point-group symmetry of the mesh
     ph.run_total_dos()
     dos = ph.get_total_dos_dict()
     out = {"gamma_thz": gamma, "band": band,

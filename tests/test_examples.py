@@ -56,3 +56,18 @@ def test_md_ase_example_trains_a_model_when_none_is_given(tmp_path):
     assert "training the quickstart model" in out
     assert (tmp_path / "md" / "model" / "model.pt").is_file()
     assert "run_md: 10 steps" in out
+
+
+def test_properties_example(model_file, tmp_path):
+    out = _run([str(REPO / "examples/properties.py"), "--model", str(model_file), "--device", "cpu",
+                "--supercell", "2", "--out", str(tmp_path / "props")], cwd=tmp_path)
+    b_eos = float(re.search(r"EOS: .* B = ([0-9.]+) GPa", out).group(1))
+    c11, c12, c44 = (float(x) for x in re.search(
+        r"C11 = ([0-9.-]+), C12 = ([0-9.-]+), C44 = ([0-9.-]+) GPa", out).groups())
+    # one potential, two routes to the bulk modulus: the E(V) fit and (C11 + 2 C12)/3 from stresses
+    assert b_eos > 0 and (c11 + 2 * c12) / 3 == pytest.approx(b_eos, rel=0.02)
+    assert c11 > c12  # a mechanically stable cubic crystal (Born: C11 > |C12|, C44 > 0)
+    assert c44 > 0
+    gamma = [float(x) for x in re.search(r"Γ frequencies \[([^\]]+)\]", out).group(1).split()]
+    assert len(gamma) == 3 and max(abs(f) for f in gamma) < 0.1  # acoustic modes at zero
+    assert (tmp_path / "props" / "phonons.png").is_file()
