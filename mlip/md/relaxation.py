@@ -23,12 +23,13 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from mlip.calculator.ase import MLIPCalculator, NeighborCache, evaluate_model, prepare_model, resolve_device
+from mlip.calculator.ase import MLIPCalculator, NeighborCache, prepare_model, resolve_device
 from mlip.calculator.dispersion import D3Dispersion, resolve_dispersion
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
 from mlip.data.graph import GraphBatch
 from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
+from mlip.models.outputs import predict
 from mlip.units import GPA
 
 __all__ = ["OPTIMIZERS", "FireParams", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
@@ -425,7 +426,9 @@ def _run_fire(
         # a 3D-periodic batch gets stress even with a fixed cell: it goes into the results
         want_stress = structures.relax_cell or bool(structures.pbc[sel.graphs].all())
         batch = structures.graph_batch(sel, positions, cell, dtype, needs_charge_spin)
-        out = evaluate_model(model, batch, forces=True, stress=want_stress)  # a model, committee or .pt2
+        own = getattr(model, "predict_batch", None)  # a committee or an exported .pt2 evaluates itself
+        out = (own(batch, forces=True, stress=want_stress) if own is not None
+               else predict(model, batch, forces=True, stress=want_stress))
         if dispersion is not None:
             out = dispersion.add_to(out, batch)
         out = {key: value.detach() for key, value in out.items()}
