@@ -9,7 +9,7 @@ class _Greedy(click.Option):
     (click options take a fixed number of values; the extra ones are taken from the parser's
     remaining arguments up to the next option)."""
 
-    def add_to_parser(self, parser, ctx):  # noqa: ANN001, ANN201 - click's signature
+    def add_to_parser(self, parser, ctx):
         super().add_to_parser(parser, ctx)
         for name in self.opts:
             opt = getattr(parser, "_long_opt", {}).get(name)
@@ -17,7 +17,7 @@ class _Greedy(click.Option):
                 continue
             store = opt.process
 
-            def process(value, state, store=store):  # noqa: ANN001, ANN202
+            def process(value, state, store=store):
                 store(value, state)
                 while state.rargs and not state.rargs[0].startswith("-"):
                     store(state.rargs.pop(0), state)

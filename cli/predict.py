@@ -44,7 +44,12 @@ def predict_frames(net: Any, frames: Sequence[Any], dtype: Any, device: Any, hea
     import torch
 
     from mlip.calculator.ase import evaluate_model
-    from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
+    from mlip.calculator.inference import (
+        inference_batch,
+        structure_settings,
+        structure_tensors,
+        uses_charge_spin,
+    )
     from mlip.data.neighbors import batch_neighbor_list
 
     tensors = [structure_tensors(a, device) for a in frames]
@@ -59,7 +64,7 @@ def predict_frames(net: Any, frames: Sequence[Any], dtype: Any, device: Any, hea
     periodic = [bool(np.all(a.pbc)) for a in frames]
     out = {k: v.detach() for k, v in evaluate_model(net, graph, forces=True, stress=any(periodic)).items()}
     ptr = graph.ptr.tolist()
-    as_np = lambda t: t.to("cpu", torch.float64).numpy()  # noqa: E731
+    as_np = lambda t: t.to("cpu", torch.float64).numpy()
     results = []
     for g in range(len(frames)):
         item = {"energy": float(out["energy"][g]), "forces": as_np(out["forces"][ptr[g]:ptr[g + 1]])}

@@ -143,7 +143,7 @@ def example_inputs(model: PotentialModel, dtype: torch.dtype, device: torch.devi
     pbc = torch.ones(3, dtype=torch.bool)
     edge_index, shifts = neighbor_list(pos, cell, pbc, model.r_max, backend="torch")
     n = len(atoms)
-    as_t = lambda x, dt=dtype: torch.as_tensor(x, dtype=dt, device=device)  # noqa: E731
+    as_t = lambda x, dt=dtype: torch.as_tensor(x, dtype=dt, device=device)
     return (as_t(pos), as_t(atoms.numbers, torch.long), as_t(cell[None]), as_t(pbc[None], torch.bool),
             as_t(edge_index, torch.long), as_t(shifts, torch.long), as_t(torch.zeros(n), torch.long),
             as_t([0.0]), as_t([1.0]))
@@ -277,7 +277,7 @@ class ExportedModel:
         try:
             self._fn = aoti_load_package(str(self.path))
             meta = self._fn.get_metadata()
-        except Exception as err:  # noqa: BLE001 - re-raised naming the file
+        except Exception as err:
             raise ValueError(f"{self.path}: not a readable AOTInductor package ({err})") from err
         if "mlip" not in meta:
             raise ValueError(f"{self.path}: an AOTInductor package, but not one written by mlip export")
@@ -309,7 +309,7 @@ class ExportedModel:
         head = batch.head[g]
         if head not in (self.head, "default"):
             raise ValueError(f"{self.path} evaluates head {self.head!r}; structure {g} asks for {head!r}")
-        to = lambda t: t.to(device=self.device, dtype=self.dtype)  # noqa: E731
+        to = lambda t: t.to(device=self.device, dtype=self.dtype)
         dev = self.device
         inputs = (
             to(batch.positions[sl]), batch.numbers[sl].to(dev), to(batch.cell[g:g + 1]), batch.pbc[g:g + 1].to(dev),

@@ -13,11 +13,10 @@ from ase.io import read, write
 from click.testing import CliRunner
 from toy_models import calc64, morse_model, rattled_cu
 
-from mlip.calculator import MLIPCalculator
 from mlip.models.base import save_model
 
 pytest.importorskip("dftd3", reason="the d3 extra (simple-dftd3) is not installed")
-from dftd3.ase import DFTD3  # noqa: E402 - after the skip
+from dftd3.ase import DFTD3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_blas_thread")
 

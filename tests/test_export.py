@@ -22,7 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 def package(tmp_path_factory):
     """``(model.pt, model.pt2)``: a tiny random equivariant model for H, C, O, Cu and its float32 CPU export."""
     import torch
-
     from mlip.cli.main import main
 
     folder = tmp_path_factory.mktemp("export")
@@ -106,6 +105,7 @@ def test_exported_model_metadata_and_errors(package, tmp_path):
 
 def test_relax_and_md_load_the_package(package, tmp_path):
     from mlip.cli.main import main
+
     from mlip.md import relax_batch
 
     eager_path, exported_path = package

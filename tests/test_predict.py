@@ -94,9 +94,9 @@ def test_predict_prefix_head_and_errors(setup, tmp_path):
 def test_batched_predictions_equal_the_calculator_exactly(setup):
     """Before the file's 8 decimals: one batch of all frames against the calculator, float64."""
     import torch
+    from mlip.cli.predict import predict_frames
 
     from mlip.calculator.ase import prepare_model
-    from mlip.cli.predict import predict_frames
 
     model_path, data, _ = setup
     frames = read(data, index=":")

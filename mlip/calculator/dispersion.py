@@ -9,6 +9,7 @@ to 3e-6 eV at equal cutoffs but was 300-700x slower on our CPU benchmark (docs/m
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -118,9 +119,9 @@ class D3Dispersion:
         pos, numbers = batch.positions.detach().to("cpu", f64).numpy(), batch.numbers.cpu().numpy()
         cell, pbc = batch.cell.detach().to("cpu", f64).numpy(), batch.pbc.cpu().numpy()
         parts = [self.compute(numbers[a:b], pos[a:b], cell[g], pbc[g], per_atom)
-                 for g, (a, b) in enumerate(zip(ptr[:-1], ptr[1:]))]
+                 for g, (a, b) in enumerate(itertools.pairwise(ptr))]
         dev = out["energy"].device
-        as_t = lambda key, cat: torch.as_tensor(  # noqa: E731 - one line per output below
+        as_t = lambda key, cat: torch.as_tensor(
             np.concatenate([p[key] for p in parts]) if cat else np.stack([p[key] for p in parts]), dtype=f64, device=dev)
         result = dict(out)
         result["energy"] = out["energy"].detach().to(f64) + as_t("energy", False)
