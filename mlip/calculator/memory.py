@@ -66,18 +66,19 @@ def saved_bytes(model: torch.nn.Module, batch) -> int:  # noqa: ANN001 - a Graph
 
 
 def _probe_batches(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list:
-    """Two small periodic crystals of the model's elements at its cutoff (different edges per atom)."""
+    """Two periodic crystals of 27 atoms of the model's elements, one dense (~100 neighbours each)
+    and one sparse (~10): the same atoms and very different edges separate the two costs."""
     from ase import Atoms
 
     from mlip.data.graph import collate
     from mlip.data.transforms import atoms_to_graph
 
     out = []
-    for k, side in ((2, 0.55), (3, 0.7)):
-        a = side * float(model.r_max)
-        rng = np.random.default_rng(k)
-        frac = (np.stack(np.meshgrid(*[np.arange(k)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / k
-        pos = (frac + rng.uniform(-0.05, 0.05, frac.shape) / k) * a
+    for spacing in (0.35, 0.8):
+        a = 3 * spacing * float(model.r_max)
+        rng = np.random.default_rng(1)
+        frac = (np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) / 3
+        pos = (frac + rng.uniform(-0.03, 0.03, frac.shape)) * a
         numbers = [int(model.elements[i % len(model.elements)]) for i in range(len(pos))]
         atoms = Atoms(numbers=numbers, positions=pos, cell=np.eye(3) * a, pbc=True, info={"charge": 0.0, "spin": 1.0})
         out.append(collate([atoms_to_graph(atoms, float(model.r_max))]).to(device, dtype))
