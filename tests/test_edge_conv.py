@@ -82,3 +82,11 @@ def test_conv_tp_runs_chunked_above_the_dense_size_and_gives_the_same(monkeypatc
     chunked = R.conv_tp(x, y, w, s, r, 6, 1, 3, 3)
     assert calls  # the chunked path ran
     torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_no_edges_through_the_dense_path():
+    x, y, w, s, r = _inputs(3, 0, 2, 1, 2, 2)
+    out = R.conv_tp(x.requires_grad_(), y, w, s, r, 3, 1, 2, 2)
+    assert out.shape == (3, 2, R.tp_out_dim(1, 2, 2)) and not out.any()
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert not g.any()

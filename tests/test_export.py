@@ -75,10 +75,7 @@ def test_exported_isolated_atom(package):
     atom = Atoms("Cu", positions=[[0.0, 0.0, 0.0]])
     e1, f1, _, n_edges = _evaluate(exported_path, atom)
     assert n_edges == 0 and np.all(f1 == 0.0)
-    try:
-        e0 = _evaluate(eager_path, atom)[0]
-    except RuntimeError as err:  # the eager torch kernel, not the package
-        pytest.xfail(f"the eager equivariant model fails on a structure without edges: {err}")
+    e0 = _evaluate(eager_path, atom)[0]
     assert e1 == pytest.approx(e0, abs=1e-5)
 
 

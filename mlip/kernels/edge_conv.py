@@ -38,7 +38,7 @@ def _chunk_messages(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, u: torch.
     coupling = (y @ u).view(c, x.shape[2], one_hot.shape[1])
     raw = torch.bmm(x, coupling)
     # one [c*C, P] @ [P, D] product: a transposed 3-d operand would make matmul a slow batched one
-    w_exp = (w.transpose(1, 2).reshape(c * n_ch, n_paths) @ one_hot).view(c, n_ch, -1)
+    w_exp = (w.transpose(1, 2).reshape(c * n_ch, n_paths) @ one_hot).view(c, n_ch, one_hot.shape[1])
     return raw, w_exp, coupling
 
 
