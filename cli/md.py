@@ -51,6 +51,9 @@ class _Greedy(click.Option):
 @click.option("--max-force", type=float, default=100.0, show_default=True, help="Stop above this force, eV/Å.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for velocities and Langevin noise.")
 @click.option("--skin", type=float, default=0.5, show_default=True, help="Neighbour-list skin, Å.")
+@click.option("--max-memory-gb", type=float, default=None,
+              help="Memory budget of one force call, GiB (default: 80 % of the free memory); above it the "
+                   "edge work is chunked (same results).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
@@ -65,7 +68,7 @@ def md(model: str, structure: str, ensemble: str, thermostat: str, temperature: 
        timestep: float, pressure: float, friction: float, tdamp: float, pdamp: float, out: str, log: str | None,
        log_every: int, traj_every: int, index: int, max_temperature: float | None, max_force: float, seed: int,
        skin: float, device: str, dtype: str, progress: bool, dispersion: str | None, committee: tuple[str, ...],
-       max_force_std: float | None) -> None:
+       max_force_std: float | None, max_memory_gb: float | None) -> None:
     """Run MD of STRUCTURE (any file ASE reads: extxyz, CIF, POSCAR, ...) with MODEL.
 
     Logs step, time, temperature, potential/kinetic/total energy, the conserved quantity and its
@@ -99,11 +102,11 @@ def md(model: str, structure: str, ensemble: str, thermostat: str, temperature: 
             timestep=timestep, out=out, log=log, log_every=log_every, traj_every=traj_every, friction=friction,
             tdamp=tdamp, pressure=pressure, pdamp=pdamp, max_temperature=max_temperature, max_force=max_force,
             seed=seed, progress=progress, device=device, dtype=dtype, skin=skin, dispersion=dispersion,
-            max_force_std=max_force_std,
+            max_force_std=max_force_std, max_memory_gb=max_memory_gb,
         )
     except MDBlowUpError as err:
         raise click.ClickException(str(err)) from err
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, MemoryError) as err:
         raise click.ClickException(str(err)) from err
     if result.stop_reason is not None:
         click.echo(result.stop_reason)

@@ -75,11 +75,14 @@ def _write_native(atoms, name: str, path: Path, out_dir: Path) -> None:
               help="Output folder: relaxed.extxyz, relax.csv and a relaxed CIF/POSCAR per CIF/POSCAR input.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--max-memory-gb", type=float, default=None,
+              help="--sequential: memory budget of one force call, GiB (default: 80 % of the free memory); "
+                   "above it the edge work is chunked (same results).")
 @click.option("--dispersion", default=None, metavar="FUNCTIONAL",
               help="Add D3(BJ) dispersion with this functional's parameters, e.g. pbe (needs mlip[d3]).")
 def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool, optimizer: str,
           batched: bool | None, max_steps: int, pressure: float, out: str, device: str, dtype: str,
-          dispersion: str | None) -> None:
+          max_memory_gb: float | None, dispersion: str | None) -> None:
     """Relax every structure in STRUCTURES (CIF, POSCAR, extxyz, ...) with MODEL.
 
     Writes OUT/relaxed.extxyz (energy, forces, stress attached), OUT/relax.csv (energy, volume,
@@ -116,13 +119,13 @@ def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool
         else:
             from mlip.calculator import MLIPCalculator
 
-            calc = MLIPCalculator(model, device=device, dtype=dtype, dispersion=dispersion)
+            calc = MLIPCalculator(model, device=device, dtype=dtype, dispersion=dispersion, max_memory_gb=max_memory_gb)
             relaxed = []
             for name, _, atoms in items:
                 click.echo(f"relaxing {name} ({optimizer.upper()}, fmax={fmax} eV/Å)")
                 relaxed.append(relax_one(atoms, fmax=fmax, relax_cell=relax_cell, optimizer=optimizer,
                                          max_steps=max_steps, pressure=pressure, calculator=calc))
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, MemoryError) as err:
         raise click.ClickException(str(err)) from err
 
     rows = []

@@ -85,3 +85,23 @@ def test_nothing_fits_raises_before_computing_and_keeps_no_results(family):
 def test_bad_budgets_are_refused(bad):
     with pytest.raises(ValueError, match="max_memory_gb"):
         MLIPCalculator(_model(), max_memory_gb=bad)
+
+
+def test_md_and_relax_commands_take_the_budget(tmp_path):
+    from ase.io import write
+    from click.testing import CliRunner
+
+    from mlip.cli.main import main
+    from mlip.models.base import save_model
+
+    save_model(_model(), tmp_path / "model.pt")
+    write(tmp_path / "cu.xyz", _crystal(2))
+    base_md = ["md", str(tmp_path / "model.pt"), str(tmp_path / "cu.xyz"), "--steps", "2", "--dtype", "float64",
+               "--out", str(tmp_path / "md.xyz"), "--no-progress"]
+    ok = CliRunner().invoke(main, base_md + ["--max-memory-gb", "4"])
+    assert ok.exit_code == 0, ok.output
+    tiny = CliRunner().invoke(main, base_md + ["--max-memory-gb", "1e-9"])
+    assert tiny.exit_code == 1 and "max_memory_gb" in tiny.output and "Traceback" not in tiny.output
+    relax = CliRunner().invoke(main, ["relax", str(tmp_path / "model.pt"), str(tmp_path / "cu.xyz"), "--sequential",
+                                      "--max-memory-gb", "1e-9", "--out", str(tmp_path / "relaxed")])
+    assert relax.exit_code == 1 and "max_memory_gb" in relax.output

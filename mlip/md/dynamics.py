@@ -318,6 +318,7 @@ def run_md(
     skin: float = 0.5,
     dispersion: str | None = None,
     max_force_std: float | None = None,
+    max_memory_gb: float | None = None,
 ) -> MDResult:
     """Run MD on ``atoms`` (modified in place) and write trajectory and log as it goes.
 
@@ -344,6 +345,8 @@ def run_md(
         progress: show a tqdm progress bar.
         device, dtype, skin, dispersion: passed to the calculator built from ``model`` (``dispersion``:
             a functional name whose D3(BJ) correction is added, e.g. ``"pbe"``).
+        max_memory_gb: the calculator's memory budget for one force call (GiB; ``None``: 80 % of the
+            free memory); above it the edge work is chunked (:mod:`mlip.calculator.memory`).
         max_force_std: with a committee, stop cleanly (no error; ``MDResult.stop_reason`` says why,
             the trajectory ends with that step) when the largest per-atom force spread exceeds this, eV/Å.
 
@@ -359,7 +362,8 @@ def run_md(
     if calculator is None:
         if model is None:
             raise ValueError("run_md() needs a model or a calculator")
-        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin, dispersion=dispersion)
+        calculator = MLIPCalculator(model, device=device, dtype=dtype, skin=skin, dispersion=dispersion,
+                                    max_memory_gb=max_memory_gb)
     committee = isinstance(calculator.model, Committee)
     if max_force_std is not None and not committee:
         raise ValueError("max_force_std needs a committee: pass several models (mlip md ... --committee m2.pt m3.pt)")
