@@ -47,6 +47,8 @@ def convert_once(src: Path, out: Path, workers: int, shard_size: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if workers <= 1:  # no worker processes (the figure would be some library's helper process)
+        result["worker_peak_rss_mb"] = None
     result["frames_per_s"] = result["frames"] / result["wall_s"]
     result["output_mb"] = sum(p.stat().st_size for p in out.glob("*.h5")) / 2**20
     return result
@@ -75,9 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             run = convert_once(src, work / f"shards-{workers}", workers, args.shard_size)
             run["workers"] = workers
             runs.append(run)
+            worker = "" if run["worker_peak_rss_mb"] is None else f" (largest worker <= {run['worker_peak_rss_mb']:.0f} MB)"
             print(f"workers {workers}: {run['frames']} frames in {run['wall_s']:.0f} s = {run['frames_per_s']:.0f} "
-                  f"frames/s; peak RSS {run['peak_rss_mb']:.0f} MB (largest worker <= "
-                  f"{run['worker_peak_rss_mb']:.0f} MB); {run['shards']} shards, {run['output_mb']:.0f} MB", flush=True)
+                  f"frames/s; peak RSS {run['peak_rss_mb']:.0f} MB{worker}; {run['shards']} shards, "
+                  f"{run['output_mb']:.0f} MB", flush=True)
             shutil.rmtree(work / f"shards-{workers}")
         from benchmarks._common import environment
 

@@ -59,7 +59,7 @@ def _data_errors() -> Iterator[None]:
 
 @click.group("data")
 def data() -> None:
-    """Inspect, convert and split data files.
+    """Inspect, convert, split and sample data files.
 
     Formats (by extension): extended XYZ (.xyz, .extxyz), ASE database (.db, .aselmdb),
     MPTrj JSON (.json, .json.gz) and mlip HDF5 (.h5, .hdf5). Units: eV, Å, eV/Å, eV/Å³.
@@ -70,6 +70,7 @@ def data() -> None:
         mlip data inspect data/emt_crystals.xyz
         mlip data convert data/emt_crystals.xyz emt.h5
         mlip data split emt.h5 --fractions 0.8,0.1,0.1 --seed 0 --out-dir splits
+        mlip data sample emt.h5 replay.h5 --fraction 0.1
     """
 
 

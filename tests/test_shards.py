@@ -54,8 +54,9 @@ def inputs(tmp_path_factory) -> list[str]:
 
 
 def test_shards_equal_one_file_and_do_not_depend_on_workers(tmp_path, inputs):
-    single = convert(inputs, str(tmp_path / "all.h5"), workers=1)
-    assert single.n_structures == 9 + 23 + 17
+    seen = []
+    single = convert(inputs, str(tmp_path / "all.h5"), workers=1, progress=seen.append)
+    assert single.n_structures == 9 + 23 + 17 == sum(seen)  # the progress bar's count
     result = CliRunner().invoke(main, ["data", "convert", *inputs, str(tmp_path / "shards"),
                                        "--shard-size", "10", "--workers", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -70,6 +71,10 @@ def test_shards_equal_one_file_and_do_not_depend_on_workers(tmp_path, inputs):
     assert len(omol) == 17 and all(a.info["spin"] in (1.0, 2.0, 3.0) for a in omol)
     assert {round(a.info["charge"]) for a in omol} <= {-1, 0, 1}
     assert "data0001.aselmdb frame" in omol[-1].info["original_source"]
+    # HDF5 input (read in the main process) re-shards to the same structures
+    again = convert([str(tmp_path / "all.h5")], str(tmp_path / "resharded"), shard_size=30)
+    assert [len(HDF5Reader(p)) for p in again.outputs] == [30, 19]
+    assert [c[:9] for c in content(again.outputs)] == [c[:9] for c in content(shards)]
 
 
 def test_shard_folder_glob_and_list_train_as_one_data_set(tmp_path, inputs):
