@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy_models
 from ase.io import write
 from click.testing import CliRunner
-
-import toy_models
 from mlip.cli.main import main
+
 from mlip.data.datasets import open_dataset
 from mlip.models.base import load_model
 from mlip.train.config import config_from_mapping, load_config

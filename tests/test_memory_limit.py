@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic-data generators) lives at the root
 
-from benchmarks.data_synthetic import crystal_frames  # noqa: E402
+from benchmarks.data_synthetic import crystal_frames
 
 HEADROOM_MB = 40
 

@@ -24,8 +24,8 @@ def mixed_model(tmp_path_factory) -> Path:
     cfg = load_config(ROOT / "configs" / "mixed-heads.yaml", [
         f"output_dir={out / 'run'}", "num_threads=1", "device=cpu", "model.num_channels=8", "train.epochs=2",
         "train.progress=false",
-        f"data.train=[{{path: {ROOT / 'data/xtb_molecules.xyz'}, head: omol}}, "
-        f"{{path: {ROOT / 'data/emt_crystals.xyz'}, head: mptrj}}]"])
+        (f"data.train=[{{path: {ROOT / 'data/xtb_molecules.xyz'}, head: omol}}, "
+         f"{{path: {ROOT / 'data/emt_crystals.xyz'}, head: mptrj}}]")])
     return train(cfg)
 
 

@@ -15,8 +15,8 @@ import ase.io
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from mlip.cli.main import main
+
 from mlip.data.datasets import open_dataset
 from mlip.data.formats import DataError, HDF5Reader, expand_paths, read
 from mlip.data.formats.convert import convert
@@ -24,7 +24,7 @@ from mlip.data.formats.convert import convert
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic-data generators) lives at the root
 
-from benchmarks.data_synthetic import crystal_frames, write_mptrj, write_omol_folder  # noqa: E402
+from benchmarks.data_synthetic import crystal_frames, write_mptrj, write_omol_folder
 
 
 def content(paths: list[str]) -> list[tuple]:
@@ -86,7 +86,8 @@ def test_shard_folder_glob_and_list_train_as_one_data_set(tmp_path, inputs):
     np.testing.assert_array_equal(folder.n_atoms, listed.n_atoms)
     assert folder[48].positions.tolist() == listed[48].positions.tolist()
 
-    import toy_models  # noqa: F401 - registers the toy-pair family
+    import toy_models
+
     from mlip.train.config import config_from_mapping
     from mlip.train.loop import train
 
@@ -183,7 +184,8 @@ def test_changed_inputs_restart_and_foreign_folders_are_refused(tmp_path, inputs
 def test_training_reads_an_aselmdb_folder_directly(tmp_path, inputs):
     """OMol25 layout: data.train is the folder of .aselmdb files, read row by row (also from a
     DataLoader worker), with the charge and spin of every molecule."""
-    import toy_models  # noqa: F401 - registers the toy-pair family
+    import toy_models
+
     from mlip.train.config import config_from_mapping
     from mlip.train.data import build_data
     from mlip.train.loop import train

@@ -17,8 +17,8 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from click.testing import CliRunner
-
 from mlip.cli.main import main
+
 from mlip.data.formats import DataError, LabelKeys, iter_read, read
 from mlip.data.formats.labels import canonicalize
 from mlip.data.formats.mptrj import mptrj_keys
@@ -27,7 +27,7 @@ from mlip.units import KBAR_VASP_TO_EV_A3
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ (the synthetic-data generators) lives at the root
 
-from benchmarks.data_synthetic import mptrj_frame, write_mptrj  # noqa: E402
+from benchmarks.data_synthetic import mptrj_frame, write_mptrj
 
 
 # --- the reader before streaming, kept as the oracle ---------------------------------------------

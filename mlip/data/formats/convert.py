@@ -204,7 +204,7 @@ class _Workers:
             self.pool = multiprocessing.get_context("spawn").Pool(self.n)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()

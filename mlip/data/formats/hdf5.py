@@ -33,7 +33,14 @@ from ase import Atoms
 
 from mlip import keys as K
 from mlip.atomic import atomic_path
-from mlip.data.formats.labels import DataError, LabelKeys, check_required, error, is_isolated_atom, validate_atoms
+from mlip.data.formats.labels import (
+    DataError,
+    LabelKeys,
+    check_required,
+    error,
+    is_isolated_atom,
+    validate_atoms,
+)
 
 EXTENSIONS = (".h5", ".hdf5")
 FORMAT_NAME = "mlip-hdf5"
