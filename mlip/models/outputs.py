@@ -63,5 +63,8 @@ def predict(
             g = torch.zeros_like(batch.cell)
         volume = torch.linalg.det(batch.cell).abs()[:, None, None]
         result["virial"] = -g
-        result["stress"] = torch.where(volume > 0, g / volume, torch.full_like(g, float("nan")))
+        # divide by a safe volume: dividing by zero inside torch.where would make its gradient NaN
+        # for the whole batch when molecules and stress-labelled crystals train together
+        safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+        result["stress"] = torch.where(volume > 0, g / safe, torch.full_like(g, float("nan")))
     return result
