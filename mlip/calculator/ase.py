@@ -267,6 +267,12 @@ class MLIPCalculator(Calculator):
         dispersion: ``None``, or a functional name (``"pbe"``) whose D3(BJ) correction is added to
             energy, forces and stress (:class:`~mlip.calculator.dispersion.D3Dispersion`, needs the
             ``d3`` extra), or a configured ``D3Dispersion``.
+        compile: run the energy/forces/stress function compiled by ``torch.compile`` (Inductor;
+            :class:`~mlip.models.compile.CompiledPotential`): the first call traces and compiles (a few
+            minutes on a CPU), later calls of any atom and edge count reuse it. Off by default: on CPU
+            the compile time outweighs the gain for short runs (``docs/benchmarks.md``). The edge work is
+            then not chunked to ``max_memory_gb``. If compilation fails, one warning names the error and
+            the model runs eager.
 
     Results: ``energy`` and ``free_energy`` (eV, equal: the model has no electronic entropy),
     ``energies`` (per-atom, eV, summing to the energy), ``forces`` (eV/Å), ``stress`` (Voigt
@@ -291,12 +297,17 @@ class MLIPCalculator(Calculator):
         neighbor_backend: str = "auto",
         max_memory_gb: float | None = None,
         dispersion: str | Any | None = None,
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.model = prepare_model(model, self.device, self.dtype)
+        if compile:
+            from mlip.models.compile import compile_model
+
+            self.model = compile_model(self.model)  # predict_batch: evaluated like a committee
         self.neighbors = NeighborCache(self.model.r_max, skin=skin, backend=neighbor_backend)
         self.head = head
         self.default_charge = charge

@@ -113,6 +113,7 @@ class TrainLoopConfig:
     init_from: str | None = None
     freeze: list = field(default_factory=list)
     log_steps: bool = True
+    compile: bool = False
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -136,6 +136,7 @@ class RunState:
     history: list = field(default_factory=list)
     started: float = field(default_factory=time.time)
     hooks: dict = field(default_factory=dict)
+    compiled: Any = None  # train.compile: the model's CompiledPotential (mlip.models.compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -367,7 +368,10 @@ def train_step(state: RunState, batch: GraphBatch, real: bool, weights: LossWeig
     want_f, want_s = needs(weights, batch)
     want_f, want_s = ddp.all_reduce_max_flag(want_f, info), ddp.all_reduce_max_flag(want_s, info)
     state.optimizer.zero_grad(set_to_none=True)
-    pred = predict(state.net, batch, forces=want_f, stress=want_s, create_graph=True)
+    if state.compiled is not None:
+        pred = state.compiled.predict(batch, forces=want_f, stress=want_s, create_graph=True)
+    else:
+        pred = predict(state.net, batch, forces=want_f, stress=want_s, create_graph=True)
     sums, counts = loss_sums(pred, batch, cfg.loss.kind, cfg.loss.huber_delta)
     if not real:
         sums = {k: v * 0.0 for k, v in sums.items()}
@@ -703,6 +707,8 @@ def train(
         multi_head = len(data.heads) > 1
         net = ddp.wrap(model, info, find_unused=multi_head)
         state = RunState(cfg, data, model, net, optimizer, schedule, ema, info, out, hooks=dict(hooks or {}))
+        if cfg.train.compile:
+            state.compiled = _compiled(cfg, data, model, info)
         if resume:
             state.load_checkpoint(ckpt.load_checkpoint(out / ckpt.LAST, map_location=info.device))
             if info.is_main:
@@ -722,6 +728,24 @@ def train(
             log.removeHandler(handler)
             handler.close()
         ddp.cleanup(info)
+
+
+def _compiled(cfg: TrainConfig, data: Data, model: PotentialModel, info: ddp.DistInfo) -> Any:
+    """``train.compile``: the model's compiled energy/forces/stress function (:mod:`mlip.models.compile`),
+    or a :class:`ConfigError` where it cannot work. Batches are padded to the most structures in one
+    batch, so that one compiled graph serves them all."""
+    from mlip.models.compile import CompiledPotential, compile_problem
+
+    why = compile_problem(model, training=True)
+    if why is None and info.world_size > 1:
+        why = ("several processes (DDP) synchronise gradients in their own forward, which the compiled "
+               "function bypasses")
+    if why is not None:
+        raise ConfigError(f"train.compile: {why}; set train.compile: false")
+    most = max((len(p) for p in _batches(data.train, cfg, 0, shuffle=True)), default=1)
+    log.info("train.compile: the first step traces and compiles the energy/forces/stress function "
+             "(minutes on a CPU)")
+    return CompiledPotential(model, training=True, min_graphs=most)
 
 
 def _test_metrics(state: RunState, model_path: Path) -> None:
