@@ -1,6 +1,7 @@
 """torch.compile of the energy/forces/stress function (:mod:`mlip.models.compile`): compiled equals eager
 for the calculator (energy, forces, stress) on a tiny equivariant model, a structure of another size
-reuses the compiled function, a failing compilation warns and returns eager results, training through
+reuses the compiled function, a failing compilation warns and returns eager results (so does a forward
+with data-dependent sizes, refused after tracing), training through
 the compiled function (forces in the loss: a double backward) gives eager's gradients and trajectory,
 and ``train.compile`` refuses what it cannot compile.
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import toy_models
 from ase.build import bulk
 from torch._dynamo.utils import counters
 
-import toy_models
 from mlip.calculator import MLIPCalculator
 from mlip.data.graph import collate
 from mlip.models.base import build_model
@@ -41,7 +42,7 @@ def silicon(repeat: tuple[int, int, int], seed: int):
     return atoms
 
 
-def results(calc: MLIPCalculator, atoms) -> dict[str, np.ndarray]:  # noqa: ANN001
+def results(calc: MLIPCalculator, atoms) -> dict[str, np.ndarray]:
     atoms = atoms.copy()
     atoms.calc = calc
     return {"energy": np.array(atoms.get_potential_energy()), "forces": atoms.get_forces(),
@@ -119,6 +120,19 @@ def test_failed_compilation_warns_once_and_runs_eager(tiny_model, monkeypatch):
         results(calc, silicon((2, 1, 1), seed=3))
 
 
+def test_data_dependent_forward_is_refused_after_tracing():
+    """``skip_per_element`` loops over the elements present (``unique().tolist()``, ``nonzero``): a trace
+    would fix the first structure's element set, so the wrapper refuses it before compiling."""
+    model = build_model("equivariant", {**TINY, "num_layers": 2, "skip_per_element": True}).float().eval()
+    calc = MLIPCalculator(model, device="cpu", dtype="float32", compile=True)
+    atoms = silicon((1, 2, 2), seed=5)
+    with pytest.warns(RuntimeWarning, match="data-dependent sizes or values .*aten.nonzero"):
+        got = results(calc, atoms)
+    ref = results(MLIPCalculator(model, device="cpu", dtype="float32"), atoms)
+    for key in ref:
+        np.testing.assert_array_equal(got[key], ref[key])
+
+
 def test_models_that_cannot_be_compiled_warn_and_run_as_they_are():
     fa = build_model("frame-averaged", {"elements": [14], "r_max": 4.0, "num_channels": 8, "num_layers": 1})
     with pytest.warns(RuntimeWarning, match="'frame-averaged' family cannot be compiled"):
@@ -138,7 +152,7 @@ def _batches():
     return [collate(graphs[:2]), collate(graphs[2:5])]  # 2 and 3 structures: padded to 4
 
 
-def _loss_grads(fn, model, batch):  # noqa: ANN001, ANN202
+def _loss_grads(fn, model, batch):
     model.zero_grad()
     out = fn(batch)
     loss = (out["energy"] ** 2).sum() + (out["forces"] ** 2).sum() + 1e3 * (out["stress"] ** 2).sum()

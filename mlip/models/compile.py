@@ -233,6 +233,32 @@ def _reconnect_saved_outputs(graph: torch.fx.GraphModule) -> int:
     return undone
 
 
+#: ATen ops whose result's size or value decides the rest of the trace from the example's data
+_DATA_DEPENDENT = ("nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "_local_scalar_dense")
+
+
+def _check_data_independent(graph: torch.fx.GraphModule) -> None:
+    """Refuse a trace whose computation depends on data-dependent sizes or values.
+
+    The trace resolves such decisions with the example's values (``fake_tensor_propagate_real_tensors``)
+    and would replay them for every later structure: e.g. ``SpeciesLinear`` (``skip_per_element``)
+    loops over ``torch.unique(element).tolist()`` and indexes with ``nonzero``, which fixes the example's
+    set of elements (and Inductor cannot compile the data-dependent sizes: "Could not guard on
+    data-dependent expression"). Checks whose results feed no computation (the unknown-element test,
+    charge/spin) are dead code here and removed first; :meth:`CompiledPotential._check_inputs` runs them
+    eagerly instead. A data-dependent Python branch leaves no op behind: the families shipped have none
+    besides those checks, and ``frame-averaged``, which has, is refused (:data:`NOT_COMPILABLE`).
+    """
+    graph.graph.eliminate_dead_code()  # ops that mutate their inputs count as used
+    graph.recompile()
+    found = sorted({str(n.target) for n in graph.graph.nodes
+                    if n.op == "call_function" and any(f"aten.{op}." in str(n.target) for op in _DATA_DEPENDENT)})
+    if found:
+        raise CompileError(f"the model's forward has data-dependent sizes or values ({', '.join(found)}; e.g. a "
+                           "loop over the elements present, as skip_per_element's SpeciesLinear does): a trace would "
+                           "fix them to the first structure's")
+
+
 def _max_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[str, float]:
     """Largest ``|got - ref| / (max|ref| + 1)`` over the keys of ``ref`` (NaN where both are NaN is equal)."""
     worst, where = 0.0, ""
@@ -378,6 +404,7 @@ class CompiledPotential:
                 fx_config.patch(use_duck_shape=False), _quiet("torch.fx.experimental.symbolic_shapes"):
             graph = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(params, *inputs)
         _reconnect_saved_outputs(graph)
+        _check_data_independent(graph)
         self._check_symbolic(graph)
         compiled = torch.compile(graph, dynamic=True, fullgraph=True, options=self.options or None)
         return _Compiled(compiled, keys, n_graphs), ref
