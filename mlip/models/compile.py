@@ -1,6 +1,6 @@
 """``torch.compile`` (Inductor) of the energy -> forces/stress function, for inference and training.
 
-Two limits of torch 2.x shape how this works (measured with torch 2.13 on a two-layer MLP):
+What torch 2.x cannot do shapes how this works (measured with torch 2.13 on a two-layer MLP):
 ``torch.compile`` of the model's forward gives forces through AOTAutograd's compiled backward, which
 cannot be differentiated again ("torch.compile with aot_autograd does not currently support double
 backward"), so force training fails; Dynamo does not trace ``torch.autograd.grad`` (graph break, same
@@ -13,8 +13,11 @@ a plain first backward of a graph that already holds the force derivative.
 
 :class:`CompiledPotential` wraps a model: the first call for a new kind of input (forces/stress
 wanted, head, padded structure count, train/eval mode) traces, compiles and checks the compiled
-result against eager; later calls with any number of atoms and edges reuse it. If anything fails it
-warns once, naming the exception, and stays eager from then on.
+result against eager (weight gradients too, in training); later calls with any number of atoms and
+edges reuse it (Dynamo may recompile once when a structure crosses ``n_atoms + readout_hidden = 32``:
+Inductor writes smaller CPU matrix products as pointwise ones). If anything fails it warns once, naming
+the exception, and stays eager from then on. On CPU it is not faster than eager for the presets
+(``docs/benchmarks.md``, torch.compile), hence off by default.
 """
 from __future__ import annotations
 
@@ -160,12 +163,11 @@ class _Predict(torch.nn.Module):
 
 @dataclass
 class _Compiled:
-    """One compiled kind of call: the function, its output keys and how long it took to build."""
+    """One compiled kind of call: the function, its output keys and the structure count it was traced for."""
 
     fn: Any
     keys: list[str]
     n_graphs: int
-    checked: bool = False
 
 
 @contextlib.contextmanager
