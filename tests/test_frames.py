@@ -250,3 +250,21 @@ def test_sample_frames_draws_by_weight():
     # the expected rotation under sampling equals the weighted mean of the frames
     mean = (fs.rotation * fs.weight[:, None, None]).sum(0)
     assert torch.allclose(picks.mean(0), mean, atol=0.05)
+
+
+def test_sample_frames_draws_k_frames_per_structure_weighted_one_over_k():
+    """``k`` independent draws per structure, ordered by structure, each weighted ``1/k``: the
+    weights still sum to one per structure, and the mean over draws is the weighted frame mean."""
+    e = _tetragonal_edges(1.0005)
+    edges = torch.cat([e, e @ torch.linalg.qr(torch.randn(3, 3, dtype=e.dtype))[0]])
+    graph = torch.cat([torch.zeros(56, dtype=torch.long), torch.ones(56, dtype=torch.long)])
+    fs = F.structure_frames(edges, graph, 2)
+    gen = torch.Generator().manual_seed(1)
+    s = F.sample_frames(fs, gen, k=3)
+    assert s.graph.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.allclose(s.weight, torch.full((6,), 1.0 / 3, dtype=s.weight.dtype))
+    for rot, g in zip(s.rotation, s.graph):
+        assert (fs.rotation[fs.graph == g] - rot).flatten(1).norm(dim=1).min() < 1e-14
+    draws = torch.stack([F.sample_frames(fs, gen, k=4).rotation[:4] for _ in range(1000)]).reshape(-1, 3, 3)
+    mean = (fs.rotation[fs.graph == 0] * fs.weight[fs.graph == 0, None, None]).sum(0)
+    assert torch.allclose(draws.mean(0), mean, atol=0.05)

@@ -8,8 +8,8 @@ frame on a replicated copy of the structure. Energies are averaged over the fram
 - full averaging (all 8 sign frames, 4 for SO(3), more for degenerate spectra): exactly invariant
   energy and, through autograd (gradients flow through the frame), exactly equivariant and
   conservative forces and stress;
-- stochastic averaging (one random frame per structure), FAENet's training mode: 1/8 of the cost,
-  equivariant only in expectation. Chosen by ``train_averaging`` when the module is in training
+- stochastic averaging (one random frame per structure, or ``train_frames`` of them), FAENet's
+  training mode: 1/8 of the cost per frame, equivariant only in expectation. Chosen by ``train_averaging`` when the module is in training
   mode and by ``eval_averaging`` otherwise.
 
 Backbone per layer: message ``m_ij = MLP([h_i, h_j, ε_ij]) u(r_ij)`` (``ε`` = embedding of the
@@ -41,7 +41,8 @@ class FrameAveragedConfig:
 
     ``group`` is ``"O3"`` (8 frames: invariant under rotations and reflections) or ``"SO3"``
     (4 frames: rotations only). ``train_averaging`` / ``eval_averaging`` are ``"full"`` or
-    ``"stochastic"``. ``degeneracy_tol`` is the relative eigengap below which principal axes count
+    ``"stochastic"``; ``train_frames`` is the number of random frames per structure of stochastic
+    averaging in training (each weighted ``1/train_frames``). ``degeneracy_tol`` is the relative eigengap below which principal axes count
     as degenerate; above ``degeneracy_blend * degeneracy_tol`` they are distinct, and between the
     two the frame sets are blended smoothly (:func:`mlip.nn.frames.blended_frames`), so the energy
     stays continuous and conservative when a structure passes near degenerate axes (MD of a cubic
@@ -59,6 +60,7 @@ class FrameAveragedConfig:
     use_charge_spin: bool = False
     group: str = "O3"
     train_averaging: str = "stochastic"
+    train_frames: int = 1
     eval_averaging: str = "full"
     degeneracy_tol: float = 1e-4
     degeneracy_blend: float = 10.0
@@ -78,6 +80,8 @@ def _validate(cfg: FrameAveragedConfig) -> None:
     for name in ("train_averaging", "eval_averaging"):
         if getattr(cfg, name) not in AVERAGING:
             raise ValueError(f"frame-averaged: {name} must be one of {AVERAGING}, got {getattr(cfg, name)!r}")
+    if int(cfg.train_frames) < 1:
+        raise ValueError(f"frame-averaged: train_frames must be >= 1, got {cfg.train_frames}")
     if int(cfg.num_layers) < 1:
         raise ValueError(f"frame-averaged: num_layers must be >= 1, got {cfg.num_layers}")
     if int(cfg.n_inplane) < 1:
@@ -197,7 +201,9 @@ class FrameAveragedModel(PotentialModel):
                                 tol=float(cfg.degeneracy_tol), n_inplane=int(cfg.n_inplane),
                                 blend=float(cfg.degeneracy_blend))
         mode = averaging or self.averaging
-        return sample_frames(full) if mode == "stochastic" else full
+        if mode == "full":
+            return full
+        return sample_frames(full, k=int(cfg.train_frames) if self.training else 1)
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor, frames: FrameSet | None = None) -> dict[str, torch.Tensor]:
         """Energies (and direct forces) averaged over ``frames`` (default: :meth:`frames`)."""
