@@ -76,8 +76,8 @@ def _write_native(atoms, name: str, path: Path, out_dir: Path) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--max-memory-gb", type=float, default=None,
-              help="--sequential: memory budget of one force call, GiB (default: 80 % of the free memory); "
-                   "above it the edge work is chunked (same results).")
+              help="Memory budget of one force call (batched: of all structures still relaxing), GiB "
+                   "(default: 80 % of the free memory); above it the edge work is chunked (same results).")
 @click.option("--dispersion", default=None, metavar="FUNCTIONAL",
               help="Add D3(BJ) dispersion with this functional's parameters, e.g. pbe (needs mlip[d3]).")
 def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool, optimizer: str,
@@ -114,7 +114,7 @@ def relax(model: str, structures: tuple[str, ...], fmax: float, relax_cell: bool
             click.echo(f"relaxing {len(items)} structure(s) together (batched FIRE, fmax={fmax} eV/Å)")
             results = relax_batch([a for _, _, a in items], model, fmax=fmax, relax_cell=relax_cell,
                                   max_steps=max_steps, pressure=pressure, device=device, dtype=dtype,
-                                  dispersion=dispersion)
+                                  dispersion=dispersion, max_memory_gb=max_memory_gb)
             relaxed = [r.atoms for r in results]
         else:
             from mlip.calculator import MLIPCalculator

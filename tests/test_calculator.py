@@ -407,25 +407,25 @@ def test_unknown_element_error_names_it():
 
 
 def test_out_of_memory_raises_clearly_and_never_returns_stale_forces(monkeypatch, device):
-    import mlip.calculator.ase as calc_module
+    from mlip.calculator.memory import BudgetedPredictor
 
     atoms = rattled_cu()
     calc = _calc(device)
     atoms.calc = calc
     f_old = atoms.get_forces().copy()
-    real_predict = calc_module.predict
+    real_call = BudgetedPredictor.__call__
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-    def failing_predict(*args, **kwargs):
+    def failing_call(*args, **kwargs):
         raise oom("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(calc_module, "predict", failing_predict)
+    monkeypatch.setattr(BudgetedPredictor, "__call__", failing_call)
     atoms.positions[0] += [0.1, 0.0, 0.0]
     with pytest.raises(RuntimeError, match=f"out of memory on {device.type}.* evaluating 32 atoms"):
         atoms.get_forces()
     with pytest.raises(RuntimeError, match="out of memory"):  # asked again: still no stale result
         atoms.get_forces()
-    monkeypatch.setattr(calc_module, "predict", real_predict)
+    monkeypatch.setattr(BudgetedPredictor, "__call__", real_call)
     f_new = atoms.get_forces()
     _, f_ref = _fresh_results(atoms, calc.model)
     np.testing.assert_allclose(f_new, f_ref, atol=1e-12)

@@ -102,6 +102,36 @@ def test_md_and_relax_commands_take_the_budget(tmp_path):
     assert ok.exit_code == 0, ok.output
     tiny = CliRunner().invoke(main, base_md + ["--max-memory-gb", "1e-9"])
     assert tiny.exit_code == 1 and "max_memory_gb" in tiny.output and "Traceback" not in tiny.output
-    relax = CliRunner().invoke(main, ["relax", str(tmp_path / "model.pt"), str(tmp_path / "cu.xyz"), "--sequential",
-                                      "--max-memory-gb", "1e-9", "--out", str(tmp_path / "relaxed")])
-    assert relax.exit_code == 1 and "max_memory_gb" in relax.output
+    for mode in ("--sequential", "--batched"):
+        relax = CliRunner().invoke(main, ["relax", str(tmp_path / "model.pt"), str(tmp_path / "cu.xyz"), mode,
+                                          "--max-memory-gb", "1e-9", "--out", str(tmp_path / "relaxed")])
+        assert relax.exit_code == 1 and "max_memory_gb" in relax.output, (mode, relax.output)
+
+
+def test_batched_relaxation_chunks_to_the_budget_and_changes_nothing(monkeypatch):
+    """``relax_batch`` runs every step's batched call through the same budget as the calculator:
+    a budget that fits only with edge chunks gives the same relaxed structures, and one that
+    nothing fits raises before the first step."""
+    from mlip.md.relaxation import relax_batch
+
+    model = _model()
+    structures = [_crystal(2), _crystal(2)]
+    structures[1].rattle(0.05, seed=3)
+    want = relax_batch(structures, model, fmax=0.01, max_steps=20, dtype="float64")
+    memory = MemoryModel.measure(model, torch.device("cpu"), torch.float64)
+    n_edges = collate([atoms_to_graph(a, model.r_max) for a in structures]).n_edges
+    n_atoms = sum(len(a) for a in structures)
+    fits_chunked = 0.5 * (memory.peak(n_atoms, n_edges) + memory.peak(n_atoms, n_edges, chunk=n_edges // 8))
+    chunks = []
+    real = type(model).set_edge_chunk_size
+    monkeypatch.setattr(type(model), "set_edge_chunk_size", lambda self, k: (chunks.append(k), real(self, k))[1])
+    got = relax_batch(structures, model, fmax=0.01, max_steps=20, dtype="float64", max_memory_gb=fits_chunked / 2**30)
+    assert [k for k in chunks if k not in (None, 64)]  # the steps ran chunked (64: the probe chunk)
+    for a, b in zip(want, got):
+        assert a.steps == b.steps
+        np.testing.assert_allclose(b.atoms.positions, a.atoms.positions, rtol=0, atol=1e-9)
+        assert abs(a.energy - b.energy) < 1e-9
+    with pytest.raises(MemoryBudgetError, match="raise max_memory_gb"):
+        relax_batch(structures, model, fmax=0.01, max_steps=20, dtype="float64", max_memory_gb=1e-9)
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        relax_batch(structures, model, max_memory_gb=-1.0)

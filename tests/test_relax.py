@@ -103,17 +103,16 @@ def test_batched_equals_one_by_one_and_reaches_fmax(relax_cell):
 def test_batched_relaxation_makes_one_model_call_per_step(monkeypatch):
     """Every FIRE step evaluates all structures still relaxing in a single model call (the batch
     shrinks as structures converge), so the number of calls is the longest relaxation's, not the sum."""
-    import importlib
+    from mlip.calculator.memory import BudgetedPredictor
 
-    relax_module = importlib.import_module("mlip.md.relaxation")
     calls = []
-    real_predict = relax_module.predict
+    real_call = BudgetedPredictor.__call__
 
-    def counting_predict(model, batch, **kwargs):
+    def counting_call(self, batch, *args, **kwargs):
         calls.append(int(batch.ptr.numel()) - 1)
-        return real_predict(model, batch, **kwargs)
+        return real_call(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(relax_module, "predict", counting_predict)
+    monkeypatch.setattr(BudgetedPredictor, "__call__", counting_call)
     results = relax_batch(_structures(), morse_model(), fmax=0.01, relax_cell=True, device="cpu",
                           dtype="float64")
     steps = [r.steps for r in results]

@@ -21,8 +21,8 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlip import keys as K
-from mlip.calculator.memory import MemoryModel, budget_bytes, plan_edge_chunks, quick_upper_bound
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
+from mlip.calculator.memory import BudgetedPredictor, budget_bytes
 from mlip.data.graph import GraphBatch
 from mlip.data.neighbors import neighbor_list
 from mlip.dtypes import resolve_dtype
@@ -315,7 +315,7 @@ class MLIPCalculator(Calculator):
         self.compute_stress = compute_stress
         self.max_memory_gb = max_memory_gb
         budget_bytes(max_memory_gb, self.device)  # a bad value fails here, not at the first step
-        self._memory: MemoryModel | None = None
+        self._predictor = BudgetedPredictor(self.model, self.device, self.dtype)
         self.uses_charge_spin = uses_charge_spin(self.model)
         from mlip.calculator.dispersion import resolve_dispersion
 
@@ -357,23 +357,7 @@ class MLIPCalculator(Calculator):
     def _predict(self, batch: GraphBatch, stress: bool) -> dict[str, torch.Tensor]:
         """Energy, forces (and stress) of ``batch``, the edge work chunked when the predicted peak
         memory would exceed ``max_memory_gb`` (:mod:`mlip.calculator.memory`)."""
-        if hasattr(self.model, "predict_batch"):  # a committee or an exported package: no edge chunking
-            return evaluate_model(self.model, batch, forces=True, stress=stress)
-        n_atoms, n_edges = batch.n_atoms, batch.n_edges
-        budget = budget_bytes(self.max_memory_gb, self.device)
-        chunk = None
-        if budget is not None and quick_upper_bound(n_atoms, n_edges) > budget:
-            if self._memory is None:  # measured once per calculator, on small probe crystals
-                self._memory = MemoryModel.measure(self.model, self.device, self.dtype)
-            chunk = plan_edge_chunks(self._memory, n_atoms, n_edges, budget)
-        if chunk is None:
-            return predict(self.model, batch, forces=True, stress=stress)
-        before = self.model.config.edge_chunk_size
-        self.model.set_edge_chunk_size(chunk)
-        try:
-            return predict(self.model, batch, forces=True, stress=stress)
-        finally:
-            self.model.set_edge_chunk_size(before)
+        return self._predictor(batch, stress, self.max_memory_gb)
 
     def calculate(
         self,

@@ -49,7 +49,7 @@ def default_budget(device: torch.device) -> float | None:
     return None if free is None else DEFAULT_BUDGET_SHARE * free
 
 
-def saved_bytes(model: torch.nn.Module, batch) -> int:  # noqa: ANN001 - a GraphBatch
+def saved_bytes(model: torch.nn.Module, batch) -> int:
     """Bytes of the distinct storages autograd saves for the forces (and stress) of ``batch``."""
     from mlip.models.outputs import predict
 
@@ -168,3 +168,39 @@ def budget_bytes(max_memory_gb: float | None, device: torch.device) -> float | N
     if not (isinstance(max_memory_gb, (int, float)) and math.isfinite(max_memory_gb) and max_memory_gb > 0):
         raise ValueError(f"max_memory_gb must be a positive number of GiB, got {max_memory_gb!r}")
     return float(max_memory_gb) * GIB
+
+
+class BudgetedPredictor:
+    """Energy, forces (and stress) of one model, its edge work chunked when the predicted peak memory
+    of a call would exceed the budget: the one place the calculator and batched relaxation run the
+    model. The model's memory is measured on the first call that might not fit (small probes, once).
+    A committee or an exported package (anything with ``predict_batch``) evaluates itself, unchunked.
+
+    Shapes: a :class:`~mlip.data.graph.GraphBatch` -> :func:`mlip.models.outputs.predict`'s outputs.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.device, self.dtype = model, device, dtype
+        self.memory: MemoryModel | None = None
+
+    def __call__(self, batch, stress: bool, max_memory_gb: float | None) -> dict[str, torch.Tensor]:
+        from mlip.models.outputs import predict
+
+        own = getattr(self.model, "predict_batch", None)
+        if own is not None:
+            return own(batch, forces=True, stress=stress)
+        budget = budget_bytes(max_memory_gb, self.device)
+        chunk = None
+        if budget is not None and quick_upper_bound(batch.n_atoms, batch.n_edges) > budget:
+            if self.memory is None:
+                self.memory = MemoryModel.measure(self.model, self.device, self.dtype)
+            chunk = plan_edge_chunks(self.memory, batch.n_atoms, batch.n_edges, budget)
+        if chunk is None:
+            return predict(self.model, batch, forces=True, stress=stress)
+        before = self.model.config.edge_chunk_size
+        self.model.set_edge_chunk_size(chunk)
+        try:
+            return predict(self.model, batch, forces=True, stress=stress)
+        finally:
+            self.model.set_edge_chunk_size(before)
+

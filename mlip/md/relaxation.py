@@ -26,10 +26,10 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mlip.calculator.ase import MLIPCalculator, NeighborCache, prepare_model, resolve_device
 from mlip.calculator.dispersion import D3Dispersion, resolve_dispersion
 from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
+from mlip.calculator.memory import BudgetedPredictor, budget_bytes
 from mlip.data.graph import GraphBatch
 from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
-from mlip.models.outputs import predict
 from mlip.units import GPA
 
 __all__ = ["OPTIMIZERS", "FireParams", "RelaxResult", "from_atoms", "relax", "relax_batch", "to_atoms"]
@@ -411,11 +411,13 @@ class _Final:
 
 def _run_fire(
     structures: _Structures, fire: _BatchedFire, model: PotentialModel, dtype: torch.dtype, fmax: float,
-    max_steps: int, dispersion: D3Dispersion | None = None,
+    max_steps: int, dispersion: D3Dispersion | None = None, max_memory_gb: float | None = None,
 ) -> list[_Final]:
     """FIRE steps until every structure converged or took ``max_steps``: one model call per step for
-    the structures still relaxing (a finished one leaves the batch)."""
+    the structures still relaxing (a finished one leaves the batch), its edge work chunked to fit
+    ``max_memory_gb`` (:class:`~mlip.calculator.memory.BudgetedPredictor`)."""
     needs_charge_spin = uses_charge_spin(model)
+    predictor = BudgetedPredictor(model, structures.x.device, dtype)
     n_graphs = structures.n_graphs
     steps = [0] * n_graphs
     finals: list[_Final | None] = [None] * n_graphs
@@ -426,9 +428,7 @@ def _run_fire(
         # a 3D-periodic batch gets stress even with a fixed cell: it goes into the results
         want_stress = structures.relax_cell or bool(structures.pbc[sel.graphs].all())
         batch = structures.graph_batch(sel, positions, cell, dtype, needs_charge_spin)
-        own = getattr(model, "predict_batch", None)  # a committee or an exported .pt2 evaluates itself
-        out = (own(batch, forces=True, stress=want_stress) if own is not None
-               else predict(model, batch, forces=True, stress=want_stress))
+        out = predictor(batch, want_stress, max_memory_gb)
         if dispersion is not None:
             out = dispersion.add_to(out, batch)
         out = {key: value.detach() for key, value in out.items()}
@@ -488,6 +488,7 @@ def relax_batch(
     head: str = "default",
     neighbor_backend: str = "auto",
     dispersion: str | D3Dispersion | None = None,
+    max_memory_gb: float | None = None,
 ) -> list[RelaxResult]:
     """Relax many structures together with FIRE, one model call per step for the whole batch.
 
@@ -512,6 +513,9 @@ def relax_batch(
         charge, spin, head: used where a structure's ``info`` lacks them, as in the calculator.
         dispersion: a functional name (``"pbe"``) whose D3(BJ) energy, forces and virial are added
             (see :class:`~mlip.calculator.dispersion.D3Dispersion`).
+        max_memory_gb: budget (GiB) of one batched model call, as in the calculator: above it the
+            edge work runs in chunks (same results); ``None``: 80 % of the device's free memory.
+            A step that cannot fit raises :class:`~mlip.calculator.memory.MemoryBudgetError`.
 
     Returns:
         One :class:`RelaxResult` per input, in input order.
@@ -519,6 +523,7 @@ def relax_batch(
     if len(structures) == 0:
         return []
     dev, dtype_ = resolve_device(device), resolve_dtype(dtype)
+    budget_bytes(max_memory_gb, dev)  # a bad value fails before any work
     net = prepare_model(model, dev, dtype_)
     converted = [to_atoms(s) for s in structures]
     atoms_list = [a for a, _ in converted]
@@ -529,5 +534,5 @@ def relax_batch(
         settings=[structure_settings(a.info, charge, spin, head) for a in atoms_list],
     )
     fire = _BatchedFire(stacked, FireParams(dt, maxstep, dtmax, n_min, finc, fdec, astart, fa))
-    finals = _run_fire(stacked, fire, net, dtype_, fmax, max_steps, resolve_dispersion(dispersion))
+    finals = _run_fire(stacked, fire, net, dtype_, fmax, max_steps, resolve_dispersion(dispersion), max_memory_gb)
     return [_relax_result(atoms, kind, final) for (atoms, kind), final in zip(converted, finals)]
