@@ -202,7 +202,9 @@ class InteractionBlock(torch.nn.Module):
         elif self.skip is not None:
             out = out + self.skip(h)
         if extra_scalars is not None:
-            out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
+            # added to the l = 0 column, padded with zeros rather than sliced: a last layer keeps only
+            # l = 0, and the empty slice of the other degrees broke torch.export's trace
+            out = out + torch.nn.functional.pad(extra_scalars[:, :, None], (0, out.shape[-1] - 1))
         if self.mixing is not None:
             out = out + self.mixing(out, ops)  # quadratic: ops.grid_product (Gaunt product)
         return out
