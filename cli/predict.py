@@ -60,7 +60,7 @@ def predict_frames(net: Any, frames: Sequence[Any], dtype: Any, device: Any, hea
     edge_index, shifts = batch_neighbor_list(positions, cell, pbc, batch, net.r_max)
     charge, spin, heads = zip(*(structure_settings(a.info, None, None, head) for a in frames))
     graph = inference_batch(positions, numbers, cell, pbc, edge_index, shifts, batch, charge, spin, heads, dtype,
-                            needs_charge_spin=uses_charge_spin(net))
+                            needs_charge_spin=uses_charge_spin(net, heads))
     periodic = [bool(np.all(a.pbc)) for a in frames]
     out = {k: v.detach() for k, v in evaluate_model(net, graph, forces=True, stress=any(periodic)).items()}
     ptr = graph.ptr.tolist()

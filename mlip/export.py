@@ -24,6 +24,7 @@ from mlip.data.graph import GraphBatch
 from mlip.kernels import reference
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
+from mlip.nn.embedding import reads_charge_spin
 
 __all__ = ["EXPORT_FORMAT", "INPUTS", "NOT_EXPORTABLE", "OUTPUTS", "ExportedModel", "export_model"]
 
@@ -38,8 +39,8 @@ INPUTS = (
     ("edge_index", "[2, n_edges]", "int64", "(sender, receiver), every pair closer than r_max"),
     ("unit_shifts", "[n_edges, 3]", "int64", "cell shift of the sender: edge = pos[s] - pos[r] + shift @ cell"),
     ("batch", "[n_atoms]", "int64", "zeros"),
-    ("charge", "[1]", "model dtype", "total charge, e (NaN if the model does not use it)"),
-    ("spin", "[1]", "model dtype", "spin multiplicity 2S+1 (NaN if the model does not use it)"),
+    ("charge", "[1]", "model dtype", "total charge, e (NaN if the package's head does not use it)"),
+    ("spin", "[1]", "model dtype", "spin multiplicity 2S+1 (NaN if the package's head does not use it)"),
 )
 #: outputs, in order: name, shape, unit
 OUTPUTS = (
@@ -212,7 +213,8 @@ def export_model(
 
     Returns:
         ``path``. The package's metadata (``mlip`` key, JSON) holds family, ``r_max``, elements, head,
-        dtype, ``use_charge_spin``, the mlip version and :data:`EXPORT_FORMAT`.
+        dtype, ``use_charge_spin`` (whether that head reads charge and spin), the mlip version and
+        :data:`EXPORT_FORMAT`.
 
     Raises:
         ValueError: a family in :data:`NOT_EXPORTABLE`, an unknown head, or a path not ending in ``.pt2``.
@@ -235,7 +237,7 @@ def export_model(
         raise ValueError(f"head {head!r} is not one of the model's heads {heads}")
     meta = {
         "format": EXPORT_FORMAT, "family": net.family, "r_max": net.r_max, "elements": net.elements, "head": head,
-        "dtype": str(dt).replace("torch.", ""), "use_charge_spin": bool(getattr(net.config, "use_charge_spin", False)),
+        "dtype": str(dt).replace("torch.", ""), "use_charge_spin": reads_charge_spin(net.config, [head])[0],
         "mlip_version": __version__, "inputs": [i[0] for i in INPUTS], "outputs": [o[0] for o in OUTPUTS],
     }
     # CPU: Inductor's vectorised atomic add (index_add with several threads) fails an internal

@@ -2,7 +2,8 @@
 forces and stress to float32 round-off for structures of different atom and edge counts (a crystal
 of 16 and of 108 atoms, a molecule, an isolated atom), and loads in the calculator, ``mlip md`` and
 ``mlip relax`` like ``model.pt``. Compiling takes about a minute on 2 CPU cores: one package serves
-the module."""
+the module. The traced graph of each head of a model with per-head charge and spin is checked
+without compiling."""
 from __future__ import annotations
 
 import numpy as np
@@ -132,3 +133,36 @@ def test_relax_and_md_load_the_package(package, tmp_path):
     last = read(traj, index=-1)
     e0, *_ = _evaluate(eager_path, last)
     assert last.get_potential_energy() == pytest.approx(e0, rel=1e-5)
+
+
+def test_traced_heads_read_charge_and_spin_as_the_model_does():
+    """The graph ``mlip export`` compiles, for each head of a model whose ``omol`` head alone reads
+    the total charge and spin: ``omol``'s depends on them, ``mptrj``'s takes NaN and gives the eager
+    model's values (the trace only, without the minute of AOTInductor compiling)."""
+    import torch
+
+    from mlip.export import EnergyForcesStress, _export_kernels, _trace, example_inputs
+
+    model = build_model("equivariant", {"elements": [29], "r_max": 4.0, "num_channels": 8, "lmax": 1,
+                                        "num_layers": 1, "correlation": 2, "heads": ["mptrj", "omol"],
+                                        "use_charge_spin": True, "charge_spin_heads": ["omol"]}).eval()
+    example = example_inputs(model, torch.float32, torch.device("cpu"))
+    nan = float("nan")
+    settings = {"neutral": (0.0, 1.0), "cation": (1.0, 2.0), "missing": (nan, nan)}
+    energy = {}
+    for head in ("mptrj", "omol"):
+        fn = EnergyForcesStress(model, head)
+        with _export_kernels(model):  # as export_model: a first call fills the caches, then the trace
+            fn(*example)
+            program = _trace(fn, example).module()
+        # a missing pair never reaches the omol package: mlip.calculator.inference refuses it first
+        cases = [name for name in settings if head == "mptrj" or name != "missing"]
+        for name in cases:
+            q, s = settings[name]
+            inputs = (*example[:-2], torch.tensor([q]), torch.tensor([s]))
+            traced, eager = program(*inputs), fn(*inputs)
+            for a, b in zip(traced, eager):
+                torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5)
+            energy[head, name] = float(traced[0].detach())
+    assert energy["mptrj", "neutral"] == energy["mptrj", "cation"] == energy["mptrj", "missing"]
+    assert abs(energy["omol", "cation"] - energy["omol", "neutral"]) > 1e-4

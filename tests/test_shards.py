@@ -197,7 +197,7 @@ def test_training_reads_an_aselmdb_folder_directly(tmp_path, inputs):
         "batch": {"max_atoms": 200}, "train": {"epochs": 1, "progress": False},
     })
     data = build_data(cfg, r_max=3.0)
-    assert len(data.train) + len(data.valid) == 17 and data.charge_spin
+    assert len(data.train) + len(data.valid) == 17 and data.charge_spin_heads == data.heads
     assert not data.train.dataset.cache  # streamed, not cached
     train(cfg)
     assert "14 train / 3 valid structures" in (tmp_path / "run" / "train.log").read_text()

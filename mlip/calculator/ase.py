@@ -316,7 +316,6 @@ class MLIPCalculator(Calculator):
         self.max_memory_gb = max_memory_gb
         budget_bytes(max_memory_gb, self.device)  # a bad value fails here, not at the first step
         self._predictor = BudgetedPredictor(self.model, self.device, self.dtype)
-        self.uses_charge_spin = uses_charge_spin(self.model)
         from mlip.calculator.dispersion import resolve_dispersion
 
         self.dispersion = resolve_dispersion(dispersion)
@@ -351,7 +350,7 @@ class MLIPCalculator(Calculator):
             positions, numbers, cell[None], pbc[None], edge_index, unit_shifts,
             batch=torch.zeros(len(atoms), dtype=torch.long, device=self.device),
             charge=[charge], spin=[spin], head=[head], dtype=self.dtype,
-            needs_charge_spin=self.uses_charge_spin,
+            needs_charge_spin=uses_charge_spin(self.model, [head]),
         )
 
     def _predict(self, batch: GraphBatch, stress: bool) -> dict[str, torch.Tensor]:

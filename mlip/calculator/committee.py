@@ -46,11 +46,8 @@ class Committee:
         self.r_max = cutoffs[0]
         # every member must know an element: the committee knows the elements common to all
         self.elements = sorted(set.intersection(*(set(m.elements) for m in models)))
-        # read by mlip.calculator.inference.uses_charge_spin: any member that needs charge/spin asks for it
-        self.config = SimpleNamespace(
-            r_max=self.r_max, elements=self.elements,
-            use_charge_spin=any(bool(getattr(m.config, "use_charge_spin", False)) for m in models),
-        )
+        # charge and spin: mlip.calculator.inference.uses_charge_spin asks every member
+        self.config = SimpleNamespace(r_max=self.r_max, elements=self.elements)
 
     def __len__(self) -> int:
         return len(self.models)

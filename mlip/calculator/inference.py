@@ -2,8 +2,9 @@
 
 Each structure's total charge, spin multiplicity and model head follow one policy
 (:func:`structure_settings`): the value in ``atoms.info``, else the caller's default, else NaN
-(head: ``"default"``). A model built with ``use_charge_spin`` refuses a batch that lacks them
-(:func:`check_charge_spin`) rather than silently assuming a neutral singlet.
+(head: ``"default"``). A structure whose head reads charge and spin (every head of a model built
+with ``use_charge_spin``, or those in its ``charge_spin_heads``: :func:`uses_charge_spin`) is refused
+when it lacks them (:func:`check_charge_spin`) rather than silently taken for a neutral singlet.
 """
 from __future__ import annotations
 
@@ -18,17 +19,19 @@ from ase import Atoms
 from mlip import keys as K
 from mlip.data.graph import GraphBatch
 from mlip.models.base import PotentialModel
+from mlip.nn.embedding import reads_charge_spin
 
 __all__ = [
     "check_charge_spin", "inference_batch", "info_scalar", "structure_settings", "structure_tensors",
     "uses_charge_spin",
 ]
 
-#: the error a ``use_charge_spin`` model gives when a structure has no charge or spin
+#: the error a structure gets when its head reads charge and spin and it has none (``{heads}``:
+#: empty, or " for head(s) [...]" naming them)
 MISSING_CHARGE_SPIN = (
-    "this model uses the total charge and spin multiplicity: set atoms.info['charge'] and atoms.info['spin'] "
-    "(e.g. 0 and 1 for a neutral singlet) or pass charge=/spin= to MLIPCalculator (or to relax, relax_batch, "
-    "MLIPTorchSimModel)"
+    "this model uses the total charge and spin multiplicity{heads}: set atoms.info['charge'] and "
+    "atoms.info['spin'] (e.g. 0 and 1 for a neutral singlet) or pass charge=/spin= to MLIPCalculator "
+    "(or to relax, relax_batch, MLIPTorchSimModel)"
 )
 
 
@@ -63,22 +66,37 @@ def structure_settings(
     return info_scalar(info, K.CHARGE, charge), info_scalar(info, K.SPIN, spin), str(info.get(K.HEAD, head))
 
 
-def uses_charge_spin(model: PotentialModel) -> bool:
-    """Whether ``model`` was built with ``use_charge_spin`` (so reads each structure's charge and spin)."""
-    return bool(getattr(model.config, "use_charge_spin", False))
+def uses_charge_spin(model: PotentialModel, heads: Sequence[str]) -> list[bool]:
+    """Whether ``model`` reads the charge and spin of structures with these heads (one flag each).
+
+    The model config decides (:func:`mlip.nn.embedding.reads_charge_spin`); a committee reads them
+    where any member does.
+    """
+    members = getattr(model, "models", None) or [model]
+    flags = [reads_charge_spin(m.config, heads) for m in members]
+    return [any(f) for f in zip(*flags)]
 
 
-def check_charge_spin(charge: torch.Tensor, spin: torch.Tensor) -> None:
-    """Raise the one clear error if some structure lacks its charge or spin (NaN).
+def check_charge_spin(charge: torch.Tensor, spin: torch.Tensor, heads: Sequence[str] | None = None,
+                      needed: Sequence[bool] | None = None) -> None:
+    """Raise the one clear error if some structure that needs them lacks its charge or spin (NaN).
+
+    Args:
+        heads: each structure's head, named in the error unless it is ``"default"``.
+        needed: which structures need them (default: all), as :func:`uses_charge_spin` says.
 
     Shapes: charge, spin [n_graphs].
     """
     missing = ~(torch.isfinite(charge) & torch.isfinite(spin))
+    if needed is not None:
+        missing &= torch.as_tensor(list(needed), dtype=torch.bool, device=missing.device)
     if bool(missing.any()):
         which = ""
         if missing.numel() > 1:  # a batch of one is the calculator's structure: no index to name
             which = f" (missing for structure(s) {missing.nonzero().flatten().tolist()})"
-        raise ValueError(MISSING_CHARGE_SPIN + which)
+        names = sorted({heads[g] for g in missing.nonzero().flatten().tolist()}) if heads is not None else []
+        named = f" for head(s) {names}" if names and names != ["default"] else ""
+        raise ValueError(MISSING_CHARGE_SPIN.format(heads=named) + which)
 
 
 def structure_tensors(
@@ -108,7 +126,7 @@ def inference_batch(
     spin: Sequence[float] | torch.Tensor,
     head: Sequence[str],
     dtype: torch.dtype,
-    needs_charge_spin: bool = False,
+    needs_charge_spin: bool | Sequence[bool] = False,
 ) -> GraphBatch:
     """An unlabelled :class:`GraphBatch` (NaN energy, forces, stress) in ``dtype`` on ``positions``' device.
 
@@ -119,21 +137,24 @@ def inference_batch(
         batch: structure index of every atom, sorted (structure ``g`` holds a contiguous run).
         charge, spin: per structure, NaN where unknown (see :func:`structure_settings`); head: per structure.
         dtype: float dtype of the model.
-        needs_charge_spin: the model reads charge and spin (:func:`uses_charge_spin`): a NaN raises.
+        needs_charge_spin: per structure (or one flag for all), whether the model reads its charge and
+            spin (:func:`uses_charge_spin`): a NaN there raises.
 
     Shapes:
         positions [n_atoms, 3] Å; numbers, batch [n_atoms]; cell [n_graphs, 3, 3] Å; pbc [n_graphs, 3];
         edge_index [2, n_edges]; unit_shifts [n_edges, 3]; charge, spin [n_graphs]; head: n_graphs str.
 
     Raises:
-        ValueError: ``needs_charge_spin`` and some structure lacks its charge or spin.
+        ValueError: a structure that ``needs_charge_spin`` lacks its charge or spin.
     """
     dev = positions.device
     n_graphs, n_atoms = int(cell.shape[0]), int(positions.shape[0])
     charge_t = torch.as_tensor(charge, dtype=dtype, device=dev).reshape(n_graphs)
     spin_t = torch.as_tensor(spin, dtype=dtype, device=dev).reshape(n_graphs)
-    if needs_charge_spin:
-        check_charge_spin(charge_t, spin_t)
+    one_flag = isinstance(needs_charge_spin, bool)
+    needed = [needs_charge_spin] * n_graphs if one_flag else list(needs_charge_spin)
+    if any(needed):
+        check_charge_spin(charge_t, spin_t, head, needed)
     ptr = torch.zeros(n_graphs + 1, dtype=torch.long, device=dev)
     ptr[1:] = torch.cumsum(torch.bincount(batch, minlength=n_graphs), 0)
     nan = math.nan

@@ -72,9 +72,9 @@ class MLIPTorchSimModel(ModelInterface):
         self.neighbor_backend = neighbor_backend
         # a state carries no info dict: every system gets the caller's values, else NaN
         self.charge, self.spin, self.head = structure_settings({}, charge, spin, head)
-        self.uses_charge_spin = uses_charge_spin(self.model)
+        self.uses_charge_spin = uses_charge_spin(self.model, [self.head])[0]
         if self.uses_charge_spin:  # fail at construction, not at the first step
-            check_charge_spin(torch.tensor([self.charge]), torch.tensor([self.spin]))
+            check_charge_spin(torch.tensor([self.charge]), torch.tensor([self.spin]), [self.head])
 
     def forward(self, state: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Energies (and forces, stress) of every system in ``state`` (a ``SimState`` or its dict)."""

@@ -284,9 +284,10 @@ class _Structures:
 
     def graph_batch(
         self, sel: _Selection, positions: torch.Tensor, cell: torch.Tensor, dtype: torch.dtype,
-        needs_charge_spin: bool,
+        needs_charge_spin: list[bool],
     ) -> GraphBatch:
-        """The model's input for ``sel``: each structure's edges from its own neighbour cache."""
+        """The model's input for ``sel``: each structure's edges from its own neighbour cache;
+        ``needs_charge_spin`` has one flag per structure of the whole set (:func:`uses_charge_spin`)."""
         edges, shifts = [], []
         for k, g in enumerate(sel.graphs.tolist()):
             a0, a1 = int(sel.ptr[k]), int(sel.ptr[k + 1])
@@ -298,7 +299,7 @@ class _Structures:
         return inference_batch(
             positions, self.numbers[sel.atoms], cell, self.pbc[sel.graphs], torch.cat(edges, dim=1),
             torch.cat(shifts), batch=sel.graph_of_atom, charge=charge, spin=spin, head=head,
-            dtype=dtype, needs_charge_spin=needs_charge_spin,
+            dtype=dtype, needs_charge_spin=[needs_charge_spin[g] for g in sel.graphs.tolist()],
         )
 
     def generalised_forces(
@@ -416,7 +417,7 @@ def _run_fire(
     """FIRE steps until every structure converged or took ``max_steps``: one model call per step for
     the structures still relaxing (a finished one leaves the batch), its edge work chunked to fit
     ``max_memory_gb`` (:class:`~mlip.calculator.memory.BudgetedPredictor`)."""
-    needs_charge_spin = uses_charge_spin(model)
+    needs_charge_spin = uses_charge_spin(model, [head for _, _, head in structures.settings])
     predictor = BudgetedPredictor(model, structures.x.device, dtype)
     n_graphs = structures.n_graphs
     steps = [0] * n_graphs

@@ -36,6 +36,7 @@ from mlip.data.graph import GraphBatch
 from mlip.kernels import reference
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
+from mlip.nn.embedding import check_batch_charge_spin
 
 __all__ = ["NOT_COMPILABLE", "CompileError", "CompiledPotential", "compile_model", "compile_problem"]
 
@@ -370,10 +371,7 @@ class CompiledPotential:
         """Unknown elements and impossible charge/spin pairs raise as in eager (in the traced graph these
         data-dependent checks were resolved for the example structure)."""
         self.model.check_batch(batch)
-        if bool(getattr(self.model.config, "use_charge_spin", False)):
-            from mlip.nn.embedding import check_charge_spin
-
-            check_charge_spin(batch.numbers, batch.batch, batch.charge, batch.spin, batch.n_graphs)
+        check_batch_charge_spin(self.model.config, batch)
 
     def _params(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers, inputs of the traced function (detached unless training)."""

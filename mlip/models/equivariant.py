@@ -32,7 +32,7 @@ from mlip.kernels import (
 from mlip.kernels.reference import spline_coefficients
 from mlip.models import backend_check
 from mlip.models.base import PotentialModel, register, seeded
-from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
+from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
 from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
@@ -80,6 +80,7 @@ class EquivariantConfig:
     skip_per_element: bool = False
     readout_hidden: int = 16
     use_charge_spin: bool = False
+    charge_spin_heads: list | None = None
     heads: list = field(default_factory=lambda: ["default"])
     e0s: Any = None
     avg_num_neighbors: float | None = None
@@ -202,7 +203,9 @@ class InteractionBlock(torch.nn.Module):
         elif self.skip is not None:
             out = out + self.skip(h)
         if extra_scalars is not None:
-            out = torch.cat([out[:, :, :1] + extra_scalars[:, :, None], out[:, :, 1:]], dim=-1)
+            # added to the l = 0 column, padded with zeros rather than sliced: a last layer keeps only
+            # l = 0, and the empty slice of the other degrees broke torch.export's trace
+            out = out + torch.nn.functional.pad(extra_scalars[:, :, None], (0, out.shape[-1] - 1))
         if self.mixing is not None:
             out = out + self.mixing(out, ops)  # quadratic: ops.grid_product (Gaunt product)
         return out
@@ -275,7 +278,7 @@ class EquivariantModel(PotentialModel):
             C = int(cfg.num_channels)
             lh = int(cfg.lmax if cfg.hidden_lmax is None else cfg.hidden_lmax)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)
-            self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None
+            self.charge_spin = ChargeSpinEmbedding.for_config(cfg, C)
             self.envelope = PolynomialEnvelope(cfg.r_max, int(cfg.envelope_p))
             if cfg.radial == "spline":
                 self.radial_basis: torch.nn.Module = SplineBasis(cfg.r_max, int(cfg.spline_knots))
@@ -342,8 +345,7 @@ class EquivariantModel(PotentialModel):
         h = self.embedding.weight[element].to(edge_vec.dtype)[:, :, None]  # [n_atoms, C, 1]
         extra = None
         if self.charge_spin is not None:
-            check_charge_spin(batch.numbers, batch.batch, batch.charge, batch.spin, n_graphs)
-            extra = self.charge_spin(batch.charge.to(edge_vec.dtype), batch.spin.to(edge_vec.dtype))[batch.batch]
+            extra = self.charge_spin.per_atom(batch, edge_vec.dtype)
             h = h + extra[:, :, None]
         r = edge_vec.norm(dim=-1)  # [n_edges]
         edge_attrs = spherical_harmonics(int(self.config.lmax), edge_vec)  # [n_edges, (lmax+1)^2]

@@ -26,7 +26,7 @@ import torch
 
 from mlip.data.graph import GraphBatch
 from mlip.models.base import PotentialModel, register, seeded
-from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
+from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
 from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
@@ -58,6 +58,7 @@ class FrameAveragedConfig:
     envelope_p: int = 5
     readout_hidden: int = 32
     use_charge_spin: bool = False
+    charge_spin_heads: list | None = None
     group: str = "O3"
     train_averaging: str = "stochastic"
     train_frames: int = 1
@@ -171,7 +172,7 @@ class FrameAveragedModel(PotentialModel):
         with seeded(cfg.seed):
             C, K = int(cfg.num_channels), int(cfg.num_radial)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)
-            self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None
+            self.charge_spin = ChargeSpinEmbedding.for_config(cfg, C)
             self.envelope = PolynomialEnvelope(cfg.r_max, int(cfg.envelope_p))
             self.radial_basis = BesselBasis(cfg.r_max, K)
             self.edge_embedding = _mlp([K + 3, C, C])
@@ -238,8 +239,7 @@ class FrameAveragedModel(PotentialModel):
 
         h0 = self.embedding.weight[element].to(dtype)  # [n_atoms, C]
         if self.charge_spin is not None:
-            check_charge_spin(batch.numbers, batch.batch, batch.charge, batch.spin, n_graphs)
-            h0 = h0 + self.charge_spin(batch.charge.to(dtype), batch.spin.to(dtype))[batch.batch]
+            h0 = h0 + self.charge_spin.per_atom(batch, dtype)
         h0 = h0[atom_src]  # [n_rep_atoms, C]
         h = h0
         for layer in self.layers:

@@ -57,7 +57,7 @@ import torch
 from mlip.data.graph import GraphBatch
 from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.attention import TransformerBlock
-from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding, check_charge_spin
+from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
 from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
 from mlip.nn.scatter import scatter_sum
@@ -97,6 +97,7 @@ class LearnedEquivarianceConfig:
     transform_hidden: int = 64
     alignment_stop_grad: bool = False
     use_charge_spin: bool = False
+    charge_spin_heads: list | None = None
     direct_forces: bool = False
     heads: list = field(default_factory=lambda: ["default"])
     e0s: Any = None
@@ -212,7 +213,7 @@ class LearnedEquivarianceModel(PotentialModel):
         with seeded(cfg.seed):
             K = int(cfg.num_radial)
             self.embedding = SpeciesEmbedding(list(cfg.elements), C)
-            self.charge_spin = ChargeSpinEmbedding(C) if cfg.use_charge_spin else None
+            self.charge_spin = ChargeSpinEmbedding.for_config(cfg, C)
             self.envelope = PolynomialEnvelope(cfg.r_max, int(cfg.envelope_p))
             self.radial_basis = BesselBasis(cfg.r_max, K)
             self.edge_embedding = _mlp([K + 3, C, C])
@@ -238,8 +239,7 @@ class LearnedEquivarianceModel(PotentialModel):
         """Token embeddings ``[n_atoms, C]``: species (+ charge/spin of the structure)."""
         h0 = self.embedding.weight[element].to(dtype)
         if self.charge_spin is not None:
-            check_charge_spin(batch.numbers, batch.batch, batch.charge, batch.spin, batch.n_graphs)
-            h0 = h0 + self.charge_spin(batch.charge.to(dtype), batch.spin.to(dtype))[batch.batch]
+            h0 = h0 + self.charge_spin.per_atom(batch, dtype)
         return h0
 
     def features(self, batch: GraphBatch, edge_vec: torch.Tensor, h0: torch.Tensor) -> list[torch.Tensor]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -118,8 +119,9 @@ class Data:
     avg_num_neighbors: float | None
     shift: float | None = None
     scale: float | None = None
-    #: every training structure carries a finite total charge and spin multiplicity (OMol25-style)
-    charge_spin: bool = False
+    #: the heads whose every training structure carries a finite total charge and spin multiplicity
+    #: (OMol25-style), in ``heads`` order
+    charge_spin_heads: list[str] = field(default_factory=list)
 
     def e0s_for_model(self) -> dict | None:
         """E0s in the model config's format: ``{Z: eV}`` for one head, ``{head: {Z: eV}}`` for several."""
@@ -253,7 +255,7 @@ def build_data(cfg, r_max: float, log: logging.Logger | None = None,  # noqa: AN
         if log is not None:
             log.info("%d isolated-atom structures set the E0s and are left out of the training loss", len(isolated))
     return Data(train, valid, test, stats.heads, stats.elements, stats.e0s, stats.avg_num_neighbors, stats.shift,
-                stats.scale, stats.charge_spin)
+                stats.scale, stats.charge_spin_heads)
 
 
 @dataclass
@@ -272,8 +274,8 @@ class Statistics:
     scale: float | None
     #: the E0s of every head came from isolated-atom frames
     from_isolated: bool
-    #: every training structure carries a finite total charge and spin multiplicity
-    charge_spin: bool
+    #: the heads whose every training structure carries a finite total charge and spin multiplicity
+    charge_spin_heads: list[str]
 
 
 def _structure_summary(g: AtomGraph, where: Callable[[], str]) -> tuple:
@@ -303,24 +305,20 @@ def _statistics(train: Split, cfg, log: logging.Logger | None,  # noqa: ANN001
     summaries = each(len(train), lambda k: _structure_summary(
         train[k], lambda: train.dataset.where(train.indices[k])), dist)
     tables: dict[str, E0Table] = {}
-    head_charge_spin: dict[str, bool] = {}
+    with_charge_spin: Counter[str] = Counter()
     n_edges = n_nodes = 0
     f_sq, f_n = 0.0, 0
     for head, composition, energy, isolated, charge_spin, sq, n_f, edges, nodes, where in summaries:
         numbers = [z for z, count in composition for _ in range(count)]
-        head_charge_spin[head] = head_charge_spin.get(head, True) and charge_spin
+        with_charge_spin[head] += charge_spin
         f_sq, f_n, n_edges, n_nodes = f_sq + sq, f_n + n_f, n_edges + edges, n_nodes + nodes
         try:
             tables.setdefault(head, E0Table()).add(numbers, energy, isolated, where)
         except ValueError as err:
             raise ConfigError(f"data.train: {err}") from err
-    charge_spin = bool(head_charge_spin) and all(head_charge_spin.values())
-    if log is not None and any(head_charge_spin.values()) and not charge_spin:
-        log.warning("heads %s carry total charge and spin but heads %s do not: the model families need both on "
-                    "every structure, so model.use_charge_spin stays false and the charge and spin are not used",
-                    sorted(h for h, v in head_charge_spin.items() if v),
-                    sorted(h for h, v in head_charge_spin.items() if not v))
     heads = sorted(tables)
+    n_structures = {h: len(t.flags) for h, t in tables.items()}
+    charge_spin_heads = _charge_spin_heads(heads, with_charge_spin, n_structures, log)
     e0s, from_isolated = _e0s(tables, cfg.data.e0s, log)
     residuals = [
         (energy - sum(c * (e0s[h].get(z, 0.0) if e0s else 0.0) for z, c in comp.items())) / sum(comp.values())
@@ -333,7 +331,19 @@ def _statistics(train: Split, cfg, log: logging.Logger | None,  # noqa: ANN001
         log.info("average neighbours %.3f, mean per-atom energy after E0s %s eV, force RMS %s eV/Å", avg,
                  f"{shift:.4f}" if shift is not None else "n/a", f"{scale:.4f}" if scale is not None else "n/a")
     elements = sorted(set().union(*(t.elements for t in tables.values())))
-    return Statistics(heads, elements, e0s, avg, shift, scale, from_isolated, charge_spin)
+    return Statistics(heads, elements, e0s, avg, shift, scale, from_isolated, charge_spin_heads)
+
+
+def _charge_spin_heads(heads: list[str], with_charge_spin: Counter[str], n_structures: dict[str, int],
+                       log: logging.Logger | None) -> list[str]:
+    """The heads whose every training structure carries a total charge and spin; a head where only
+    some do is logged, since the model then reads them for none of its structures."""
+    partial = [h for h in heads if 0 < with_charge_spin[h] < n_structures[h]]
+    if log is not None and partial:
+        log.warning("heads %s: only %s of their training structures carry a total charge and spin; a head "
+                    "reads them only when every structure has them, so these heads will not", partial,
+                    [f"{with_charge_spin[h]}/{n_structures[h]}" for h in partial])
+    return [h for h in heads if with_charge_spin[h] == n_structures[h] > 0]
 
 
 def _e0s(tables: dict[str, E0Table], spec, log: logging.Logger | None  # noqa: ANN001

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +29,7 @@ from mlip.models.base import (PotentialModel, config_fields, config_to_dict, loa
                               save_model)
 from mlip.models.base import build_model as _build
 from mlip.models.outputs import predict
+from mlip.nn.embedding import reads_charge_spin
 from mlip.train import checkpoint as ckpt
 from mlip.train import distributed as ddp
 from mlip.train.config import ConfigError, TrainConfig, save_config
@@ -185,9 +187,10 @@ class RunState:
 # ----------------------------------------------------------------------------- build_model
 def build_model(cfg: TrainConfig, data: Data, device: torch.device | str = "cpu") -> PotentialModel:
     """Build the configured family, filling ``elements``, ``heads``, ``e0s``,
-    ``avg_num_neighbors``, ``shift``, ``scale`` and ``use_charge_spin`` (true when every training
-    structure has a total charge and spin) from the data where the family has such a field left unset;
-    with ``train.init_from``, start from that model's config and weights (:func:`_fine_tune_heads`)."""
+    ``avg_num_neighbors``, ``shift``, ``scale``, ``use_charge_spin`` and ``charge_spin_heads`` (the
+    heads whose every training structure has a total charge and spin, :func:`_charge_spin`) from the
+    data where the family has such a field left unset; with ``train.init_from``, start from that
+    model's config and weights (:func:`_fine_tune_heads`)."""
     section = dict(cfg.model)
     family = section.pop("family")
     base: dict = {}
@@ -212,14 +215,7 @@ def build_model(cfg: TrainConfig, data: Data, device: torch.device | str = "cpu"
         if key not in base:  # left to the data unless the user (or --init-from) set it
             derived[key] = value
     if "use_charge_spin" in names:
-        if "use_charge_spin" not in base:
-            # on when the data carry them: never a silent neutral-singlet default
-            base["use_charge_spin"] = data.charge_spin
-            if data.charge_spin:
-                log.info("every training structure has a total charge and spin: model.use_charge_spin = true")
-        elif data.charge_spin and not base["use_charge_spin"]:
-            log.warning("the training data carry total charge and spin, but model.use_charge_spin is false: "
-                        "the model will ignore them")
+        _charge_spin(base, data, names, set(section), init)
     for key, value in derived.items():
         if key in names and value is not None and base.get(key) in (None, [], {}):
             if key == "e0s" and init is not None and cfg.data.e0s == "auto":
@@ -263,6 +259,67 @@ def _fine_tune_heads(base: dict, data: Data, cfg: TrainConfig, names: set[str]) 
     base["heads"] = heads
     if set(e0s) >= set(heads):
         base["e0s"] = e0s if len(heads) > 1 else e0s[heads[0]]
+
+
+def _charge_spin(base: dict, data: Data, names: set[str], user: set[str],
+                 init: PotentialModel | None) -> None:
+    """``use_charge_spin`` and ``charge_spin_heads`` (the heads that read total charge and spin) in ``base``.
+
+    Left unset in the config (``user``), they follow the data: the heads whose every training
+    structure carries a charge and spin read them, never a silent neutral-singlet default; with
+    ``--init-from``, the pretrained heads keep the pretrained model's choice (their weights were
+    trained with it) and only new heads follow the data. ``charge_spin_heads`` stays unset when
+    every head reads them, as in models saved before the field existed. Logged either way.
+
+    Raises:
+        ConfigError: the config (or the ``--init-from`` model) makes a head read charge and spin
+            that some of its training structures lack (they would be refused at the first batch).
+    """
+    heads = list(base.get("heads") or data.heads)
+    if user & {"use_charge_spin", "charge_spin_heads"}:
+        if "use_charge_spin" not in user:  # only the list given: it switches the embedding on
+            base["use_charge_spin"] = bool(base.get("charge_spin_heads"))
+        elif not base["use_charge_spin"] and "charge_spin_heads" not in user:
+            base["charge_spin_heads"] = None  # off: an --init-from model's list goes with it
+        _check_charge_spin_setting(base, data, heads)
+        return
+    if init is not None:
+        old = list(getattr(init.config, "heads", None) or heads)
+        kept = dict(zip(old, reads_charge_spin(init.config, old)))
+        chosen = [h for h in heads if kept.get(h, h in data.charge_spin_heads)]
+    else:
+        chosen = [h for h in heads if h in data.charge_spin_heads]
+    every = chosen == heads
+    if "charge_spin_heads" not in names and not every:
+        chosen = []  # this family reads charge and spin on every structure or on none
+    base["use_charge_spin"] = bool(chosen)
+    if "charge_spin_heads" in names:
+        base["charge_spin_heads"] = None if every or not chosen else chosen
+    why = "pretrained heads as pretrained, new heads from their data" if init is not None else "from the data"
+    if every:
+        log.info("every head reads the total charge and spin (%s): model.use_charge_spin = true", why)
+    elif chosen:
+        log.info("heads %s read the total charge and spin, heads %s do not (%s): "
+                 "model.use_charge_spin = true, model.charge_spin_heads = %s",
+                 chosen, [h for h in heads if h not in chosen], why, chosen)
+    _check_charge_spin_setting(base, data, heads)
+
+
+def _check_charge_spin_setting(base: dict, data: Data, heads: list[str]) -> None:
+    """Warn where the data's charge and spin go unread; refuse a head that reads them without them."""
+    config = SimpleNamespace(heads=heads, use_charge_spin=base.get("use_charge_spin"),
+                             charge_spin_heads=base.get("charge_spin_heads"))
+    reads = dict(zip(heads, reads_charge_spin(config, heads)))
+    lacking = [h for h in data.heads if reads.get(h) and h not in data.charge_spin_heads]
+    if lacking:
+        raise ConfigError(f"model.use_charge_spin / model.charge_spin_heads (set, or from --init-from) make "
+                          f"heads {lacking} read the total charge and spin, but some of their training "
+                          f"structures have none; the heads whose structures all have them: "
+                          f"{data.charge_spin_heads}")
+    ignored = [h for h in data.charge_spin_heads if not reads.get(h)]
+    if ignored:
+        log.warning("the training data of heads %s carry total charge and spin, but model.use_charge_spin / "
+                    "model.charge_spin_heads leave them unread there: the model will ignore them", ignored)
 
 
 def _per_head(e0s: dict | None, heads: list[str]) -> dict[str, dict] | None:
