@@ -73,13 +73,16 @@ MODELS: dict[str, dict] = {
 MACE_ARGS = ["--model=MACE", "--num_channels=64", "--max_L=1", "--max_ell=2", "--correlation=3",
              "--num_interactions=2", "--r_max=5.0", "--num_radial_basis=8"]
 
+#: data splits: train on one part of the data, test on held-out files (:func:`prepare_split`)
+SPLITS = ("rmd17", "temperature")
+
 ENERGY_WEIGHT, FORCES_WEIGHT, BATCH_MOLECULES, ATOMS_PER_MOLECULE = 1.0, 100.0, 10, 9
 VALID_FRACTION = 0.05
 
 
 # ------------------------------------------------------------------------------------- helpers
 def data_files(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """The three ethanol files, or a clear error saying where to get them."""
+    """``train``, ``isolated_atoms`` and every ``test_*.xyz`` of the ethanol folder, or a clear error."""
     data = Path(data_dir)
     files = {k: data / f"{k}.xyz" for k in ("train", "test_MD", "isolated_atoms")}
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -88,6 +91,7 @@ def data_files(data_dir: str | os.PathLike) -> dict[str, Path]:
             f"accuracy benchmark: missing {', '.join(missing)}. The benchmark needs the rMD17 ethanol files "
             f"train.xyz, test_MD.xyz and isolated_atoms.xyz (davkovacs/BOTNet-datasets, PBE/def2-SVP); "
             f"pass their folder with --data-dir.")
+    files.update({p.stem: p for p in sorted(data.glob("test_*.xyz")) if p.stem != "test_MD"})
     return files
 
 
@@ -105,9 +109,10 @@ def environment() -> dict:
             "load_average_1min": os.getloadavg()[0]}
 
 
-def errors(ref_energy: np.ndarray, pred_energy: np.ndarray, n_atoms: np.ndarray, ref_forces: np.ndarray,
+def errors(ref_energy: np.ndarray, pred_energy: np.ndarray, n_atoms: np.ndarray, ref_forces: np.ndarray | None,
            pred_forces: np.ndarray) -> dict[str, float]:
-    """Energy and force errors (eV, eV/Å), forces over Cartesian components (MACE/NequIP convention).
+    """Energy and force errors (eV, eV/Å), forces over Cartesian components (MACE/NequIP convention);
+    no force errors when the reference has no forces (``ref_forces`` None).
 
     Shapes:
         ref_energy, pred_energy, n_atoms: [n_structures]; ref_forces, pred_forces: [n_atoms_total, 3].
@@ -117,48 +122,74 @@ def errors(ref_energy: np.ndarray, pred_energy: np.ndarray, n_atoms: np.ndarray,
     (0.25, 0.125, 1.0, 0.25)
     """
     de = pred_energy - ref_energy
-    df = (pred_forces - ref_forces).ravel()
-    return {"energy_mae": float(np.abs(de).mean()), "energy_rmse": float(np.sqrt(np.mean(de ** 2))),
-            # diagnostics: a constant offset (the mean signed error) and the MAE left once it is removed
-            "energy_mean_error": float(de.mean()),
-            "energy_mae_offset_removed": float(np.abs(de - de.mean()).mean()),
-            "energy_per_atom_mae": float(np.abs(de / n_atoms).mean()),
-            "energy_per_atom_rmse": float(np.sqrt(np.mean((de / n_atoms) ** 2))),
-            "forces_mae": float(np.abs(df).mean()), "forces_rmse": float(np.sqrt(np.mean(df ** 2))),
-            "n_structures": len(de), "n_atoms": int(n_atoms.sum())}
+    out = {"energy_mae": float(np.abs(de).mean()), "energy_rmse": float(np.sqrt(np.mean(de ** 2))),
+           # diagnostics: a constant offset (the mean signed error) and the MAE left once it is removed
+           "energy_mean_error": float(de.mean()),
+           "energy_mae_offset_removed": float(np.abs(de - de.mean()).mean()),
+           "energy_per_atom_mae": float(np.abs(de / n_atoms).mean()),
+           "energy_per_atom_rmse": float(np.sqrt(np.mean((de / n_atoms) ** 2))),
+           "n_structures": len(de), "n_atoms": int(n_atoms.sum())}
+    if ref_forces is not None:
+        df = (pred_forces - ref_forces).ravel()
+        out.update(forces_mae=float(np.abs(df).mean()), forces_rmse=float(np.sqrt(np.mean(df ** 2))))
+    return out
 
 
-def _reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reference energies [n], atom counts [n] and forces [sum n, 3] of an extxyz file."""
+def _reference(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Reference energies [n], atom counts [n] and forces [sum n, 3] (None if the file has none)."""
     from mlip.data.formats.extxyz import iter_extxyz
 
     frames = list(iter_extxyz(path))
+    forces = [a.arrays.get("forces") for a in frames]
     return (np.array([a.info["energy"] for a in frames]), np.array([len(a) for a in frames]),
-            np.concatenate([a.arrays["forces"] for a in frames]))
+            None if any(f is None for f in forces) else np.concatenate(forces))
 
 
-def _test_subset(files: dict[str, Path], n_test: int, work: Path) -> Path:
-    """The first ``n_test`` frames of test_MD.xyz (the file itself when all are used)."""
+def _frame_blocks(path: Path) -> list[str]:
+    """The text of each frame of an extxyz file (count line, comment line, atom lines), unchanged."""
+    lines = Path(path).read_text().splitlines(keepends=True)
+    blocks, i = [], 0
+    while i < len(lines) and lines[i].strip():
+        n = int(lines[i])
+        blocks.append("".join(lines[i:i + n + 2]))
+        i += n + 2
+    return blocks
+
+
+def prepare_split(split: str, files: dict[str, Path], n_test: int, work: Path) -> tuple[Path, dict[str, Path]]:
+    """The training file and the named test files of a split (derived files are written under ``work``).
+
+    ``rmd17``: ``train.xyz``; tests ``MD`` (the first ``n_test`` frames of ``test_MD.xyz``) and every
+    other ``test_<name>.xyz`` (H_removal, dimers, norm_mode_*: energies only). ``temperature``: the
+    2000 frames of ``train.xyz`` and ``test_MD.xyz`` sorted by energy; train on the lowest-energy
+    1000, test (``hot``) on the highest-energy 200, which lie above the whole training range.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    if split == "rmd17":
+        blocks = _frame_blocks(files["test_MD"])
+        test_md = files["test_MD"]
+        if n_test < len(blocks):
+            test_md = work / f"test_MD_first{n_test}.xyz"
+            test_md.write_text("".join(blocks[:n_test]))
+        tests = {"MD": test_md}
+        tests.update({k[len("test_"):]: p for k, p in files.items() if k.startswith("test_") and k != "test_MD"})
+        return files["train"], tests
+    if split != "temperature":
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     from mlip.data.formats.extxyz import iter_extxyz
 
-    total = sum(1 for _ in iter_extxyz(files["test_MD"]))
-    if n_test >= total:
-        return files["test_MD"]
-    lines = files["test_MD"].read_text().splitlines(keepends=True)
-    out, i = [], 0
-    for _ in range(n_test):  # extxyz: count line, comment line, n atom lines
-        n = int(lines[i])
-        out += lines[i:i + n + 2]
-        i += n + 2
-    path = work / f"test_MD_first{n_test}.xyz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(out))
-    return path
+    blocks = _frame_blocks(files["train"]) + _frame_blocks(files["test_MD"])
+    energy = [a.info["energy"] for f in ("train", "test_MD") for a in iter_extxyz(files[f])]
+    order = np.argsort(energy, kind="stable")
+    train, hot = work / "temperature_train_cool1000.xyz", work / "temperature_test_hot200.xyz"
+    train.write_text("".join(blocks[i] for i in order[:1000]))
+    hot.write_text("".join(blocks[i] for i in order[-200:]))
+    return train, {"hot": hot}
 
 
 # ---------------------------------------------------------------------------------------- mlip
 def score_mlip(model_path: str | os.PathLike, test: Path) -> dict[str, float]:
-    """Test errors of a saved mlip model (:func:`errors`), predicted 100 structures at a time."""
+    """Errors of a saved mlip model on one test file (:func:`errors`), predicted 100 structures at a time."""
     from mlip.data.datasets import open_dataset
     from mlip.data.graph import collate
     from mlip.models.base import load_model
@@ -217,8 +248,9 @@ def _preset(family: str) -> dict:
         return dict(yaml.safe_load(fh)["model"])
 
 
-def run_mlip(name: str, files: dict[str, Path], test: Path, args: argparse.Namespace) -> dict:
-    """Train model ``name`` of :data:`MODELS` for the CPU budget, evaluate on ``test``."""
+def run_mlip(name: str, files: dict[str, Path], train_file: Path, tests: dict[str, Path],
+             args: argparse.Namespace) -> dict:
+    """Train model ``name`` of :data:`MODELS` on ``train_file`` for the CPU budget, evaluate on ``tests``."""
     import torch
 
     from mlip.models.base import load_model
@@ -227,14 +259,14 @@ def run_mlip(name: str, files: dict[str, Path], test: Path, args: argparse.Names
     from mlip.train.loop import train
 
     spec = MODELS[name]
-    out = Path(args.work) / name
+    out = Path(args.work) / args.split / name
     if out.exists():
         shutil.rmtree(out)
     settings = {
         "output_dir": str(out), "seed": args.seed, "dtype": "float32", "device": "cpu",
         "num_threads": args.threads,
         "model": {**_preset(spec["family"]), **spec.get("model", {})},
-        "data": {"train": [str(files["train"]), str(files["isolated_atoms"])], "valid_fraction": VALID_FRACTION,
+        "data": {"train": [str(train_file), str(files["isolated_atoms"])], "valid_fraction": VALID_FRACTION,
                  "e0s": "isolated"},
         "batch": {"max_atoms": BATCH_MOLECULES * ATOMS_PER_MOLECULE},
         "loss": {"energy_weight": ENERGY_WEIGHT, "forces_weight": FORCES_WEIGHT, "stress_weight": 0.0},
@@ -253,8 +285,9 @@ def run_mlip(name: str, files: dict[str, Path], test: Path, args: argparse.Names
     train_wall, train_cpu = time.time() - t0, time.process_time() - c0
     model = load_model(model_path, map_location="cpu")
     torch.set_num_threads(args.threads)
-    # errors on all test frames by errors(); the rotation error on the first n_equivariance of them
-    result = evaluate_paths(model, [test], max_atoms=900, equivariance_structures=args.n_equivariance)
+    # the rotation error on the first n_equivariance frames of the first test file
+    result = evaluate_paths(model, [next(iter(tests.values()))], max_atoms=900,
+                            equivariance_structures=args.n_equivariance)
     curve = clock.curve
     return {
         "model": name, "family": spec["family"], "config": settings,
@@ -263,7 +296,7 @@ def run_mlip(name: str, files: dict[str, Path], test: Path, args: argparse.Names
         "train_wall_s": train_wall, "process_cpu_s_with_setup": train_cpu,
         "epochs": curve[-1]["epoch"] if curve else 0, "steps": curve[-1]["step"] if curve else 0,
         "load_average_mean": float(np.mean([r["load_average_1min"] for r in curve])) if curve else None,
-        "test": score_mlip(model_path, test),
+        "tests": {k: score_mlip(model_path, path) for k, path in tests.items()},
         "equivariance": {k[len("equivariance_"):]: v for k, v in result.items() if k.startswith("equivariance_")},
         "n_equivariance_structures": args.n_equivariance,
         "curve": curve, "env_start": env, "model_path": str(model_path),
@@ -281,10 +314,21 @@ def _mace_env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> dict:
-    """Train MACE with ``mace_run_train`` for the CPU budget, export its checkpoint, predict ``test``."""
+def score_mace_predictions(pred_path: Path, test: Path) -> dict[str, float]:
+    """Errors (:func:`errors`) of the predictions ``mace_eval_configs`` wrote for ``test``."""
     from mlip.data.formats.extxyz import iter_extxyz
     from mlip.data.formats.labels import LabelKeys
+
+    pred = list(iter_extxyz(pred_path, keys=LabelKeys(energy="MACE_energy", forces="MACE_forces")))
+    ref_e, n_atoms, ref_f = _reference(Path(test))
+    return errors(ref_e, np.array([a.info["energy"] for a in pred]), n_atoms, ref_f,
+                  np.concatenate([a.arrays["forces"] for a in pred]))
+
+
+def run_mace(files: dict[str, Path], train_file: Path, tests: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Train MACE with ``mace_run_train`` on ``train_file`` for the CPU budget, export its checkpoint,
+    predict every file of ``tests``."""
+    from mlip.data.formats.extxyz import iter_extxyz
 
     python = args.mace_python
     check = subprocess.run([python, "-c", "import mace, torch; print(mace.__version__, torch.__version__)"],
@@ -293,15 +337,15 @@ def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> di
         raise SystemExit(f"accuracy benchmark: {python} cannot import mace (pip install mace-torch in a separate "
                          f"venv and pass its python with --mace-python):\n{check.stderr[-500:]}")
     mace_version, mace_torch = check.stdout.split()
-    out = (Path(args.work) / "mace").resolve()
+    out = (Path(args.work) / args.split / "mace").resolve()
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    present = {int(z) for a in iter_extxyz(files["train"]) for z in a.numbers}
+    present = {int(z) for a in iter_extxyz(train_file) for z in a.numbers}
     e0s = {int(a.numbers[0]): float(a.info["energy"]) for a in iter_extxyz(files["isolated_atoms"])
            if int(a.numbers[0]) in present}  # MACE refuses E0s of elements absent from the training set
     base = [python, "-c", "from mace.cli.run_train import main; main()", "--name=mace", f"--seed={args.seed}",
-            f"--train_file={files['train'].resolve()}", f"--valid_fraction={VALID_FRACTION}",
+            f"--train_file={train_file.resolve()}", f"--valid_fraction={VALID_FRACTION}",
             f"--E0s={e0s!r}", "--energy_key=energy", "--forces_key=forces", *MACE_ARGS,
             "--loss=weighted", f"--energy_weight={ENERGY_WEIGHT}", f"--forces_weight={FORCES_WEIGHT}",
             f"--batch_size={BATCH_MOLECULES}", f"--valid_batch_size={BATCH_MOLECULES}",
@@ -356,15 +400,14 @@ def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> di
         subprocess.run(base + ["--restart_latest", f"--max_num_epochs={last_epoch}"], stdout=fh,
                        stderr=subprocess.STDOUT, env=_mace_env(args.threads), cwd=out, check=True)
     model = out / "mace.model"
-    pred_path = out / "test_predictions.xyz"
-    subprocess.run([python, "-c", "from mace.cli.eval_configs import main; main()",
-                    f"--configs={Path(test).resolve()}",
-                    f"--model={model}", f"--output={pred_path}", "--device=cpu", "--default_dtype=float32",
-                    "--batch_size=50"], env=_mace_env(args.threads), cwd=out, check=True, capture_output=True)
-    ref_e, n_atoms, ref_f = _reference(Path(test))
-    pred = list(iter_extxyz(pred_path, keys=LabelKeys(energy="MACE_energy", forces="MACE_forces")))
-    pred_e = np.array([a.info["energy"] for a in pred])
-    pred_f = np.concatenate([a.arrays["forces"] for a in pred])
+    scores = {}
+    for key, test in tests.items():
+        pred_path = out / f"predictions_{key}.xyz"
+        subprocess.run([python, "-c", "from mace.cli.eval_configs import main; main()",
+                        f"--configs={Path(test).resolve()}", f"--model={model}", f"--output={pred_path}",
+                        "--device=cpu", "--default_dtype=float32", "--batch_size=50"],
+                       env=_mace_env(args.threads), cwd=out, check=True, capture_output=True)
+        scores[key] = score_mace_predictions(pred_path, test)
     count = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); "
              "print(sum(p.numel() for p in m.parameters()))")
     n_params = subprocess.run([python, "-c", count, str(model)],
@@ -376,41 +419,35 @@ def run_mace(files: dict[str, Path], test: Path, args: argparse.Namespace) -> di
         "train_wall_s": train_wall, "epochs": len(curve), "checkpoint_epoch": last_epoch + 1,
         "steps": len(curve) * int(np.ceil((1 - VALID_FRACTION) * 1000 / BATCH_MOLECULES)),
         "load_average_mean": float(np.mean([r["load_average_1min"] for r in curve])) if curve else None,
-        "test": errors(ref_e, pred_e, n_atoms, ref_f, pred_f), "equivariance": {},
+        "tests": scores, "equivariance": {},
         "curve": curve, "env_start": env_start, "model_path": str(model),
     }
 
 
 # -------------------------------------------------------------------------------------- report
-def results_dir(argv: list[str]) -> Path:
-    """The ``--results`` folder named in ``argv`` (as :func:`main` would parse it), else the default."""
-    results = ROOT / "benchmarks" / "results"
-    for k, item in enumerate(argv):
-        if item == "--results" and k + 1 < len(argv):
-            results = Path(argv[k + 1])
-        elif item.startswith("--results="):
-            results = Path(item.split("=", 1)[1])
-    return results
+def result_path(results: Path, split: str, name: str) -> Path:
+    """``accuracy-<model>.json`` for the rmd17 split, ``accuracy-<split>-<model>.json`` for the others."""
+    return results / (f"accuracy-{name}.json" if split == "rmd17" else f"accuracy-{split}-{name}.json")
 
 
-def load_results(results: Path, names: list[str] | None = None) -> dict[str, dict]:
-    """The ``accuracy-<model>.json`` files under ``results`` (in :data:`MODELS` order)."""
+def load_results(results: Path, split: str, names: list[str] | None = None) -> dict[str, dict]:
+    """The finished runs of ``split`` under ``results`` (in :data:`MODELS` order)."""
     found = {}
     for name in MODELS:
-        path = results / f"accuracy-{name}.json"
+        path = result_path(results, split, name)
         if path.is_file() and (names is None or name in names):
             found[name] = json.loads(path.read_text())
     return found
 
 
 def table(runs: dict[str, dict]) -> str:
-    """Markdown table: test errors (meV), budget use and the measured rotation error."""
+    """Markdown table: errors on the first test file (meV), budget use and the measured rotation error."""
     lines = [("| model | parameters | epochs | CPU min | wall min | load avg | E MAE (meV) | E RMSE (meV) "
               "| E MAE, offset removed (meV) | F MAE (meV/Å) | F RMSE (meV/Å) | rotation error: max ΔE (meV/atom) "
               "| ΔF RMS / F RMS |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        t, eq = r["test"], r.get("equivariance", {})
+        t, eq = next(iter(r["tests"].values())), r.get("equivariance", {})
         if "energy_max" not in eq:
             rot_e = "not measured (exact by construction)"
         else:
@@ -424,7 +461,23 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def learning_curves(runs: dict[str, dict], path: Path) -> Path:
+def per_file_table(runs: dict[str, dict], key: str, label: str) -> str:
+    """Markdown table of one error (``key`` of :func:`errors`, in meV) on every test file, each with its
+    ratio to MACE's error on the same file (``×MACE``); files without that error are left out."""
+    files = [f for f in next(iter(runs.values()))["tests"] if all(key in r["tests"].get(f, {}) for r in runs.values())]
+    mace = runs.get("mace", {}).get("tests", {})
+    lines = [f"| {label} | " + " | ".join(files) + " |", "|---|" + "---|" * len(files)]
+    for name, r in runs.items():
+        cells = []
+        for f in files:
+            value = r["tests"][f][key]
+            ratio = f" ({value / mace[f][key]:.2f}×)" if f in mace and name != "mace" and mace[f][key] > 0 else ""
+            cells.append(f"{1e3 * value:.1f}{ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def learning_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
     """Validation energy and force MAE against training CPU minutes, one line per model (PNG)."""
     import matplotlib
 
@@ -443,7 +496,7 @@ def learning_curves(runs: dict[str, dict], path: Path) -> Path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     axes[1].legend()
-    fig.suptitle("rMD17 ethanol, equal CPU budget (EMA weights)")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -451,34 +504,64 @@ def learning_curves(runs: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def report(results: Path) -> str:
-    """Rewrite ``accuracy.json`` and the learning-curve PNG from the per-model files; return the table."""
-    runs = load_results(results)
+def report(results: Path, split: str) -> str:
+    """Rewrite the split's summary JSON and learning-curve PNG from the per-model files; return the tables."""
+    runs = load_results(results, split)
     if not runs:
-        raise SystemExit(f"no accuracy-<model>.json in {results}; run the benchmark first")
+        raise SystemExit(f"no finished {split} runs in {results}; run the benchmark first")
+    stem = "accuracy" if split == "rmd17" else f"accuracy-{split}"
     summary = {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}
-    (results / "accuracy.json").write_text(json.dumps(summary, indent=2))
-    learning_curves(runs, results / "accuracy_learning_curves.png")
-    return table(runs)
+    (results / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    title = {"rmd17": "rMD17 ethanol", "temperature": "ethanol, lowest-energy 1000 frames"}[split]
+    learning_curves(runs, results / f"{stem}_learning_curves.png", f"{title}, equal CPU budget (EMA weights)")
+    return "\n\n".join([table(runs), per_file_table(runs, "forces_mae", "F MAE (meV/Å)"),
+                        per_file_table(runs, "energy_mae", "E MAE (meV)"),
+                        per_file_table(runs, "energy_mae_offset_removed", "E MAE, offset removed (meV)")])
 
 
-def rescore(results: Path, test: Path, names: list[str]) -> None:
-    """Recompute ``test`` errors of the finished runs in ``results`` from their saved models (mlip) or
-    saved predictions (MACE's ``test_predictions.xyz``), e.g. after :func:`errors` gained a field."""
-    from mlip.data.formats.extxyz import iter_extxyz
-    from mlip.data.formats.labels import LabelKeys
-
-    for name, run in load_results(results, names).items():
+def rescore(results: Path, split: str, tests: dict[str, Path], names: list[str]) -> None:
+    """Recompute the test errors of the finished runs of ``split`` from their saved models (mlip) or
+    saved predictions (MACE's ``predictions_<test>.xyz``), e.g. after :func:`errors` gained a field."""
+    for name, run in load_results(results, split, names).items():
         if name == "mace":
-            pred = list(iter_extxyz(Path(run["model_path"]).parent / "test_predictions.xyz",
-                                    keys=LabelKeys(energy="MACE_energy", forces="MACE_forces")))
-            ref_e, n_atoms, ref_f = _reference(test)
-            run["test"] = errors(ref_e, np.array([a.info["energy"] for a in pred]), n_atoms, ref_f,
-                                 np.concatenate([a.arrays["forces"] for a in pred]))
+            folder = Path(run["model_path"]).parent
+            run["tests"] = {k: score_mace_predictions(folder / f"predictions_{k}.xyz", p) for k, p in tests.items()}
         else:
-            run["test"] = score_mlip(run["model_path"], test)
-        (results / f"accuracy-{name}.json").write_text(json.dumps(run, indent=2))
-        print(f"rescored {name}: {run['test']}", flush=True)
+            run["tests"] = {k: score_mlip(run["model_path"], p) for k, p in tests.items()}
+        result_path(results, split, name).write_text(json.dumps(run, indent=2))
+        print(f"rescored {name}: {run['tests']}", flush=True)
+
+
+def run_models(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Train and score every model of ``args.models`` on ``args.split``; one JSON per finished model."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    files = data_files(args.data_dir)
+    train_file, tests = prepare_split(args.split, files, args.n_test, Path(args.work) / args.split)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        if name == "mace" and shutil.which(args.mace_python) is None:
+            print(f"== mace skipped: no Python at {args.mace_python} (pass --mace-python)", flush=True)
+            continue
+        print(f"== {name}, split {args.split}: {args.budget_cpu_min} CPU min, {args.threads} thread(s)", flush=True)
+        try:
+            run = (run_mace(files, train_file, tests, args) if name == "mace"
+                   else run_mlip(name, files, train_file, tests, args))
+        except Exception:  # noqa: BLE001 - report and go on with the other models
+            import traceback
+
+            traceback.print_exc()
+            print(f"== {name} FAILED; no result written", flush=True)
+            continue
+        given = list(argv if argv is not None else sys.argv[1:])
+        run["command"] = " ".join(["python", "-m", "benchmarks", "accuracy", *given])
+        run["split"], run["train_file"] = args.split, str(train_file)
+        run["test_files"] = {k: str(p) for k, p in tests.items()}
+        result_path(results, args.split, name).write_text(json.dumps(run, indent=2))
+        print(json.dumps({k: run[k] for k in ("n_parameters", "epochs", "train_cpu_s", "train_wall_s", "tests",
+                                              "equivariance")}, indent=1), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,7 +570,10 @@ def main(argv: list[str] | None = None) -> None:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DATA),
-                   help="folder with train.xyz, test_MD.xyz, isolated_atoms.xyz")
+                   help="folder with train.xyz, test_MD.xyz, isolated_atoms.xyz (and test_*.xyz)")
+    p.add_argument("--split", default="rmd17", choices=SPLITS,
+                   help="rmd17: train.xyz, tested on every test file; temperature: train on the lowest-energy "
+                        "half of train+test_MD, test on the highest-energy 200 frames")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--budget-cpu-min", type=float, default=2.5,
                    help="training budget per model, process CPU minutes (2.5: the numbers in docs/benchmarks.md)")
@@ -503,40 +589,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="runs/accuracy", help="run folders: checkpoints, models, logs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override of the mlip training config (all mlip models)")
-    p.add_argument("--report", action="store_true", help="only rebuild the table and plot from finished runs")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables and plot from finished runs")
     p.add_argument("--rescore", action="store_true",
                    help="recompute the test errors of finished runs from their saved models (no training)")
     args = p.parse_args(argv)
     results = Path(args.results)
     if args.rescore:
-        rescore(results, _test_subset(data_files(args.data_dir), args.n_test, Path(args.work)), args.models)
+        _, tests = prepare_split(args.split, data_files(args.data_dir), args.n_test, Path(args.work) / args.split)
+        rescore(results, args.split, tests, args.models)
     elif not args.report:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        files = data_files(args.data_dir)
-        test = _test_subset(files, args.n_test, Path(args.work))
-        results.mkdir(parents=True, exist_ok=True)
-        for name in args.models:
-            if name == "mace" and shutil.which(args.mace_python) is None:
-                print(f"== mace skipped: no Python at {args.mace_python} (pass --mace-python)", flush=True)
-                continue
-            print(f"== {name}: {args.budget_cpu_min} CPU min, {args.threads} thread(s)", flush=True)
-            try:
-                run = run_mace(files, test, args) if name == "mace" else run_mlip(name, files, test, args)
-            except Exception:  # noqa: BLE001 - report and go on with the other models
-                import traceback
-
-                traceback.print_exc()
-                print(f"== {name} FAILED; no accuracy-{name}.json written", flush=True)
-                continue
-            given = list(argv if argv is not None else sys.argv[1:])
-            run["command"] = " ".join(["python", "-m", "benchmarks", "accuracy", *given])
-            run["test_file"] = f"{test} (first {run['test']['n_structures']} frames of test_MD.xyz)"
-            (results / f"accuracy-{name}.json").write_text(json.dumps(run, indent=2))
-            print(json.dumps({k: run[k] for k in ("n_parameters", "epochs", "train_cpu_s", "train_wall_s", "test",
-                                                  "equivariance")}, indent=1), flush=True)
-    print(report(results))
+        run_models(args, argv)
+    print(report(results, args.split))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Three parts, each writing JSON next to ``--out`` and printing a Markdown table::
     python benchmarks/frame_averaged.py md                 # NVE drift: full vs stochastic frame averaging
     python benchmarks/frame_averaged.py degenerate         # invariance error on degenerate structures
     python benchmarks/frame_averaged.py table              # accuracy table of the trained runs
-    python benchmarks/frame_averaged.py accuracy --data-dir ../shared/data/ethanol  # real DFT, equal CPU budget
     python benchmarks/frame_averaged.py all
 
 *speed*: models built from the size presets (``configs/<family>-<size>.yaml``), float32, eval
@@ -21,11 +20,9 @@ stochastic frame (its training cost per structure).
 data split (10 % validation, 10 % test), loss (weights 1/10/100), optimiser (AdamW, lr 0.01, EMA
 0.99) and batches (128 atoms) for the same wall-clock budget; test-split metrics of the exported (EMA, best-validation) model.
 
-*accuracy*: the accuracy comparison on real DFT data: both families' ``small`` presets trained on
-rMD17 ethanol with the same budget of process CPU time by :mod:`benchmarks.accuracy` (which documents
-the protocol; unknown options such as ``--data-dir`` or ``--budget-cpu-min`` are passed through),
-test errors on held-out MD frames. Results ``python -m benchmarks accuracy`` already wrote are reused
-with ``--reuse``. (*train* above stays: its Cu models feed *md* and *degenerate*.)
+The accuracy comparison on real DFT data (every family and MACE, equal CPU budget, in and out of
+the training distribution) is ``python -m benchmarks accuracy`` (:mod:`benchmarks.accuracy`); *train*
+above trains the Cu models that *md* and *degenerate* use.
 
 *md*: NVE (velocity Verlet, ``--dt`` fs, ``--steps`` steps) of a rattled 32-atom Cu cell at 300 K with the trained
 frame-averaged model through :class:`mlip.calculator.MLIPCalculator` in float64, once with full
@@ -332,21 +329,6 @@ def degenerate(args: argparse.Namespace) -> dict:
     return result
 
 
-def accuracy(args: argparse.Namespace, extra: list[str]) -> dict:
-    """Frame-averaged vs equivariant on rMD17 ethanol, via :mod:`benchmarks.accuracy`."""
-    sys.path.insert(0, str(ROOT))  # run as a script, the benchmarks package is not importable otherwise
-    from benchmarks import accuracy as acc
-
-    names = ["frame-averaged", "equivariant"]
-    results = acc.results_dir(extra)
-    runs = acc.load_results(results, names)
-    if not (args.reuse and len(runs) == len(names)):
-        acc.main(["--models", *names, *extra])
-        runs = acc.load_results(results, names)
-    print("\n" + acc.table(runs))
-    return {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}
-
-
 def _write(args: argparse.Namespace, part: str, result: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,7 +337,7 @@ def _write(args: argparse.Namespace, part: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["speed", "train", "md", "degenerate", "table", "accuracy", "all"])
+    p.add_argument("part", choices=["speed", "train", "md", "degenerate", "table", "all"])
     p.add_argument("--out", default="runs/bench-frame-averaged", help="folder for JSON results and trained models")
     p.add_argument("--sizes", nargs="+", default=["small", "medium"])
     p.add_argument("--repeats", type=int, default=3)
@@ -366,10 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["full", "stochastic", "full-tol", "equivariant"])
     p.add_argument("--max-atoms", type=int, default=512, help="largest Cu crystal in the speed part")
     p.add_argument("--dt", type=float, default=2.0, help="MD time step (fs)")
-    p.add_argument("--reuse", action="store_true", help="accuracy: reuse benchmarks/results/accuracy-*.json if present")
-    args, extra = p.parse_known_args(argv)  # unknown options go to benchmarks.accuracy (part accuracy only)
-    if extra and args.part != "accuracy":
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = p.parse_args(argv)
     if args.part in ("speed", "all"):
         speed(args)
     if args.part in ("train", "all"):
@@ -378,8 +357,6 @@ def main(argv: list[str] | None = None) -> None:
         md(args)
     if args.part in ("degenerate", "all"):
         degenerate(args)
-    if args.part == "accuracy":
-        accuracy(args, extra)
     if args.part == "table":
         print(accuracy_table(Path(args.out)))
 

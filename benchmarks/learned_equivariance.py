@@ -1,11 +1,7 @@
-"""The ``learned-equivariance`` family: speed against the ``equivariant`` family, and accuracy and
-rotation error of learned equivariance against the rotation-augmentation baseline (equal budget).
-
-Two parts, each printing a Markdown table and writing JSON to ``--out``::
+"""The ``learned-equivariance`` family: speed against the ``equivariant`` family. Prints a Markdown
+table and writes JSON to ``--out``::
 
     python benchmarks/learned_equivariance.py speed                # energy + forces, molecule and Cu crystals
-    python benchmarks/learned_equivariance.py accuracy --data-dir ../shared/data/ethanol  # learned vs augment
-    python benchmarks/learned_equivariance.py all
 
 *speed*: the ``small`` presets (``configs/<family>-small.yaml``, elements H C O Cu), ``--dtype``,
 eval mode; energy + forces through :func:`mlip.models.outputs.predict`, median of ``--repeats``
@@ -14,12 +10,9 @@ CPU time are recorded (on a shared machine compare CPU time, with ``--threads 1`
 molecule (H, C, O) and rattled fcc Cu supercells of 64, 128, 256 and 512 atoms. Reported as µs per
 atom per energy+forces call.
 
-*accuracy*: learned equivariance against the rotation-augmentation baseline (``symmetry_mode:
-augment``), both from the ``small`` preset, trained on rMD17 ethanol (real DFT) with the same budget
-of process CPU time by :mod:`benchmarks.accuracy` (which documents the protocol; ``--data-dir``,
-``--budget-cpu-min`` and ``--mace-python`` are passed through there). It reports test energy and
-force errors and the measured rotation error of energy and forces on the test set. Results that
-``python -m benchmarks accuracy`` already wrote are reused (``--reuse``) rather than trained again.
+Accuracy and rotation error, against the rotation-augmentation baseline (``symmetry_mode: augment``)
+and every other model at equal CPU budget, are part of ``python -m benchmarks accuracy``
+(:mod:`benchmarks.accuracy`, models ``learned-equivariance`` and ``learned-equivariance-augment``).
 """
 from __future__ import annotations
 
@@ -111,43 +104,21 @@ def speed(args: argparse.Namespace) -> dict:
     return {"rows": rows, "dtype": args.dtype, "repeats": args.repeats}
 
 
-def accuracy(args: argparse.Namespace, extra: list[str]) -> dict:
-    """Learned equivariance vs the augmentation baseline on ethanol, via :mod:`benchmarks.accuracy`."""
-    sys.path.insert(0, str(ROOT))  # run as a script, the benchmarks package is not importable otherwise
-    from benchmarks import accuracy as acc
-
-    names = ["learned-equivariance", "learned-equivariance-augment"]
-    results = acc.results_dir(extra)
-    runs = acc.load_results(results, names)
-    if not (args.reuse and len(runs) == len(names)):
-        acc.main(["--models", *names, *(["--threads", str(args.threads)] if args.threads else []), *extra])
-        runs = acc.load_results(results, names)
-    print("\n" + acc.table(runs))
-    return {name: {k: v for k, v in r.items() if k != "curve"} for name, r in runs.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["speed", "accuracy", "all"])
+    parser.add_argument("part", choices=["speed"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--reuse", action="store_true",
-                        help="accuracy: reuse benchmarks/results/accuracy-learned-equivariance*.json if both exist")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="benchmarks/results/learned_equivariance.json")
-    args, extra = parser.parse_known_args(argv)  # unknown options go to benchmarks.accuracy
-    if extra and args.part == "speed":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "command": " ".join(["python", "benchmarks/learned_equivariance.py"] + (argv or sys.argv[1:]))}
     result = {"meta": meta}
-    if args.part in ("speed", "all"):
-        result["speed"] = speed(args)
-    if args.part in ("accuracy", "all"):
-        result["accuracy"] = accuracy(args, extra)
+    result["speed"] = speed(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
