@@ -1,15 +1,17 @@
 """Where one energy + forces call of an ``equivariant`` preset spends its CPU time, by component, and
 what a segment sum over receiver-sorted edges would cost instead of ``index_add_``.
 
-Part 1, the breakdown: one call (``mlip.models.outputs.predict``, forces by autograd, ASE neighbour
-list, float32, one thread, after a warm-up call) under ``torch.profiler``. Every layer's components
-run inside a named ``record_function`` range: the edge convolution (radial weights, gather, CG
-product, scatter-sum at the receiver), the symmetric contraction, the spherical-grid mixing, the
-equivariant linears and the skip. A backward node is charged to the component whose forward op
-created it (the profiler gives both the same ``sequence_nr``), so each component's time is its
-forward plus its share of the force backward; the rest (harmonics, radial basis, readouts, the
-autograd bookkeeping) is "other". The ``index_add_``/``scatter_add_`` ops are also summed on their own,
-wherever they run.
+Part 1, the breakdown of a call (``mlip.models.outputs.predict``, forces by autograd, ASE neighbour
+list, float32, one thread) into the components of every layer: the edge convolution (radial
+weights, gather, CG product, scatter-sum at the receiver), the symmetric contraction, the
+spherical-grid mixing, and the equivariant linears with the skip; median over calls of process CPU
+time. A component's forward is timed around its calls; its backward from the moment its output's
+gradient arrives to the moment its last input's gradient leaves (identity autograd nodes stamp
+both: autograd runs the nodes in reverse order of creation, so nothing else runs in between).
+"other" is the rest of the call (harmonics, radial basis, readouts, autograd bookkeeping). One more
+call under ``torch.profiler`` sums the self time of its ``index_add_``/``scatter_add_`` ops, wherever
+they run (the receiver sums, the backward's sums over senders and into positions); the profiler adds a
+cost to every op, so that share is an upper bound.
 
 Part 2, the scatter lever, on the call's real receiver array (ASE's list is sorted by receiver) and
 each layer's message width ``C x D_out``: the receiver sum as the torch backend runs it at this
@@ -24,12 +26,17 @@ output gradient to the edges, ``index_select`` against ``repeat_interleave`` of 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 try:
     from benchmarks import _common as common
@@ -45,73 +52,90 @@ MAX_WHOLE_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------ part 1
-def _in_range(obj: Any, attr: str, name: str) -> None:
-    """Run ``obj.attr`` (a module's ``forward`` or a method) inside ``record_function(name)``."""
-    from torch.profiler import record_function
-
-    fn = getattr(obj, attr)
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with record_function(name):
-            return fn(*args, **kwargs)
-
-    setattr(obj, attr, wrapped)
-
-
-def label_components(model: Any) -> None:
-    """Put every layer's components (:data:`COMPONENTS`) of an ``EquivariantModel`` into named ranges."""
+def _parts(model: Any) -> list[tuple[str, Any, str]]:
+    """``(component, object, attribute)`` of every layer's components (:data:`COMPONENTS`) of an
+    ``EquivariantModel``: a module's ``forward`` or the layer's ``_edge_conv`` method."""
+    out = []
     for layer in model.layers:
-        _in_range(layer, "_edge_conv", COMPONENTS[0])
-        _in_range(layer.contraction, "forward", COMPONENTS[1])
+        out += [(COMPONENTS[0], layer, "_edge_conv"), (COMPONENTS[1], layer.contraction, "forward")]
         if layer.mixing is not None:
-            _in_range(layer.mixing, "forward", COMPONENTS[2])
-        for linear in (layer.linear_up, layer.path_linear, layer.linear_out, layer.skip):
-            if linear is not None:
-                _in_range(linear, "forward", COMPONENTS[3])
+            out.append((COMPONENTS[2], layer.mixing, "forward"))
+        out += [(COMPONENTS[3], m, "forward") for m in (layer.linear_up, layer.path_linear, layer.linear_out,
+                                                         layer.skip) if m is not None]
+    return out
 
 
-def attribute(events: Any) -> dict[str, float]:
-    """CPU seconds per component: its ranges' forward time plus the backward nodes its forward ops
-    created; ``other`` is the rest of the profiled self time, ``total`` all of it."""
-
-    def owner(event: Any) -> str | None:
-        while event is not None:
-            if event.name in COMPONENTS:
-                return event.name
-            event = event.cpu_parent
-        return None
-
-    out = dict.fromkeys(COMPONENTS, 0.0)
-    creator: dict[int, str] = {}
-    backward = "autograd::engine::evaluate_function"
-    for e in events:
-        if e.name in COMPONENTS and owner(e.cpu_parent) is None:  # outermost range only
-            out[e.name] += e.cpu_time_total
-        elif e.sequence_nr >= 0 and not e.name.startswith(backward) and (name := owner(e)):
-            creator.setdefault(e.sequence_nr, name)
-    for e in events:
-        if e.name.startswith(backward) and e.sequence_nr in creator:
-            out[creator[e.sequence_nr]] += e.cpu_time_total
-    total = sum(e.self_cpu_time_total for e in events)
-    out["other"] = total - sum(out.values())
-    out["total"] = total
-    out["index_add_/scatter_add_ (inside the above)"] = sum(e.self_cpu_time_total for e in events if e.name in SCATTER_OPS)
-    return {k: v * 1e-6 for k, v in out.items()}  # the profiler counts µs
+@contextlib.contextmanager
+def _around(model: Any, around: Callable[..., Any]) -> Iterator[None]:
+    """Inside the block, every component call ``fn(*args, **kwargs)`` of ``model`` runs as
+    ``around(component, fn, *args, **kwargs)``; the original methods come back after it."""
+    parts = _parts(model)
+    for name, obj, attr in parts:
+        setattr(obj, attr, functools.partial(around, name, getattr(obj, attr)))  # an instance attribute
+    try:
+        yield
+    finally:
+        for _, obj, attr in parts:
+            delattr(obj, attr)  # the class's method again
 
 
-def breakdown(engine: Any, atoms: Any) -> dict[str, Any]:
-    """Part 1 on one structure: CPU seconds per component of one energy + forces call, and the call's
-    own process CPU time without the profiler."""
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward appends ``(key, process CPU time)`` to ``log``: when a gradient passes."""
+
+    @staticmethod
+    def forward(ctx, x, log, key):
+        ctx.log, ctx.key = log, key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.log.append((ctx.key, time.process_time()))
+        return grad, None, None
+
+
+def _one_call(model: Any, fn: Callable[[], Any]) -> dict[str, dict[str, float]]:
+    """CPU ms of every component's forward and backward in one call ``fn()`` (see the module docstring)."""
+    fwd, log, count = dict.fromkeys(COMPONENTS, 0.0), [], itertools.count()
+
+    def timed(name: str, f: Callable, *args: Any, **kwargs: Any) -> Any:
+        k = next(count)
+        args = tuple(_Stamp.apply(a, log, (name, k, "in")) if torch.is_tensor(a) and a.requires_grad else a
+                     for a in args)
+        c0 = time.process_time()
+        out = f(*args, **kwargs)
+        fwd[name] += time.process_time() - c0
+        return _Stamp.apply(out, log, (name, k, "out")) if out.requires_grad else out
+
+    with _around(model, timed):
+        fn()
+    arrived, left = {}, {}
+    for (name, k, side), t in log:
+        if side == "out":
+            arrived[(name, k)] = t
+        else:
+            left[(name, k)] = max(left.get((name, k), t), t)
+    bwd = dict.fromkeys(COMPONENTS, 0.0)
+    for (name, k), t in arrived.items():
+        bwd[name] += left.get((name, k), t) - t
+    return {name: {"fwd": 1e3 * fwd[name], "bwd": 1e3 * bwd[name]} for name in COMPONENTS}
+
+
+def breakdown(engine: Any, atoms: Any, repeats: int) -> dict[str, Any]:
+    """Part 1 on one structure: the call's median CPU ms; per component the medians of its forward and
+    backward CPU ms; the profiled self time of the scatter ops and of the whole call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn, n_edges = engine.static(atoms, stress=False)
-    c0 = time.process_time()
-    fn()  # warm-up, and the call's time without the profiler
-    plain = time.process_time() - c0
-    label_components(engine.model)
+    call_ms = _cpu_ms(fn, repeats)
+    calls = [_one_call(engine.model, fn) for _ in range(repeats)]
+    parts = {name: {side: statistics.median(c[name][side] for c in calls) for side in ("fwd", "bwd")}
+             for name in COMPONENTS}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return {"n_edges": n_edges, "call_cpu_s": plain, "components_s": attribute(prof.events())}
+    events = prof.events()
+    profiled = {"scatter_ms": 1e-3 * sum(e.self_cpu_time_total for e in events if e.name in SCATTER_OPS),
+                "total_ms": 1e-3 * sum(e.self_cpu_time_total for e in events)}  # the profiler counts µs
+    return {"n_edges": n_edges, "call_cpu_ms": call_ms, "components_ms": parts, "profiled": profiled}
 
 
 # ------------------------------------------------------------------------------------ part 2
@@ -174,12 +198,15 @@ def scatter_lever(receiver: Any, n_nodes: int, width: int, chunk: int | None, re
 
     res = {"width": width, "chunk": chunk, "index_add_": {"fwd": _cpu_ms(index_add, repeats), "bwd": _cpu_ms(gather, repeats)},
            "segment_reduce": {"fwd": _cpu_ms(segment, repeats), "bwd": _cpu_ms(repeat, repeats)}}
-    if chunk is None:
+    if chunk is None:  # timed once: torch's cumsum along the rows of a wide tensor is far slower than the rest
         ends = torch.cumsum(torch.bincount(receiver, minlength=n_nodes), 0)
-        res["cumsum"] = {"fwd": _cpu_ms(lambda: _segment_cumsum(src, ends), repeats)}
-        exact = torch.zeros(n_nodes, width, dtype=torch.float64).index_add_(0, receiver, src.double())
-        err = (_segment_cumsum(src, ends).double() - exact).abs().max() / exact.abs().max()
-        res["cumsum_max_rel_err"] = float(err)
+        c0 = time.process_time()
+        sums = _segment_cumsum(src, ends)
+        res["cumsum"] = {"fwd": 1e3 * (time.process_time() - c0)}
+        exact = torch.zeros(n_nodes, width, dtype=torch.float64)
+        for a in range(0, n_edges, 4096):  # in pieces: a float64 copy of all messages would double the memory
+            exact.index_add_(0, receiver[a : a + 4096], src[a : a + 4096].double())
+        res["cumsum_max_rel_err"] = float((sums.double() - exact).abs().max() / exact.abs().max())
     return res
 
 
@@ -210,21 +237,28 @@ def layer_levers(engine: Any, atoms: Any, repeats: int) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ driver
 def tables(results: list[dict[str, Any]]) -> str:
-    """Markdown: the components' CPU ms and share per structure; the scatter lever per layer and mode."""
+    """Markdown: per structure and component, forward and backward CPU ms and the share of the call;
+    then the scatter lever per layer and mode."""
     rows = []
     for r in results:
-        comp = r["components_s"]
-        for name, sec in comp.items():
-            if name != "total":
-                rows.append([r["structure"], name, f"{1e3 * sec:,.0f}", f"{100 * sec / comp['total']:.1f} %"])
-        rows.append([r["structure"], "total (profiled)", f"{1e3 * comp['total']:,.0f}",
-                     f"call without profiler: {1e3 * r['call_cpu_s']:,.0f} ms"])
-    first = common.markdown_table(["structure", "component", "CPU ms", "share"], rows)
+        call, parts, prof = r["call_cpu_ms"], r["components_ms"], r["profiled"]
+        for name in COMPONENTS:
+            fb = parts[name]["fwd"] + parts[name]["bwd"]
+            rows.append([r["structure"], name, f"{parts[name]['fwd']:,.0f}", f"{parts[name]['bwd']:,.0f}",
+                         f"{fb:,.0f}", f"{100 * fb / call:.1f} %"])
+        other = call - sum(p["fwd"] + p["bwd"] for p in parts.values())
+        rows.append([r["structure"], "other", "", "", f"{other:,.0f}", f"{100 * other / call:.1f} %"])
+        rows.append([r["structure"], "whole call", "", "", f"{call:,.0f}", "100 %"])
+        rows.append([r["structure"], "index_add_/scatter_add_ ops (inside the above; profiled)", "", "",
+                     f"{prof['scatter_ms']:,.0f} of {prof['total_ms']:,.0f}",
+                     f"{100 * prof['scatter_ms'] / prof['total_ms']:.1f} %"])
+    first = common.markdown_table(["structure", "component", "fwd CPU ms", "bwd CPU ms", "fwd + bwd CPU ms",
+                                   "share of the call"], rows)
     rows = []
     for r in results:
         for lv in r["scatter"]:
             mode = f"chunks of {lv['chunk']}" if lv["chunk"] else "all edges"
-            cumsum = (f"{lv['cumsum']['fwd']:.1f} (rel. err {lv['cumsum_max_rel_err']:.0e})" if "cumsum" in lv else "—")
+            cumsum = (f"{lv['cumsum']['fwd']:,.0f} (rel. err {lv['cumsum_max_rel_err']:.0e})" if "cumsum" in lv else "—")
             rows.append([r["structure"], lv["layer"], lv["width"], mode + (" (as run)" if lv["as_run"] else ""),
                          f"{lv['index_add_']['fwd']:.1f}", f"{lv['segment_reduce']['fwd']:.1f}", cumsum,
                          f"{lv['index_add_']['bwd']:.1f}", f"{lv['segment_reduce']['bwd']:.1f}"])
@@ -238,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--structures", default="Si-512,Cu-1000")
     ap.add_argument("--preset", default="medium", help="configs/equivariant-<preset>.yaml")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per scatter variant (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per call, component and scatter variant (median)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     import torch
@@ -251,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine = speed.MlipEngine({"kind": "mlip", "family": "equivariant", "preset": args.preset, "config": {},
                                    "dtype": "float32"})
         atoms = common.make_structure(structure)
-        res = {"structure": structure, "n_atoms": len(atoms), **breakdown(engine, atoms)}
+        res = {"structure": structure, "n_atoms": len(atoms), **breakdown(engine, atoms, args.repeats)}
         res["scatter"] = layer_levers(engine, atoms, args.repeats)
         results.append(res)
         print(f"# {structure}: {len(atoms)} atoms, {res['n_edges']} edges, done", flush=True)

@@ -277,7 +277,7 @@ def _cells(r: dict[str, Any] | None) -> list[str]:
     if r is None:
         return ["—"] * 5
     cpu = r["cpu_median_s"]
-    return [f"{r['n_edges']:,.0f}", f"{1e3 * cpu:,.0f}", f"{r['structures'] / cpu:,.1f}", f"{r['n_atoms'] / cpu:,.0f}",
+    return [f"{r['n_edges']:,.0f}", f"{1e3 * cpu:,.0f}", f"{r['structures'] / cpu:.3g}", f"{r['n_atoms'] / cpu:,.0f}",
             f"{1e3 * r['wall_median_s']:,.0f}"]
 
 
