@@ -4,8 +4,10 @@
     python -m benchmarks accuracy [options]   # equal-budget training on DFT data (benchmarks/accuracy.py)
     python -m benchmarks all                  # both, default options
     python -m benchmarks gpu [--out FILE] [--smoke]   # the GPU check: kernels, model, MD on one GPU (benchmarks/gpu.py)
+    python -m benchmarks train_vs_mace [--smoke]      # training-step throughput, mlip vs MACE (benchmarks/train_vs_mace.py)
 
-``python -m benchmarks speed --help`` (or ``accuracy --help``, ``gpu --help``) lists the options of each part.
+``python -m benchmarks speed --help`` (or ``accuracy --help``, ``gpu --help``, ``train_vs_mace --help``) lists the
+options of each part.
 Results (JSON, PNG) go to ``benchmarks/results/``. Peers are optional: MACE runs from its own
 virtual environment (``--mace-python``) and is skipped when that is absent.
 """
@@ -29,7 +31,7 @@ def _run(part: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = ("speed", "accuracy", "all", "gpu")
+    commands = ("speed", "accuracy", "all", "gpu", "train_vs_mace")
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -192,22 +192,25 @@ def timed(fn, n: int = 1) -> dict[str, float]:
 
 
 class Worker:
-    """Driver side of one worker subprocess (``python -m benchmarks.speed --worker``).
+    """Driver side of one worker subprocess (``python -m <module> --worker``).
 
     Args:
         spec: what to build (``{"kind": "mlip" | "mace" | "e3nn", ...}``), sent as the first command.
         python: interpreter of the worker (the MACE venv for ``kind="mace"``).
         threads: torch intra-op threads in the worker (also OMP/MKL/OpenBLAS thread variables).
+        module: the benchmark module whose ``--worker`` mode serves the commands (its handler
+            knows the spec kinds and tasks).
     """
 
-    def __init__(self, spec: dict[str, Any], python: str | None = None, threads: int = 1) -> None:
+    def __init__(self, spec: dict[str, Any], python: str | None = None, threads: int = 1,
+                 module: str = "benchmarks.speed") -> None:
         self.spec = spec
         env = dict(os.environ)
         for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[key] = str(threads)
         env["PYTHONWARNINGS"] = "ignore"
         self.proc = subprocess.Popen(
-            [python or sys.executable, "-m", "benchmarks.speed", "--worker"], cwd=ROOT, env=env,
+            [python or sys.executable, "-m", module, "--worker"], cwd=ROOT, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
         )
         # the setup answer is read on first use of ``info``: workers started together build in parallel

@@ -33,6 +33,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -415,12 +416,14 @@ def e3nn_spec_like(spec: dict[str, Any]) -> dict[str, Any]:
     return {**mace_spec_like(spec), "kind": "e3nn"}
 
 
-def start_workers(specs: dict[str, dict[str, Any]], mace_python: str, threads: int = 1) -> dict[str, common.Worker]:
-    """One worker per labelled spec (MACE specs under ``mace_python``); prints their sizes."""
+def start_workers(specs: dict[str, dict[str, Any]], mace_python: str, threads: int = 1,
+                  module: str = "benchmarks.speed") -> dict[str, common.Worker]:
+    """One worker per labelled spec (MACE specs under ``mace_python``), served by ``module``'s
+    ``--worker`` mode; prints their sizes."""
     workers = {}
     for label, spec in specs.items():
         python = mace_python if spec["kind"] == "mace" else sys.executable
-        workers[label] = common.Worker(spec, python=python, threads=threads)
+        workers[label] = common.Worker(spec, python=python, threads=threads, module=module)
     for label in specs:
         print(f"# {label}: {workers[label].info['params']:,} parameters", flush=True)
     return workers
@@ -428,8 +431,8 @@ def start_workers(specs: dict[str, dict[str, Any]], mace_python: str, threads: i
 
 def compare(workers: dict[str, common.Worker], structures: list[str], task: dict[str, Any], repeats: int = 5,
             warmup: int = 1, budget_s: float = 120.0, max_call_s: float = 120.0, max_mem_mb: float = 6000.0,
-            steps: int = 1,
-            per_worker_task: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            steps: int = 1, per_worker_task: dict[str, dict[str, Any]] | None = None,
+            n_atoms_of: Callable[[str], int] | None = None) -> list[dict[str, Any]]:
     """Time every worker on every structure, interleaving single calls (A B A B ...).
 
     Args:
@@ -447,6 +450,9 @@ def compare(workers: dict[str, common.Worker], structures: list[str], task: dict
             growth over the memory after setup (large cells of the equivariant models need tens of GB).
         steps: calls (MD steps) per timed sample.
         per_worker_task: extra ``prepare`` fields per worker label (e.g. a skin per MD variant).
+        n_atoms_of: atoms of a structure name, for the predictions (default: the structure
+            :func:`benchmarks._common.make_structure` builds); names the workers resolve
+            otherwise, such as training batches, need their own.
 
     Returns:
         One row per worker and structure: ``n_atoms``, ``n_edges``, ``wall_s`` and ``cpu_s`` (per call,
@@ -457,7 +463,7 @@ def compare(workers: dict[str, common.Worker], structures: list[str], task: dict
     for name in structures:
         periodic = not name.startswith("molecule")
         active, prepared = {}, {}
-        n_atoms = len(common.make_structure(name))
+        n_atoms = n_atoms_of(name) if n_atoms_of else len(common.make_structure(name))
         for label, worker in workers.items():
             reason = None
             if label in last:

@@ -257,24 +257,38 @@ def pair_paths(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool = False) -
 
 
 @functools.cache
-def _pair_cg_cpu(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
-    """Per block, all its CG matrices side by side: ``[(2l1+1)(2l2+1), sum_l3 (2l3+1)]`` (float64)."""
-    mats = []
+def _pair_cg_cpu(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool
+                 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """The tables of :func:`channelwise_product` (float64, int64):
+
+    * per block, all its CG matrices side by side, laid out for ``y_l2 @ cg``:
+      ``[2l2+1, (2l1+1) * sum_l3 (2l3+1)]``;
+    * ``path [K]``: the path of each of the ``K`` product columns (blocks, then their ``l3``, in order);
+    * ``slots [K, (lmax_out+1)^2]``: 0/1, which output component each column adds to.
+    """
+    mats, path, slot = [], [], []
     for l1, l2, l3s in pair_blocks(lmax1, lmax2, lmax_out, symmetric):
-        cgs = [_cg_cpu(l1, l2, l3).reshape((2 * l1 + 1) * (2 * l2 + 1), 2 * l3 + 1) for l3 in l3s]
-        mats.append(torch.cat(cgs, dim=1))
-    return tuple(mats)
+        block = torch.cat([_cg_cpu(l1, l2, l3) for l3 in l3s], dim=2)  # [2l1+1, 2l2+1, k]
+        mats.append(block.permute(1, 0, 2).reshape(2 * l2 + 1, -1))
+        for l3 in l3s:
+            path += [path[-1] + 1 if path else 0] * (2 * l3 + 1)
+            slot += range(l3 * l3, (l3 + 1) ** 2)
+    slots = torch.zeros(len(slot), (lmax_out + 1) ** 2, dtype=torch.float64)
+    slots[torch.arange(len(slot)), torch.tensor(slot)] = 1.0
+    return tuple(mats), torch.tensor(path), slots
 
 
-_PAIR_CG_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_PAIR_CG_CACHE: dict[tuple, tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]] = {}
 
 
 def _pair_cg(lmax1: int, lmax2: int, lmax_out: int, symmetric: bool, dtype: torch.dtype,
-             device: torch.device) -> tuple[torch.Tensor, ...]:
+             device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """:func:`_pair_cg_cpu`'s tables in ``dtype`` on ``device`` (cached)."""
     key = (lmax1, lmax2, lmax_out, symmetric, dtype, str(device))
     if key not in _PAIR_CG_CACHE:
-        _PAIR_CG_CACHE[key] = tuple(m.to(dtype=dtype, device=device)
-                                    for m in _pair_cg_cpu(lmax1, lmax2, lmax_out, symmetric))
+        mats, path, slots = _pair_cg_cpu(lmax1, lmax2, lmax_out, symmetric)
+        _PAIR_CG_CACHE[key] = (tuple(m.to(dtype=dtype, device=device) for m in mats), path.to(device),
+                               slots.to(dtype=dtype, device=device))
     return _PAIR_CG_CACHE[key]
 
 
@@ -290,7 +304,10 @@ def channelwise_product(
     """Node-wise channel-wise tensor product ``z_l3[c] = sum_p w_p[c] CG_p(x_l1[c] ⊗ y_l2[c])``.
 
     Paths ``p`` run over :func:`pair_blocks` (``symmetric``: ``l1 <= l2`` only, for ``x`` is ``y``).
-    One outer product and one matmul per ``(l1, l2)`` block (all its ``l3`` at once).
+    Per ``(l1, l2)`` block (all its ``l3`` at once): ``y_l2 @ CG`` by one matmul, then one
+    ``(1 x 2l1+1) @ (2l1+1 x k)`` product with ``x_l1`` per node and channel (the outer product
+    ``x_l1 ⊗ y_l2``, whose backward is a pair of reductions, is never formed); then every column
+    times its path's weight, and a matmul with a 0/1 matrix sums the columns into the output.
 
     Args:
         x: ``[n, C, (lmax1+1)^2]``.
@@ -301,22 +318,15 @@ def channelwise_product(
         ``[n, C, (lmax_out+1)^2]``.
     """
     n, c = x.shape[0], x.shape[1]
-    blocks = pair_blocks(lmax1, lmax2, lmax_out, symmetric)
-    parts: list[list[torch.Tensor]] = [[] for _ in range(lmax_out + 1)]
-    p = 0
-    for (l1, l2, l3s), cg in zip(blocks, _pair_cg(lmax1, lmax2, lmax_out, symmetric, x.dtype, x.device)):
-        xl = x[:, :, l1 * l1 : (l1 + 1) ** 2]
-        yl = y[:, :, l2 * l2 : (l2 + 1) ** 2]
-        outer = (xl[:, :, :, None] * yl[:, :, None, :]).reshape(n, c, -1)  # [n, C, (2l1+1)(2l2+1)]
-        z = torch.matmul(outer, cg)  # [n, C, sum(2l3+1)]
-        s = 0
-        for l3 in l3s:
-            d = 2 * l3 + 1
-            parts[l3].append(z[:, :, s : s + d] * weights[:, p, :, None])
-            s += d
-            p += 1
-    outs = [torch.stack(ps).sum(0) if ps else x.new_zeros(n, c, 2 * l3 + 1) for l3, ps in enumerate(parts)]
-    return torch.cat(outs, dim=-1)
+    mats, path, slots = _pair_cg(lmax1, lmax2, lmax_out, symmetric, x.dtype, x.device)
+    xs = x.split([2 * l + 1 for l in range(lmax1 + 1)], dim=-1)  # one split: one gradient for all blocks' slices
+    ys = y.split([2 * l + 1 for l in range(lmax2 + 1)], dim=-1)
+    z = []
+    for (l1, l2, _), cg in zip(pair_blocks(lmax1, lmax2, lmax_out, symmetric), mats):
+        t = torch.matmul(ys[l2], cg).view(n, c, 2 * l1 + 1, -1)  # [n, C, 2l1+1, k]
+        z.append(torch.matmul(xs[l1][:, :, None, :], t).squeeze(2))  # [n, C, k]
+    w = weights[:, path, :].transpose(1, 2)  # [n or 1, C, K]
+    return torch.matmul(torch.cat(z, dim=-1) * w, slots)
 
 
 def contraction_lmax2(lmax_in: int, lmax_out: int, correlation: int) -> int:
