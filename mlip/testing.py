@@ -401,13 +401,21 @@ class ModelConformance:
             self.assert_same_model_output(out[key], ref[key], device, self.same_tol[dtype])
 
     def test_isolated_atom_is_e0(self, dtype, device):
+        """An isolated atom's energy is its E0, whatever the scale and the (binding-energy) shift;
+        a dimer pulled apart tends smoothly to the sum of its atoms' E0s."""
         e0s = {1: -13.6, 6: -1029.5, 8: -2041.3}
-        model = self.model(dtype, device, e0s=e0s)
+        model = self.model(dtype, device, e0s=e0s, scale=1.3, shift=-4.0)
         atoms = [ase.Atoms(sym, positions=[[0.0, 0.0, 0.0]]) for sym in ("H", "C", "O")]
         out = self.run(model, self.batch(atoms, dtype, device))
         want = torch.tensor([e0s[1], e0s[6], e0s[8]], dtype=dtype, device=device)
         assert rel_err(out["energy"], want) < self.same_tol[dtype]
         assert torch.all(out["forces"] == 0)
+        gaps = {}
+        for delta in (-1.0, -1e-1, -1e-2):
+            dimer = ase.Atoms("OH", positions=[[0.0, 0.0, 0.0], [self.r_max + delta, 0.0, 0.0]])
+            gaps[delta] = abs(float(self.run(model, self.batch([dimer], dtype, device))["energy"][0]) - e0s[1] - e0s[8])
+        assert gaps[-1.0] > 1e-3  # bonded, the dimer is not at the E0 sum (the check has teeth) ...
+        assert gaps[-1e-2] < gaps[-1e-1] / 10 < gaps[-1.0] / 100  # ... and reaches it smoothly
 
     def test_inputs_not_modified(self, dtype, device):
         model = self.model(dtype, device)

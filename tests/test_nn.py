@@ -348,9 +348,17 @@ def test_e0_table_forms_and_head_index():
     assert head_index(["a", "b"], ["b", "a"]).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"structure 1 in the batch has head 'c'"):
         head_index(["a", "b"], ["a", "c"])
-    ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5)
+    ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5,
+                        shift_by_coordination=False)
     out = ae(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert out.tolist() == [2.0 + 0.5 - 1.0, 2.0 + 0.5 - 5.0]
+    # weighted shift: none without neighbours, 1 - e^-n of it with n (smooth) neighbours
+    ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5)
+    out = ae(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0, 0]), torch.tensor([0, 1]),
+             torch.tensor([0.0, 3.0], dtype=torch.float64))
+    assert out.tolist() == pytest.approx([-1.0, 2.0 + 0.5 * (1 - math.exp(-3.0)) - 5.0], abs=1e-15)
+    with pytest.raises(ValueError, match="neighbour count"):
+        ae(torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0]))
 
 
 def test_bessel_basis_is_orthonormal_on_the_ball():

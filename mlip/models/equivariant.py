@@ -35,7 +35,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
-from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
+from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head, smooth_coordination
 from mlip.nn.s2grid import ACTIVATIONS, GridMixing
 from mlip.nn.scatter import scatter_sum
 from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SpeciesLinear, SymmetricContraction
@@ -86,6 +86,7 @@ class EquivariantConfig:
     avg_num_neighbors: float | None = None
     scale: float = 1.0
     shift: float = 0.0
+    shift_by_coordination: bool = True
     kernel: str = "auto"
     edge_chunk_size: int | None = None
     seed: int | None = 0
@@ -292,7 +293,8 @@ class EquivariantModel(PotentialModel):
                 last = i == L - 1
                 self.layers.append(InteractionBlock(cfg, 0 if i == 0 else lh, 0 if last else lh, residual=i > 0))
                 self.readouts.append(MLPReadout(C, int(cfg.readout_hidden), n_heads) if last else LinearReadout(C, n_heads))
-        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
+        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift,
+                                              bool(cfg.shift_by_coordination))
         self.exactly_equivariant = all(layer.mixing is None or layer.mixing.exact for layer in self.layers)
         #: the :class:`~mlip.kernels.KernelBackend` every product layer runs on, resolved from
         #: ``config.kernel`` for the parameters' device and dtype; ``None`` where the named backend
@@ -368,7 +370,8 @@ class EquivariantModel(PotentialModel):
         for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
             h = layer(backend, h, edges, element, extra_scalars=extra if i == 0 else None)
             node_energy = node_energy + select_head(readout(h[:, :, 0]), atom_head)
-        node_energy = self.atomic_energies(node_energy, element, atom_head)
+        node_energy = self.atomic_energies(node_energy, element, atom_head,
+                                           smooth_coordination(envelope, receiver, n_atoms))
         energy = scatter_sum(node_energy, batch.batch, n_graphs)
         return {"node_energy": node_energy, "energy": energy}
 

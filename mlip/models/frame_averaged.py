@@ -29,7 +29,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
-from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
+from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head, smooth_coordination
 from mlip.nn.scatter import scatter_sum
 
 AVERAGING = ("full", "stochastic")
@@ -72,6 +72,7 @@ class FrameAveragedConfig:
     avg_num_neighbors: float | None = None
     scale: float = 1.0
     shift: float = 0.0
+    shift_by_coordination: bool = True
     seed: int | None = 0
 
 
@@ -179,7 +180,8 @@ class FrameAveragedModel(PotentialModel):
             self.layers = torch.nn.ModuleList([MessageBlock(C, cfg.avg_num_neighbors) for _ in range(int(cfg.num_layers))])
             self.readout = MLPReadout(C, int(cfg.readout_hidden), len(cfg.heads))
             self.force_head = _mlp([C, C, 3], bias=False) if cfg.direct_forces else None
-        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
+        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift,
+                                              bool(cfg.shift_by_coordination))
 
     @property
     def direct_forces(self) -> bool:
@@ -251,7 +253,8 @@ class FrameAveragedModel(PotentialModel):
         w = frames.weight.to(dtype)[atom_frame]  # [n_rep_atoms]
         e_rep = select_head(self.readout(learned), atom_head[atom_src])
         node_energy = scatter_sum(e_rep * w, atom_src, n_atoms)
-        node_energy = self.atomic_energies(node_energy, element, atom_head)
+        coordination = smooth_coordination(self.envelope(edge_vec.norm(dim=-1)), receiver, n_atoms)
+        node_energy = self.atomic_energies(node_energy, element, atom_head, coordination)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f_frame = self.force_head(learned)  # [n_rep_atoms, 3] in frame coordinates

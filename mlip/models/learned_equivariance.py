@@ -59,7 +59,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.attention import TransformerBlock
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
-from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
+from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head, smooth_coordination
 from mlip.nn.scatter import scatter_sum
 
 SYMMETRY_MODES = ("learned", "augment", "none")
@@ -103,6 +103,7 @@ class LearnedEquivarianceConfig:
     e0s: Any = None
     scale: float = 1.0
     shift: float = 0.0
+    shift_by_coordination: bool = True
     seed: int | None = 0
 
 
@@ -228,7 +229,8 @@ class LearnedEquivarianceModel(PotentialModel):
                 self.transforms = torch.nn.ModuleList([
                     RotationTransform(C, int(cfg.transform_hidden), self.n_inv) for _ in range(int(cfg.num_layers))
                 ])
-        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift)
+        self.atomic_energies = AtomicEnergies(cfg.e0s, list(cfg.heads), list(cfg.elements), cfg.scale, cfg.shift,
+                                              bool(cfg.shift_by_coordination))
 
     @property
     def direct_forces(self) -> bool:
@@ -300,7 +302,8 @@ class LearnedEquivarianceModel(PotentialModel):
         graph_head = head_index(cfg.heads, batch.head, device=element.device)
         atom_head = graph_head[batch.batch]
         e = self.readout(self._readout_input(hs[-1])) - self.readout(self._readout_input(h_iso))
-        node_energy = self.atomic_energies(select_head(e, atom_head), element, atom_head)
+        coordination = smooth_coordination(self.envelope(edge_vec.norm(dim=-1)), receiver, batch.n_atoms)
+        node_energy = self.atomic_energies(select_head(e, atom_head), element, atom_head, coordination)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f = self.force_head(hs[-1] - h_iso)  # [n_atoms, 3] in the frame the model saw

@@ -2,7 +2,8 @@
 per-head, per-element reference energies E0.
 
 Readouts have no biases, so an atom whose features are all zero (an isolated atom) gets
-exactly ``shift + E0``.
+exactly ``E0`` when the shift is weighted by the atom's smooth neighbour count
+(``shift_by_coordination``, the default), and ``shift + E0`` with a constant shift (MACE's ScaleShift).
 """
 from __future__ import annotations
 
@@ -108,8 +109,27 @@ def select_head(per_head: torch.Tensor, atom_head: torch.Tensor) -> torch.Tensor
     return per_head.gather(1, atom_head[:, None])[:, 0]
 
 
+def smooth_coordination(envelope: torch.Tensor, receiver: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """Each atom's smooth neighbour count ``n_i = Σ_j u(r_ij)``, ``u`` the model's cutoff envelope
+    (1 at ``r = 0``, 0 with its derivatives at ``r_max``): 0 for an isolated atom, continuous as
+    neighbours cross the cutoff.
+
+    Shapes: envelope [n_edges]; receiver [n_edges] -> [n_atoms].
+    """
+    out = envelope.new_zeros(n_atoms)
+    return out.index_add_(0, receiver, envelope)
+
+
 class AtomicEnergies(torch.nn.Module):
-    """Per-atom ``scale * e + shift + E0[head, element]`` in eV.
+    """Per-atom ``scale * e + shift * w + E0[head, element]`` in eV, ``w = 1 - exp(-n)`` for an atom
+    with smooth neighbour count ``n`` (:func:`smooth_coordination`) when ``shift_by_coordination``,
+    else ``w = 1``.
+
+    The shift is the mean per-atom energy left after the E0s (the binding energy per atom, several
+    eV in molecules and crystals). Weighted by ``w`` it is there for every bonded atom (``w > 0.98``
+    from ``n = 4``) and vanishes smoothly as an atom leaves all its neighbours, so a dissociated
+    atom ends at its isolated-atom E0 and the energy of a structure pulled apart tends to the sum
+    of the fragments' E0s, where a constant shift would leave every atom ``shift`` below its E0.
 
     E0s, scale and shift come from the config and are kept as a float64 master copy (not as
     buffers), cast to the input dtype on use, so a float32 model moved to float64 keeps exact E0s.
@@ -118,11 +138,13 @@ class AtomicEnergies(torch.nn.Module):
         energy [n_atoms], element [n_atoms], atom_head [n_atoms] -> [n_atoms].
     """
 
-    def __init__(self, e0s: Any, heads: Sequence[str], elements: Sequence[int], scale: float = 1.0, shift: float = 0.0) -> None:
+    def __init__(self, e0s: Any, heads: Sequence[str], elements: Sequence[int], scale: float = 1.0, shift: float = 0.0,
+                 shift_by_coordination: bool = True) -> None:
         super().__init__()
         self._e0 = e0_table(e0s, heads, elements)
         self.scale = float(scale)
         self.shift = float(shift)
+        self.shift_by_coordination = bool(shift_by_coordination)
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -131,6 +153,13 @@ class AtomicEnergies(torch.nn.Module):
             self._cache[key] = self._e0.to(dtype=dtype, device=device)
         return self._cache[key]
 
-    def forward(self, energy: torch.Tensor, element: torch.Tensor, atom_head: torch.Tensor) -> torch.Tensor:
+    def forward(self, energy: torch.Tensor, element: torch.Tensor, atom_head: torch.Tensor,
+                coordination: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes: energy, element, atom_head, coordination [n_atoms] (coordination: needed with
+        ``shift_by_coordination``) -> [n_atoms] eV."""
         e0 = self.table(energy.dtype, energy.device)[atom_head, element]
-        return self.scale * energy + self.shift + e0
+        if not self.shift_by_coordination:
+            return self.scale * energy + self.shift + e0
+        if coordination is None:
+            raise ValueError("AtomicEnergies(shift_by_coordination=True) needs each atom's smooth neighbour count")
+        return self.scale * energy + self.shift * -torch.expm1(-coordination.to(energy.dtype)) + e0
