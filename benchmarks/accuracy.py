@@ -62,9 +62,6 @@ MODELS: dict[str, dict] = {
     "learned-equivariance": {"family": "learned-equivariance", "lr": 0.003},
     "learned-equivariance-augment": {"family": "learned-equivariance", "lr": 0.003,
                                      "model": {"symmetry_mode": "augment"}},
-    # the alignment-loss weight of the presets before 1e4 (it had no measurable effect; kept for comparison)
-    "learned-equivariance-w100": {"family": "learned-equivariance", "lr": 0.003,
-                                  "model": {"equivariance_loss_weight": 100.0}},
     "mace": {"family": "mace", "lr": 0.01},
 }
 
