@@ -310,7 +310,7 @@ def relative_rotation_error(model, batch, n_rotations: int = 8, seed: int = 1) -
     fairly: RMS over structures and rotations of ``(E(Rx) - E(x)) / n_atoms`` over the RMS
     interaction energy per atom (``E - Σ E0``), and RMS of ``F(Rx) - R F(x)`` over the RMS force.
     RMS rather than max: one molecule and one rotation do not decide."""
-    from mlip.nn.readout import smooth_coordination
+    from mlip.nn.readout import bond_count
     from mlip.train.equivariance import random_rotation as uniform_rotation
     from mlip.train.equivariance import rotate_batch
 
@@ -322,7 +322,9 @@ def relative_rotation_error(model, batch, n_rotations: int = 8, seed: int = 1) -
     element = model.embedding.index(batch.numbers)
     zero = torch.zeros(batch.n_atoms, dtype=e0.dtype)
     # E0s plus the coordination-weighted shift: what the model predicts with a zero interaction energy
-    coordination = smooth_coordination(model.envelope(batch.edge_vectors().norm(dim=-1)), batch.edge_index[1], batch.n_atoms)
+    r = batch.edge_vectors().norm(dim=-1)
+    coordination = bond_count(r, model.envelope(r), batch.numbers[batch.edge_index[0]], batch.numbers[batch.edge_index[1]],
+                              batch.edge_index[1], batch.n_atoms)
     e_ref = zero.new_zeros(batch.n_graphs).index_add_(
         0, batch.batch, model.atomic_energies(zero, element, torch.zeros_like(element), coordination.detach()))
     de, df = [], []

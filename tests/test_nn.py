@@ -352,12 +352,12 @@ def test_e0_table_forms_and_head_index():
                         shift_by_coordination=False)
     out = ae(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]), torch.tensor([0, 1]))
     assert out.tolist() == [2.0 + 0.5 - 1.0, 2.0 + 0.5 - 5.0]
-    # weighted shift: none without neighbours, 1 - e^-n of it with n (smooth) neighbours
+    # weighted shift: none without bonds, 1 - e^(-3n) of it with n (smooth) bonds
     ae = AtomicEnergies({"a": {1: -1.0}, "b": {1: -5.0}}, ["a", "b"], elements, scale=2.0, shift=0.5)
     out = ae(torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([0, 0]), torch.tensor([0, 1]),
              torch.tensor([0.0, 3.0], dtype=torch.float64))
-    assert out.tolist() == pytest.approx([-1.0, 2.0 + 0.5 * (1 - math.exp(-3.0)) - 5.0], abs=1e-15)
-    with pytest.raises(ValueError, match="neighbour count"):
+    assert out.tolist() == pytest.approx([-1.0, 2.0 + 0.5 * (1 - math.exp(-9.0)) - 5.0], abs=1e-15)
+    with pytest.raises(ValueError, match="bond count"):
         ae(torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0]))
 
 
@@ -408,3 +408,23 @@ def test_grid_size_is_tied_to_lmax(lmax):
     n_theta, n_phi = grid_size(3 * lmax)
     assert mix.degree == 3 * lmax and mix.num_points == n_theta * n_phi
     assert n_theta == 3 * lmax // 2 + 1 and n_phi % 2 == 0 and n_phi >= 3 * lmax + 1
+
+
+def test_bond_count_counts_covalent_bonds_smoothly():
+    """One per bond up to 1.3 times the covalent radii sum, none beyond twice it, C² in between (and
+    zero where the model's envelope is): an H bonded to O counts 1, the same pair pulled apart 0."""
+    from ase.data import covalent_radii
+
+    from mlip.nn.readout import BOND_RANGE, bond_count
+
+    s = float(covalent_radii[1] + covalent_radii[8])
+    inner, outer = BOND_RANGE
+    r = torch.tensor([s, inner * s, 0.5 * (inner + outer) * s, outer * s, 2.5 * s], dtype=torch.float64,
+                     requires_grad=True)
+    z_h, z_o = torch.ones(5, dtype=torch.long), torch.full((5,), 8, dtype=torch.long)
+    n = bond_count(r, torch.ones(5, dtype=torch.float64), z_o, z_h, torch.arange(5), 5)
+    assert n.tolist()[:2] == [1.0, 1.0] and n.tolist()[3:] == [0.0, 0.0] and 0.0 < n[2] < 1.0
+    (grad,) = torch.autograd.grad(n.sum(), r)
+    assert grad[1] == 0.0 and grad[3] == 0.0 and grad[2] < 0.0  # no kink where the smoothstep starts/ends
+    envelope = torch.tensor([0.5, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert bond_count(r, envelope, z_o, z_h, torch.arange(5), 5)[:2].tolist() == [0.5, 0.0]

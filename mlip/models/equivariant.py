@@ -35,7 +35,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
-from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head, smooth_coordination
+from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, bond_count, head_index, select_head
 from mlip.nn.s2grid import ACTIVATIONS, GridMixing
 from mlip.nn.scatter import scatter_sum
 from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SpeciesLinear, SymmetricContraction
@@ -371,7 +371,8 @@ class EquivariantModel(PotentialModel):
             h = layer(backend, h, edges, element, extra_scalars=extra if i == 0 else None)
             node_energy = node_energy + select_head(readout(h[:, :, 0]), atom_head)
         node_energy = self.atomic_energies(node_energy, element, atom_head,
-                                           smooth_coordination(envelope, receiver, n_atoms))
+                                           bond_count(r, envelope, batch.numbers[sender], batch.numbers[receiver],
+                                                      receiver, n_atoms))
         energy = scatter_sum(node_energy, batch.batch, n_graphs)
         return {"node_energy": node_energy, "energy": energy}
 

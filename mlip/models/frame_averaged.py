@@ -29,7 +29,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
-from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head, smooth_coordination
+from mlip.nn.readout import AtomicEnergies, MLPReadout, bond_count, head_index, select_head
 from mlip.nn.scatter import scatter_sum
 
 AVERAGING = ("full", "stochastic")
@@ -253,7 +253,8 @@ class FrameAveragedModel(PotentialModel):
         w = frames.weight.to(dtype)[atom_frame]  # [n_rep_atoms]
         e_rep = select_head(self.readout(learned), atom_head[atom_src])
         node_energy = scatter_sum(e_rep * w, atom_src, n_atoms)
-        coordination = smooth_coordination(self.envelope(edge_vec.norm(dim=-1)), receiver, n_atoms)
+        r = edge_vec.norm(dim=-1)
+        coordination = bond_count(r, self.envelope(r), batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
         node_energy = self.atomic_energies(node_energy, element, atom_head, coordination)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:

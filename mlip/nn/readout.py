@@ -2,7 +2,7 @@
 per-head, per-element reference energies E0.
 
 Readouts have no biases, so an atom whose features are all zero (an isolated atom) gets
-exactly ``E0`` when the shift is weighted by the atom's smooth neighbour count
+exactly ``E0`` when the shift is weighted by the atom's smooth bond count
 (``shift_by_coordination``, the default), and ``shift + E0`` with a constant shift (MACE's ScaleShift).
 """
 from __future__ import annotations
@@ -109,27 +109,48 @@ def select_head(per_head: torch.Tensor, atom_head: torch.Tensor) -> torch.Tensor
     return per_head.gather(1, atom_head[:, None])[:, 0]
 
 
-def smooth_coordination(envelope: torch.Tensor, receiver: torch.Tensor, n_atoms: int) -> torch.Tensor:
-    """Each atom's smooth neighbour count ``n_i = Σ_j u(r_ij)``, ``u`` the model's cutoff envelope
-    (1 at ``r = 0``, 0 with its derivatives at ``r_max``): 0 for an isolated atom, continuous as
-    neighbours cross the cutoff.
+#: a pair counts as one bond up to ``BOND_RANGE[0] * s`` and none from ``BOND_RANGE[1] * s`` on,
+#: ``s`` its covalent radii sum: flat over thermal bond stretching, broken before second neighbours
+BOND_RANGE = (1.3, 2.0)
+#: a bonded atom keeps ``1 - exp(-BOND_SHIFT_RATE * n)`` of the shift (0.95 with one bond)
+BOND_SHIFT_RATE = 3.0
+_COVALENT: dict[tuple, torch.Tensor] = {}
 
-    Shapes: envelope [n_edges]; receiver [n_edges] -> [n_atoms].
+
+def bond_count(r: torch.Tensor, envelope: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.Tensor,
+               receiver: torch.Tensor, n_atoms: int) -> torch.Tensor:
+    """Each atom's smooth count of covalent bonds ``n_i = Σ_j b(r_ij) u(r_ij)``: ``b = 1`` up to
+    ``BOND_RANGE[0] * s``, ``s`` the pair's covalent radii sum (ASE's table), 0 from
+    ``BOND_RANGE[1] * s`` on, a C² smoothstep between; ``u`` is the model's cutoff envelope, so ``n``
+    also vanishes smoothly at ``r_max``.
+    0 for an isolated atom, 1 per bond otherwise (1 for H in a molecule, 12 in fcc Cu).
+
+    Shapes: r, envelope, z_sender, z_receiver, receiver [n_edges] -> [n_atoms].
     """
-    out = envelope.new_zeros(n_atoms)
-    return out.index_add_(0, receiver, envelope)
+    from ase.data import covalent_radii
+
+    from mlip.nn.frames import smoothstep
+
+    key = (r.dtype, r.device)
+    if key not in _COVALENT:
+        _COVALENT[key] = torch.as_tensor(covalent_radii, dtype=r.dtype, device=r.device)
+    table = _COVALENT[key]
+    s = table[z_sender] + table[z_receiver]
+    inner, outer = BOND_RANGE
+    b = 1.0 - smoothstep((r - inner * s) / ((outer - inner) * s))
+    return r.new_zeros(n_atoms).index_add_(0, receiver, b * envelope)
 
 
 class AtomicEnergies(torch.nn.Module):
-    """Per-atom ``scale * e + shift * w + E0[head, element]`` in eV, ``w = 1 - exp(-n)`` for an atom
-    with smooth neighbour count ``n`` (:func:`smooth_coordination`) when ``shift_by_coordination``,
-    else ``w = 1``.
+    """Per-atom ``scale * e + shift * w + E0[head, element]`` in eV, ``w = 1 - exp(-3 n)`` for an atom
+    with ``n`` smooth covalent bonds (:func:`bond_count`) when ``shift_by_coordination``, else ``w = 1``.
 
     The shift is the mean per-atom energy left after the E0s (the binding energy per atom, several
-    eV in molecules and crystals). Weighted by ``w`` it is there for every bonded atom (``w > 0.98``
-    from ``n = 4``) and vanishes smoothly as an atom leaves all its neighbours, so a dissociated
-    atom ends at its isolated-atom E0 and the energy of a structure pulled apart tends to the sum
-    of the fragments' E0s, where a constant shift would leave every atom ``shift`` below its E0.
+    eV in molecules and crystals). Weighted by ``w`` it is there for every bonded atom (``w = 0.95``
+    with one bond, > 0.997 with two) and goes smoothly as an atom's bonds break, so a dissociated
+    atom ends at its isolated-atom E0 and a structure pulled apart tends to the sum of the
+    fragments' E0s as the bonds break, where a constant shift would leave every atom ``shift``
+    below its E0.
 
     E0s, scale and shift come from the config and are kept as a float64 master copy (not as
     buffers), cast to the input dtype on use, so a float32 model moved to float64 keeps exact E0s.
@@ -155,11 +176,11 @@ class AtomicEnergies(torch.nn.Module):
 
     def forward(self, energy: torch.Tensor, element: torch.Tensor, atom_head: torch.Tensor,
                 coordination: torch.Tensor | None = None) -> torch.Tensor:
-        """Shapes: energy, element, atom_head, coordination [n_atoms] (coordination: needed with
+        """Shapes: energy, element, atom_head, coordination [n_atoms] (:func:`bond_count`, needed with
         ``shift_by_coordination``) -> [n_atoms] eV."""
         e0 = self.table(energy.dtype, energy.device)[atom_head, element]
         if not self.shift_by_coordination:
             return self.scale * energy + self.shift + e0
         if coordination is None:
-            raise ValueError("AtomicEnergies(shift_by_coordination=True) needs each atom's smooth neighbour count")
-        return self.scale * energy + self.shift * -torch.expm1(-coordination.to(energy.dtype)) + e0
+            raise ValueError("AtomicEnergies(shift_by_coordination=True) needs each atom's smooth bond count")
+        return self.scale * energy + self.shift * -torch.expm1(-BOND_SHIFT_RATE * coordination.to(energy.dtype)) + e0
