@@ -15,7 +15,7 @@ frame on a replicated copy of the structure. Energies are averaged over the fram
 Backbone per layer: message ``m_ij = MLP([h_i, h_j, ε_ij]) u(r_ij)`` (``ε`` = embedding of the
 radial basis and the frame-projected edge vector, ``u`` = smooth envelope), summed at the receiver,
 residual update by a bias-free MLP. The energy readout sees ``h_L - h_0``, so an isolated atom has
-exactly ``shift + E0``. Optional direct force head (``direct_forces``): see :class:`FrameAveragedModel`.
+exactly ``E0`` (the shift is weighted by its bond count, :class:`mlip.nn.readout.AtomicEnergies`). Optional direct force head (``direct_forces``): see :class:`FrameAveragedModel`.
 """
 from __future__ import annotations
 

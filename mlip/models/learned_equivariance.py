@@ -43,7 +43,7 @@ Symmetry modes (``symmetry_mode``), all acting only while the module is in train
 
 Readout: a bias-free MLP of the invariant channels, minus the same MLP applied to the features an
 isolated atom would have (the blocks' feed-forward halves alone), so an isolated atom has exactly
-``shift + E0``; then scale/shift and per-element, per-head E0s. Forces and stress are conservative
+``E0`` (the shift is weighted by its bond count); then scale/shift and per-element, per-head E0s. Forces and stress are conservative
 by autograd in :mod:`mlip.models.outputs`; ``direct_forces`` adds a force head whose output is
 returned as ``forces`` (*not* the gradient of the energy: non-conservative, drifts in NVE).
 """
