@@ -69,6 +69,10 @@ class _ChunkedConvTP(torch.autograd.Function):
         # are then kept for that backward anyway, and many small recorded ops cost more than they save
         chunk = ctx.chunk if inplace else max(1, sender.shape[0])
         grad_x = torch.zeros_like(node_feats) if need_x else None
+        # not recorded: each chunk's gradients go straight into their rows of the outputs while still
+        # in the cache (a final concatenation would copy all per-edge gradients once more)
+        grad_y = torch.zeros_like(edge_attrs) if need_y and inplace else None
+        grad_w = torch.zeros_like(edge_weights) if need_w and inplace else None
         parts_y, parts_w = [], []
         for a in range(0, sender.shape[0], chunk):
             s = slice(a, a + chunk)
@@ -77,16 +81,21 @@ class _ChunkedConvTP(torch.autograd.Function):
             g = grad_out.index_select(0, receiver[s])  # [c, C, D]
             if need_w:
                 g_w = raw.mul_(g) if inplace else g * raw
-                parts_w.append(torch.matmul(g_w, one_hot.T).transpose(1, 2))  # [c, P, C]
+                part = torch.matmul(g_w, one_hot.T).transpose(1, 2)  # [c, P, C]
+                grad_w[s].copy_(part) if inplace else parts_w.append(part)
             g_raw = g.mul_(w_exp) if inplace else g * w_exp
             if need_x:
                 g_x = torch.bmm(g_raw, coupling.transpose(1, 2))
                 grad_x = grad_x.index_add_(0, sender[s], g_x) if inplace else grad_x.index_add(0, sender[s], g_x)
             if need_y:
-                g_coupling = torch.bmm(x.transpose(1, 2), g_raw)  # [c, d_in, D]
-                parts_y.append(g_coupling.reshape(g_coupling.shape[0], -1) @ u.T)  # [c, d_sh]
-        grad_y = (torch.cat(parts_y) if parts_y else torch.zeros_like(edge_attrs)) if need_y else None
-        grad_w = (torch.cat(parts_w) if parts_w else torch.zeros_like(edge_weights)) if need_w else None
+                g_coupling = torch.bmm(x.transpose(1, 2), g_raw).reshape(x.shape[0], -1)  # [c, d_in * D]
+                if inplace:
+                    torch.matmul(g_coupling, u.T, out=grad_y[s])
+                else:
+                    parts_y.append(g_coupling @ u.T)  # [c, d_sh]
+        if not inplace:  # one chunk (see above)
+            grad_y = (torch.cat(parts_y) if parts_y else torch.zeros_like(edge_attrs)) if need_y else None
+            grad_w = (torch.cat(parts_w) if parts_w else torch.zeros_like(edge_weights)) if need_w else None
         return grad_x, grad_y, grad_w, None, None, None, None, None, None
 
 
