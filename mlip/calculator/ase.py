@@ -21,13 +21,18 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlip import keys as K
-from mlip.calculator.inference import inference_batch, structure_settings, structure_tensors, uses_charge_spin
+from mlip.calculator.inference import (
+    evaluate_model,
+    inference_batch,
+    structure_settings,
+    structure_tensors,
+    uses_charge_spin,
+)
 from mlip.calculator.memory import BudgetedPredictor, budget_bytes
 from mlip.data.graph import GraphBatch
 from mlip.data.neighbors import neighbor_list
 from mlip.dtypes import resolve_dtype
 from mlip.models.base import PotentialModel
-from mlip.models.outputs import predict
 
 __all__ = ["MLIPCalculator", "NeighborCache", "evaluate_model", "prepare_model", "resolve_device"]
 
@@ -73,15 +78,6 @@ def prepare_model(
     if same and not model.training:
         return model
     return _copy_model(model).to(device=dev, dtype=dt).eval()
-
-
-def evaluate_model(model: Any, batch: GraphBatch, forces: bool = True, stress: bool = False) -> dict[str, torch.Tensor]:
-    """:func:`mlip.models.outputs.predict` for a model; a committee or an exported package (anything with
-    ``predict_batch``) evaluates itself. Same keys, shapes and units as ``predict``."""
-    own = getattr(model, "predict_batch", None)
-    if own is not None:
-        return own(batch, forces=forces, stress=stress)
-    return predict(model, batch, forces=forces, stress=stress)
 
 
 def _copy_model(model: PotentialModel) -> PotentialModel:

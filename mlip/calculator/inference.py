@@ -19,6 +19,7 @@ from ase import Atoms
 from mlip import keys as K
 from mlip.data.graph import GraphBatch
 from mlip.models.base import PotentialModel
+from mlip.models.outputs import predict
 from mlip.nn.embedding import reads_charge_spin
 
 __all__ = [
@@ -176,3 +177,12 @@ def inference_batch(
         head=[str(h) for h in head],
         isolated=torch.zeros(n_graphs, dtype=torch.bool, device=dev),  # inference has no reference frames
     )
+
+
+def evaluate_model(model: Any, batch: GraphBatch, forces: bool = True, stress: bool = False) -> dict[str, torch.Tensor]:
+    """:func:`mlip.models.outputs.predict` for a model; a committee or an exported package (anything with
+    ``predict_batch``) evaluates itself. Same keys, shapes and units as ``predict``."""
+    own = getattr(model, "predict_batch", None)
+    if own is not None:
+        return own(batch, forces=forces, stress=stress)
+    return predict(model, batch, forces=forces, stress=stress)

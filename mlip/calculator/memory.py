@@ -184,11 +184,10 @@ class BudgetedPredictor:
         self.memory: MemoryModel | None = None
 
     def __call__(self, batch, stress: bool, max_memory_gb: float | None) -> dict[str, torch.Tensor]:
-        from mlip.models.outputs import predict
+        from mlip.calculator.inference import evaluate_model
 
-        own = getattr(self.model, "predict_batch", None)
-        if own is not None:
-            return own(batch, forces=True, stress=stress)
+        if hasattr(self.model, "predict_batch"):  # a committee or an exported package: no edge chunking
+            return evaluate_model(self.model, batch, forces=True, stress=stress)
         budget = budget_bytes(max_memory_gb, self.device)
         chunk = None
         if budget is not None and quick_upper_bound(batch.n_atoms, batch.n_edges) > budget:
@@ -196,11 +195,11 @@ class BudgetedPredictor:
                 self.memory = MemoryModel.measure(self.model, self.device, self.dtype)
             chunk = plan_edge_chunks(self.memory, batch.n_atoms, batch.n_edges, budget)
         if chunk is None:
-            return predict(self.model, batch, forces=True, stress=stress)
+            return evaluate_model(self.model, batch, forces=True, stress=stress)
         before = self.model.config.edge_chunk_size
         self.model.set_edge_chunk_size(chunk)
         try:
-            return predict(self.model, batch, forces=True, stress=stress)
+            return evaluate_model(self.model, batch, forces=True, stress=stress)
         finally:
             self.model.set_edge_chunk_size(before)
 
