@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from ase.data import covalent_radii
+
+from mlip.nn.frames import smoothstep
 
 
 def head_index(heads: Sequence[str], batch_heads: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -127,10 +130,6 @@ def bond_count(r: torch.Tensor, envelope: torch.Tensor, z_sender: torch.Tensor, 
 
     Shapes: r, envelope, z_sender, z_receiver, receiver [n_edges] -> [n_atoms].
     """
-    from ase.data import covalent_radii
-
-    from mlip.nn.frames import smoothstep
-
     key = (r.dtype, r.device)
     if key not in _COVALENT:
         _COVALENT[key] = torch.as_tensor(covalent_radii, dtype=r.dtype, device=r.device)
