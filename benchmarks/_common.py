@@ -253,3 +253,10 @@ class Worker:
                 self.proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write a benchmark's results as JSON (indent 1), creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))

@@ -17,8 +17,6 @@ before the first call, per edge::
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 try:
@@ -108,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print(table(rows), flush=True)
     result = {"env": env, "load_average_end": end, "rows": rows}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        common.write_json(args.json, result)
     return result
 
 

@@ -29,11 +29,9 @@ import argparse
 import contextlib
 import functools
 import itertools
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -294,8 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(tables(results), flush=True)
     out = {"env": env, "load_average_end": end, "preset": args.preset, "results": results}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        common.write_json(args.json, out)
     return out
 
 

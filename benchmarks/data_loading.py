@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from ase.io import read, write
 
-    from benchmarks._common import environment
+    from benchmarks._common import environment, write_json
     from mlip.data.formats import iter_read, write_hdf5
 
     work = Path(tempfile.mkdtemp(prefix="mlip-loading-"))
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         record["runs"].append(result)
         print(f"{name:36s} {result['structures_per_s']:7.1f} structures/s "
               f"(epochs 2..{args.epochs}: {', '.join(f'{r:.1f}' for r in result['per_epoch'])})", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     print(f"results in {args.out}")
 
 

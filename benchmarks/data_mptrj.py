@@ -82,11 +82,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"frames/s; peak RSS {run['peak_rss_mb']:.0f} MB{worker}; {run['shards']} shards, "
                   f"{run['output_mb']:.0f} MB", flush=True)
             shutil.rmtree(work / f"shards-{workers}")
-        from benchmarks._common import environment
+        from benchmarks._common import environment, write_json
 
         record = {"file": info, "runs": runs, "environment": environment()}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        write_json(args.out, record)
         print(f"results in {args.out}")
     finally:
         if not args.dir:

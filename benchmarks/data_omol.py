@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse the molecules generated in --dir before")
     parser.add_argument("--out", default=str(RESULTS / "data_omol.json"))
     args = parser.parse_args(argv)
-    from benchmarks._common import environment
+    from benchmarks._common import environment, write_json
     from benchmarks.data_synthetic import write_omol_folder
 
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mlip-omol-"))
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"convert, {workers} workers: {conv['structures_per_s']:.0f} molecules/s, {_memory(conv)}",
                   flush=True)
             shutil.rmtree(out)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        write_json(args.out, record)
         print(f"results in {args.out}")
     finally:
         if not args.dir:

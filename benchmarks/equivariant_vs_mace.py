@@ -19,8 +19,6 @@ interleaving) is :mod:`benchmarks.speed`.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 try:
     from benchmarks import _common as common
@@ -131,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict | None:
          "mlip wall ms", "MACE wall ms", "wall ratio", "rounds", "peak RSS MiB mlip / MACE"], table), flush=True)
     result = {"env": env, "load_average_end": end, "specs": specs, "params": params, "rows": rows}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        common.write_json(args.json, result)
     return result
 
 

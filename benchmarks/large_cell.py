@@ -13,7 +13,6 @@ import argparse
 import json
 import resource
 import time
-from pathlib import Path
 
 try:
     from benchmarks import _common as common
@@ -63,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     print(json.dumps(out, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        common.write_json(args.json, out)
     return out
 
 

@@ -36,7 +36,6 @@ the ``r_max + skin`` list). Sizes are fcc conventional cells repeated k^3 (4 k^3
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -210,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"{1e3 * r['reuse_cpu_s']:.3g} ({1e3 * r['reuse_s']:.3g})", f"{r['build_cpu_s'] / r['reuse_cpu_s']:.1f}"]
              for r in rows]))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+            common.write_json(args.json, {"env": env, "rows": rows})
         return None
 
     mace = bool(args.mace_python) and Path(args.mace_python).exists()
@@ -293,8 +291,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "steps_per_sample": args.steps, "skin": args.skin, "families": args.families, "preset": args.preset,
               "command": "python -m benchmarks.md_speed " + shlex.join(sys.argv[1:] if argv is None else argv)}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        common.write_json(args.json, result)
         plot(result, Path(args.json).with_suffix(".png"))
     return result
 

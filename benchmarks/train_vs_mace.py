@@ -34,7 +34,6 @@ each, cycling over ``--batches`` different batches; reported: median process CPU
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -328,8 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "data": {k: {"per_batch": v["per_batch"], "batches": args.batches} for k, v in data.items()}, "rows": rows}
     path = args.json or (None if args.smoke else RESULTS)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=1))
+        common.write_json(path, result)
         print(f"wrote {path}")
     return result
 
