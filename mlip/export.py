@@ -9,10 +9,8 @@ listed in :data:`INPUTS` and :data:`OUTPUTS` and in ``docs/md.md``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,9 +19,9 @@ import numpy as np
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.kernels import reference
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
+from mlip.models.tracing import SymbolicBatch, traceable_kernels
 from mlip.nn.embedding import reads_charge_spin
 
 __all__ = ["EXPORT_FORMAT", "INPUTS", "NOT_EXPORTABLE", "OUTPUTS", "ExportedModel", "export_model"]
@@ -60,40 +58,6 @@ NOT_EXPORTABLE = {
 }
 
 
-class _ExportKernels:
-    """The torch reference ops, with the edge convolution in its plain per-path form: the reference's
-    chunked convolution loops over edge chunks in Python, which would pin the edge count of the trace.
-    Same math (``conv_tp_per_path`` is the reference's oracle), so it declares itself the reference."""
-
-    name = "torch-export"
-    is_reference = True
-    edge_chunking = False
-    conv_tp = staticmethod(reference.conv_tp_per_path)
-    conv_tp_spline = staticmethod(reference.conv_tp_spline)
-    grid_product = staticmethod(reference.grid_product)
-    symmetric_contraction = staticmethod(reference.symmetric_contraction)
-
-    @property
-    def ops(self) -> _ExportKernels:
-        return self
-
-    def fuses(self, op: str) -> bool:
-        return False
-
-
-class _SymbolicBatch(GraphBatch):
-    """A :class:`GraphBatch` whose atom and edge counts stay symbolic while tracing (``GraphBatch``
-    returns ``int`` counts, which would pin them to the example's)."""
-
-    @property
-    def n_atoms(self) -> Any:
-        return self.numbers.shape[0]
-
-    @property
-    def n_edges(self) -> Any:
-        return self.edge_index.shape[1]
-
-
 class EnergyForcesStress(torch.nn.Module):
     """The exported function: :data:`INPUTS` of one structure -> :data:`OUTPUTS` (a tuple).
 
@@ -112,7 +76,7 @@ class EnergyForcesStress(torch.nn.Module):
         nan = float("nan")
         counts = torch.zeros_like(charge, dtype=torch.long).index_add(0, batch, torch.ones_like(batch))  # [1]
         ptr = torch.cat([torch.zeros_like(counts), counts.cumsum(0)])
-        graph = _SymbolicBatch(
+        graph = SymbolicBatch(
             # [n_edges, 2] storage, viewed as [2, n_edges]: the receiver row then starts at offset 1,
             # not n_edges (tracing with real values compares storage offsets and would pin n_edges)
             positions=positions, numbers=numbers, cell=cell, pbc=pbc, edge_index=edge_index.t().contiguous().t(),
@@ -148,20 +112,6 @@ def example_inputs(model: PotentialModel, dtype: torch.dtype, device: torch.devi
     return (as_t(pos), as_t(atoms.numbers, torch.long), as_t(cell[None]), as_t(pbc[None], torch.bool),
             as_t(edge_index, torch.long), as_t(shifts, torch.long), as_t(torch.zeros(n), torch.long),
             as_t([0.0]), as_t([1.0]))
-
-
-@contextlib.contextmanager
-def _export_kernels(model: PotentialModel) -> Iterator[None]:
-    """Run ``model`` on :class:`_ExportKernels` (families with a kernel backend), restoring it after."""
-    if not hasattr(model, "kernel_backend"):
-        yield
-        return
-    before = model.kernel_backend
-    model.kernel_backend = _ExportKernels()
-    try:
-        yield
-    finally:
-        model.kernel_backend = before
 
 
 def _trace(fn: EnergyForcesStress, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
@@ -247,7 +197,7 @@ def export_model(
         configs["cpp.vec_isa_ok"] = False
     fn = EnergyForcesStress(net, head)
     example = example_inputs(net, dt, dev)
-    with _export_kernels(net):
+    with traceable_kernels(net, "torch-export"):
         fn(*example)  # fills the models' per-dtype caches before tracing, and fails early on a bad model
         program = _trace(fn, example)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,8 @@ def test_traced_heads_read_charge_and_spin_as_the_model_does():
     model's values (the trace only, without the minute of AOTInductor compiling)."""
     import torch
 
-    from mlip.export import EnergyForcesStress, _export_kernels, _trace, example_inputs
+    from mlip.export import EnergyForcesStress, _trace, example_inputs
+    from mlip.models.tracing import traceable_kernels
 
     model = build_model("equivariant", {"elements": [29], "r_max": 4.0, "num_channels": 8, "lmax": 1,
                                         "num_layers": 1, "correlation": 2, "heads": ["mptrj", "omol"],
@@ -152,7 +153,7 @@ def test_traced_heads_read_charge_and_spin_as_the_model_does():
     energy = {}
     for head in ("mptrj", "omol"):
         fn = EnergyForcesStress(model, head)
-        with _export_kernels(model):  # as export_model: a first call fills the caches, then the trace
+        with traceable_kernels(model, "torch-export"):  # as export_model: a first call fills the caches, then the trace
             fn(*example)
             program = _trace(fn, example).module()
         # a missing pair never reaches the omol package: mlip.calculator.inference refuses it first

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from mlip.data.graph import GraphBatch
-from mlip.kernels import reference
 from mlip.models.base import PotentialModel
 from mlip.models.outputs import predict
+from mlip.models.tracing import SymbolicBatch, traceable_kernels
 from mlip.nn.embedding import check_batch_charge_spin
 
 __all__ = ["NOT_COMPILABLE", "CompileError", "CompiledPotential", "compile_model", "compile_problem"]
@@ -87,55 +87,6 @@ def compile_model(model: Any, training: bool = False, **kwargs: Any) -> Any:
     return CompiledPotential(model, training=training, **kwargs)
 
 
-class _CompileKernels:
-    """The torch reference ops with the edge convolution in its per-path form: the reference's chunked
-    convolution loops over edge chunks in Python, which would fix the edge count of a trace (as in
-    :mod:`mlip.export`). Same math, so it declares itself the reference; Inductor fuses the per-path
-    products itself."""
-
-    name = "torch-compile"
-    is_reference = True
-    edge_chunking = False
-    conv_tp = staticmethod(reference.conv_tp_per_path)
-    conv_tp_spline = staticmethod(reference.conv_tp_spline)
-    grid_product = staticmethod(reference.grid_product)
-    symmetric_contraction = staticmethod(reference.symmetric_contraction)
-
-    @property
-    def ops(self) -> _CompileKernels:
-        return self
-
-    def fuses(self, op: str) -> bool:
-        return False
-
-
-@contextlib.contextmanager
-def _traceable(model: PotentialModel) -> Iterator[None]:
-    """Run ``model`` on :class:`_CompileKernels` (families with a kernel backend), restoring it after."""
-    if not hasattr(model, "kernel_backend"):
-        yield
-        return
-    before = model.kernel_backend
-    model.kernel_backend = _CompileKernels()
-    try:
-        yield
-    finally:
-        model.kernel_backend = before
-
-
-class _SymbolicBatch(GraphBatch):
-    """A :class:`GraphBatch` whose atom and edge counts stay symbolic while tracing (``GraphBatch``
-    returns ``int`` counts, which would fix them to the example's)."""
-
-    @property
-    def n_atoms(self) -> Any:
-        return self.numbers.shape[0]
-
-    @property
-    def n_edges(self) -> Any:
-        return self.edge_index.shape[1]
-
-
 class _Predict(torch.nn.Module):
     """``predict`` of one kind of call as a function of the :data:`_INPUTS` (a tuple of outputs)."""
 
@@ -150,7 +101,7 @@ class _Predict(torch.nn.Module):
                 edge_index: torch.Tensor, unit_shifts: torch.Tensor, batch: torch.Tensor, ptr: torch.Tensor,
                 charge: torch.Tensor, spin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         nan = float("nan")
-        graph = _SymbolicBatch(
+        graph = SymbolicBatch(
             # [n_edges, 2] storage viewed as [2, n_edges]: the receiver row then starts at offset 1, not at
             # n_edges (tracing compares storage offsets and would fix n_edges; as in mlip.export)
             positions=positions, numbers=numbers, cell=cell, pbc=pbc, edge_index=edge_index.t().contiguous().t(),
@@ -399,7 +350,7 @@ class CompiledPotential:
         # checks (unknown elements, charge/spin) are resolved with the example's values: they run eagerly
         # before every call instead (_check_inputs); no duck sizing, so that an atom count equal to a
         # channel count by chance does not tie the two together
-        with _traceable(self.model), torch.backends.opt_einsum.flags(enabled=False), \
+        with traceable_kernels(self.model, "torch-compile"), torch.backends.opt_einsum.flags(enabled=False), \
                 functorch_config.patch(fake_tensor_propagate_real_tensors=True), \
                 fx_config.patch(use_duck_shape=False), _quiet("torch.fx.experimental.symbolic_shapes"):
             graph = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(params, *inputs)
