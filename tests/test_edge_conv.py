@@ -37,9 +37,15 @@ def test_chunked_convolution_is_the_per_path_formula(lmax_in, lmax_sh, lmax_out,
 
 
 @pytest.mark.parametrize("chunk", [4, 100])
-def test_chunked_convolution_first_and_second_derivatives(chunk):
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_chunked_convolution_first_and_second_derivatives(chunk, channel_major):
+    """Also with the radial weights in the ``[E, C, P]`` memory the model passes (mlip.nn.radial.as_groups),
+    whose gradient the backward writes in that layout."""
     x, y, w, s, r = _inputs(5, 17, 2, 1, 2, 2, seed=1)
     args = [t.clone().requires_grad_() for t in (x, y, w)]
+    if channel_major:
+        args[2] = w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        assert not args[2].is_contiguous() and args[2].transpose(1, 2).is_contiguous()
 
     def f(a, b, c):
         return _chunked(a, b, c, s, r, 5, 1, 2, 2, chunk)
@@ -64,8 +70,10 @@ def test_no_edges_gives_zeros_and_zero_gradients():
 
 
 def test_chunks_are_cache_sized_on_the_cpu_and_large_on_a_gpu():
+    from mlip.kernels.edge_conv import CPU_CHUNK_BYTES
+
     row = 128 * 40 * 4  # MACE-medium message row, float32
-    assert 16 <= chunk_edges(10**6, row, torch.device("cpu")) < 200
+    assert 16 <= chunk_edges(10**6, row, torch.device("cpu")) <= CPU_CHUNK_BYTES // row < 10**4
     assert chunk_edges(10**6, row, torch.device("cuda")) > 10**4
     assert chunk_edges(10, row, torch.device("cpu")) == 16  # at least 16 (the loop ends at n_edges)
 

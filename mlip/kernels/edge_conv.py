@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-#: bytes of one chunk's ``[chunk, C, D_out]`` message on the CPU: small enough to stay in the L2 cache
-CPU_CHUNK_BYTES = 1 << 18
+#: bytes of one chunk's ``[chunk, C, D_out]`` message on the CPU: large enough that the dozen torch ops
+#: per chunk cost little next to their work (at L2-cache size, 1/16 of this, they dominate the small
+#: preset's call), small enough that a chunk's per-edge tensors stay in the last-level cache
+CPU_CHUNK_BYTES = 1 << 22
 #: on a GPU, chunks only bound memory: launch overhead favours few, large chunks
 GPU_CHUNK_BYTES = 1 << 28
 #: below this many bytes of messages ``[n_edges, C, D_out]`` plain autograd over all edges is faster
@@ -70,9 +72,11 @@ class _ChunkedConvTP(torch.autograd.Function):
         chunk = ctx.chunk if inplace else max(1, sender.shape[0])
         grad_x = torch.zeros_like(node_feats) if need_x else None
         # not recorded: each chunk's gradients go straight into their rows of the outputs while still
-        # in the cache (a final concatenation would copy all per-edge gradients once more)
-        grad_y = torch.zeros_like(edge_attrs) if need_y and inplace else None
-        grad_w = torch.zeros_like(edge_weights) if need_w and inplace else None
+        # in the cache (a final concatenation would copy all per-edge gradients once more); every row
+        # is written, so nothing needs zeroing. grad_w keeps edge_weights' strides (empty_like), so
+        # channel-major weights (mlip.nn.radial.as_groups) get their gradient without a transposed copy
+        grad_y = torch.empty_like(edge_attrs) if need_y and inplace else None
+        grad_w = torch.empty_like(edge_weights) if need_w and inplace else None
         parts_y, parts_w = [], []
         for a in range(0, sender.shape[0], chunk):
             s = slice(a, a + chunk)
@@ -81,8 +85,11 @@ class _ChunkedConvTP(torch.autograd.Function):
             g = grad_out.index_select(0, receiver[s])  # [c, C, D]
             if need_w:
                 g_w = raw.mul_(g) if inplace else g * raw
-                part = torch.matmul(g_w, one_hot.T).transpose(1, 2)  # [c, P, C]
-                grad_w[s].copy_(part) if inplace else parts_w.append(part)
+                if inplace and grad_w[s].transpose(1, 2).is_contiguous():
+                    torch.matmul(g_w, one_hot.T, out=grad_w[s].transpose(1, 2))  # [c, C, P]
+                else:
+                    part = torch.matmul(g_w, one_hot.T).transpose(1, 2)  # [c, P, C]
+                    grad_w[s].copy_(part) if inplace else parts_w.append(part)
             g_raw = g.mul_(w_exp) if inplace else g * w_exp
             if need_x:
                 g_x = torch.bmm(g_raw, coupling.transpose(1, 2))

@@ -221,7 +221,8 @@ class InteractionBlock(torch.nn.Module):
             x [n_atoms, C, (lmax_in+1)^2]; edge_attrs [E, (lmax_sh+1)^2]; radial_basis [E, K];
             envelope [E]; sender [E]; receiver [E] (in ``0..n_out-1``) -> [n_out, C, D_out].
         """
-        w = self.radial(radial_basis, envelope).view(-1, self.conv.n_paths, self.C)  # [E, P, C]
+        # [E, P, C] in channel-major memory: the torch backend's convolution reads it per channel
+        w = self.radial(radial_basis, envelope, groups=self.conv.n_paths)
         return ops.conv_tp(x, edge_attrs, w, sender, receiver, n_out,
                            self.conv.lmax_in, self.conv.lmax_sh, self.conv.lmax_out)
 

@@ -84,26 +84,48 @@ class SplineBasis(torch.nn.Module):
         return torch.where(u < 1.0, inner, outer)
 
 
+def channel_major(weight: torch.Tensor, groups: int | None) -> torch.Tensor:
+    """``weight [n_in, groups * C]`` with its columns reordered from ``(group, channel)`` to
+    ``(channel, group)`` order (``groups=None``: unchanged), for :func:`as_groups`."""
+    if groups is None:
+        return weight
+    return weight.view(weight.shape[0], groups, -1).transpose(1, 2).reshape(weight.shape[0], -1)
+
+
+def as_groups(out: torch.Tensor, groups: int | None) -> torch.Tensor:
+    """Per-edge outputs made with :func:`channel_major` weights, seen as ``[n_edges, groups, C]``.
+
+    The values are those of the unpermuted weights viewed as ``[n_edges, groups, C]``; the memory
+    is ``[n_edges, C, groups]``, the order the torch edge convolution reads (a free view there,
+    instead of a transposed copy per chunk of edges). ``groups=None``: ``out`` unchanged.
+    """
+    if groups is None:
+        return out
+    return out.view(out.shape[0], out.shape[1] // groups, groups).transpose(1, 2)
+
+
 class SplineRadial(torch.nn.Module):
     """Radial weights ``w(r) = u(r) * B(r) @ W`` with learnable spline coefficients ``W``.
 
     Shapes:
-        basis [n_edges, num_knots], envelope [n_edges] -> [n_edges, num_out].
+        basis [n_edges, num_knots], envelope [n_edges] -> [n_edges, num_out], or with ``groups``
+        [n_edges, groups, num_out / groups] in channel-major memory (:func:`as_groups`).
     """
 
     def __init__(self, num_knots: int, num_out: int) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(num_knots, num_out))
 
-    def forward(self, basis: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
-        return (basis @ self.weight) * envelope[:, None]
+    def forward(self, basis: torch.Tensor, envelope: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        return as_groups((basis @ channel_major(self.weight, groups)) * envelope[:, None], groups)
 
 
 class MLPRadial(torch.nn.Module):
     """Radial weights from a bias-free SiLU MLP of the enveloped Bessel basis (zero at ``r_max``).
 
     Shapes:
-        basis [n_edges, num_radial], envelope [n_edges] -> [n_edges, num_out].
+        basis [n_edges, num_radial], envelope [n_edges] -> [n_edges, num_out], or with ``groups``
+        [n_edges, groups, num_out / groups] in channel-major memory (:func:`as_groups`).
     """
 
     def __init__(self, num_radial: int, hidden: list[int], num_out: int) -> None:
@@ -113,11 +135,13 @@ class MLPRadial(torch.nn.Module):
             [torch.nn.Parameter(torch.randn(a, b)) for a, b in itertools.pairwise(sizes)]
         )
 
-    def forward(self, basis: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
+    def forward(self, basis: torch.Tensor, envelope: torch.Tensor, groups: int | None = None) -> torch.Tensor:
         x = basis * envelope[:, None]
         n = len(self.weights)
         for i, w in enumerate(self.weights):
+            if i == n - 1:
+                w = channel_major(w, groups)
             x = x @ w / math.sqrt(w.shape[0])
             if i < n - 1:
                 x = torch.nn.functional.silu(x)
-        return x
+        return as_groups(x, groups)
