@@ -28,20 +28,33 @@ def chunk_edges(n_edges: int, row_bytes: int, device: torch.device) -> int:
     return max(16, min(n_edges, budget // max(row_bytes, 1)))
 
 
-def _chunk_messages(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, u: torch.Tensor, one_hot: torch.Tensor
+def _chunk_messages(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, u: torch.Tensor, one_hot: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw products, expanded radial weights and coupling matrices of one chunk.
+
+    ``out``: two ``[c, C, D]`` buffers that receive ``raw`` and ``w_exp`` (not recorded by autograd).
 
     Shapes:
         x [c, C, d_in] gathered sender features; y [c, d_sh] harmonics; w [c, P, C]; u [d_sh, d_in * D];
         one_hot [P, D] -> raw [c, C, D], w_exp [c, C, D], coupling [c, d_in, D].
     """
-    c, n_ch, n_paths = x.shape[0], x.shape[1], w.shape[1]
-    coupling = (y @ u).view(c, x.shape[2], one_hot.shape[1])
-    raw = torch.bmm(x, coupling)
+    c, n_ch, n_paths, d_out = x.shape[0], x.shape[1], w.shape[1], one_hot.shape[1]
+    coupling = (y @ u).view(c, x.shape[2], d_out)
     # one [c*C, P] @ [P, D] product: a transposed 3-d operand would make matmul a slow batched one
-    w_exp = (w.transpose(1, 2).reshape(c * n_ch, n_paths) @ one_hot).view(c, n_ch, one_hot.shape[1])
+    w_flat = w.transpose(1, 2).reshape(c * n_ch, n_paths)
+    if out is None:
+        return torch.bmm(x, coupling), (w_flat @ one_hot).view(c, n_ch, d_out), coupling
+    raw, w_exp = out
+    torch.bmm(x, coupling, out=raw)
+    torch.mm(w_flat, one_hot, out=w_exp.view(c * n_ch, d_out))
     return raw, w_exp, coupling
+
+
+def _workspace(n: int, chunk: int, like: torch.Tensor, d_out: int) -> list[torch.Tensor]:
+    """``n`` buffers ``[chunk, C, D]`` that every chunk's per-edge tensors reuse (views of their first rows):
+    a fresh tensor of that size per product costs about as much in page faults as the product itself."""
+    return [like.new_empty((chunk, like.shape[1], d_out)) for _ in range(n)]
 
 
 class _ChunkedConvTP(torch.autograd.Function):
@@ -50,10 +63,12 @@ class _ChunkedConvTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, node_feats, edge_attrs, edge_weights, sender, receiver, u, one_hot, n_nodes, chunk):  # noqa: ANN001, ANN205
         out = node_feats.new_zeros((n_nodes, node_feats.shape[1], one_hot.shape[1]))
+        bufs = _workspace(2, min(chunk, sender.shape[0]), node_feats, one_hot.shape[1])
         for a in range(0, sender.shape[0], chunk):
             s = slice(a, a + chunk)
             x = node_feats.index_select(0, sender[s])
-            raw, w_exp, _ = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot)
+            raw, w_exp, _ = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot,
+                                            out=tuple(b[: x.shape[0]] for b in bufs))
             out.index_add_(0, receiver[s], raw.mul_(w_exp))
         ctx.save_for_backward(node_feats, edge_attrs, edge_weights, sender, receiver, u, one_hot)
         ctx.chunk = chunk
@@ -64,8 +79,8 @@ class _ChunkedConvTP(torch.autograd.Function):
         node_feats, edge_attrs, edge_weights, sender, receiver, u, one_hot = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         need_x, need_y, need_w = ctx.needs_input_grad[:3]
-        # without create_graph nothing here is recorded: products may then overwrite their inputs,
-        # which saves allocating (and page-faulting) a fresh [c, C, D] buffer per product
+        # without create_graph nothing here is recorded: products may then overwrite their inputs and
+        # reuse one workspace for every chunk (no fresh [c, C, D] tensor, and its page faults, per product)
         inplace = not torch.is_grad_enabled()
         # recorded for a second differentiation (training on forces), one chunk: the per-edge tensors
         # are then kept for that backward anyway, and many small recorded ops cost more than they save
@@ -78,11 +93,17 @@ class _ChunkedConvTP(torch.autograd.Function):
         grad_y = torch.empty_like(edge_attrs) if need_y and inplace else None
         grad_w = torch.empty_like(edge_weights) if need_w and inplace else None
         parts_y, parts_w = [], []
+        bufs = _workspace(3, min(chunk, sender.shape[0]), node_feats, one_hot.shape[1]) if inplace else None
         for a in range(0, sender.shape[0], chunk):
             s = slice(a, a + chunk)
             x = node_feats.index_select(0, sender[s])
-            raw, w_exp, coupling = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot)
-            g = grad_out.index_select(0, receiver[s])  # [c, C, D]
+            if inplace:
+                raw, w_exp, g = (b[: x.shape[0]] for b in bufs)
+                _, _, coupling = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot, out=(raw, w_exp))
+                torch.index_select(grad_out, 0, receiver[s], out=g)  # [c, C, D]
+            else:
+                raw, w_exp, coupling = _chunk_messages(x, edge_attrs[s], edge_weights[s], u, one_hot)
+                g = grad_out.index_select(0, receiver[s])  # [c, C, D]
             if need_w:
                 g_w = raw.mul_(g) if inplace else g * raw
                 if inplace and grad_w[s].transpose(1, 2).is_contiguous():
