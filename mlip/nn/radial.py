@@ -117,7 +117,8 @@ class SplineRadial(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(num_knots, num_out))
 
     def forward(self, basis: torch.Tensor, envelope: torch.Tensor, groups: int | None = None) -> torch.Tensor:
-        return as_groups((basis @ channel_major(self.weight, groups)) * envelope[:, None], groups)
+        # the envelope scales the K basis columns, not the P*C outputs: the same product, far fewer multiplies
+        return as_groups((basis * envelope[:, None]) @ channel_major(self.weight, groups), groups)
 
 
 class MLPRadial(torch.nn.Module):
