@@ -36,6 +36,7 @@ from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
 from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, bond_count, head_index, select_head
+from mlip.nn.repulsion import zbl_atom_energy
 from mlip.nn.s2grid import ACTIVATIONS, GridMixing
 from mlip.nn.scatter import scatter_sum
 from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SpeciesLinear, SymmetricContraction
@@ -87,6 +88,7 @@ class EquivariantConfig:
     scale: float = 1.0
     shift: float = 0.0
     shift_by_coordination: bool = True
+    pair_repulsion: bool = False  # add ZBL repulsion below covalent bond lengths (mlip.nn.repulsion)
     kernel: str = "auto"
     edge_chunk_size: int | None = None
     seed: int | None = 0
@@ -374,6 +376,8 @@ class EquivariantModel(PotentialModel):
         node_energy = self.atomic_energies(node_energy, element, atom_head,
                                            bond_count(r, envelope, batch.numbers[sender], batch.numbers[receiver],
                                                       receiver, n_atoms))
+        if self.config.pair_repulsion:
+            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
         energy = scatter_sum(node_energy, batch.batch, n_graphs)
         return {"node_energy": node_energy, "energy": energy}
 

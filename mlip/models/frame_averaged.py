@@ -30,6 +30,7 @@ from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
 from mlip.nn.readout import AtomicEnergies, MLPReadout, bond_count, head_index, select_head
+from mlip.nn.repulsion import zbl_atom_energy
 from mlip.nn.scatter import scatter_sum
 
 AVERAGING = ("full", "stochastic")
@@ -73,6 +74,7 @@ class FrameAveragedConfig:
     scale: float = 1.0
     shift: float = 0.0
     shift_by_coordination: bool = True
+    pair_repulsion: bool = False  # add ZBL repulsion below covalent bond lengths (mlip.nn.repulsion)
     seed: int | None = 0
 
 
@@ -256,6 +258,8 @@ class FrameAveragedModel(PotentialModel):
         r = edge_vec.norm(dim=-1)
         coordination = bond_count(r, self.envelope(r), batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
         node_energy = self.atomic_energies(node_energy, element, atom_head, coordination)
+        if self.config.pair_repulsion:
+            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f_frame = self.force_head(learned)  # [n_rep_atoms, 3] in frame coordinates

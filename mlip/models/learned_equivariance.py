@@ -60,6 +60,7 @@ from mlip.nn.attention import TransformerBlock
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
 from mlip.nn.readout import AtomicEnergies, MLPReadout, bond_count, head_index, select_head
+from mlip.nn.repulsion import zbl_atom_energy
 from mlip.nn.scatter import scatter_sum
 
 SYMMETRY_MODES = ("learned", "augment", "none")
@@ -104,6 +105,7 @@ class LearnedEquivarianceConfig:
     scale: float = 1.0
     shift: float = 0.0
     shift_by_coordination: bool = True
+    pair_repulsion: bool = False  # add ZBL repulsion below covalent bond lengths (mlip.nn.repulsion)
     seed: int | None = 0
 
 
@@ -306,6 +308,9 @@ class LearnedEquivarianceModel(PotentialModel):
         coordination = bond_count(r, self.envelope(r), batch.numbers[batch.edge_index[0]], batch.numbers[receiver],
                                   receiver, batch.n_atoms)
         node_energy = self.atomic_energies(select_head(e, atom_head), element, atom_head, coordination)
+        if cfg.pair_repulsion:
+            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[batch.edge_index[0]], batch.numbers[receiver],
+                                                        receiver, batch.n_atoms)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f = self.force_head(hs[-1] - h_iso)  # [n_atoms, 3] in the frame the model saw

@@ -120,6 +120,18 @@ BOND_SHIFT_RATE = 3.0
 _COVALENT: dict[tuple, torch.Tensor] = {}
 
 
+def covalent_radius_sum(z_i: torch.Tensor, z_j: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Covalent radii sum (Å, ASE's table) of each pair, in ``like``'s dtype and device.
+
+    Shapes: z_i, z_j [n_pairs] (atomic numbers) -> [n_pairs].
+    """
+    key = (like.dtype, like.device)
+    if key not in _COVALENT:
+        _COVALENT[key] = torch.as_tensor(covalent_radii, dtype=like.dtype, device=like.device)
+    table = _COVALENT[key]
+    return table[z_i] + table[z_j]
+
+
 def bond_count(r: torch.Tensor, envelope: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.Tensor,
                receiver: torch.Tensor, n_atoms: int) -> torch.Tensor:
     """Each atom's smooth count of covalent bonds ``n_i = Σ_j b(r_ij) u(r_ij)``: ``b = 1`` up to
@@ -130,11 +142,7 @@ def bond_count(r: torch.Tensor, envelope: torch.Tensor, z_sender: torch.Tensor, 
 
     Shapes: r, envelope, z_sender, z_receiver, receiver [n_edges] -> [n_atoms].
     """
-    key = (r.dtype, r.device)
-    if key not in _COVALENT:
-        _COVALENT[key] = torch.as_tensor(covalent_radii, dtype=r.dtype, device=r.device)
-    table = _COVALENT[key]
-    s = table[z_sender] + table[z_receiver]
+    s = covalent_radius_sum(z_sender, z_receiver, r)
     inner, outer = BOND_RANGE
     b = 1.0 - smoothstep((r - inner * s) / ((outer - inner) * s))
     return r.new_zeros(n_atoms).index_add_(0, receiver, b * envelope)
