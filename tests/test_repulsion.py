@@ -17,7 +17,7 @@ from mlip.data.graph import collate
 from mlip.data.transforms import atoms_to_graph
 from mlip.models.base import build_model
 from mlip.models.outputs import predict
-from mlip.nn.repulsion import COULOMB_EV_A, screening, zbl_pair_energy
+from mlip.nn.repulsion import COULOMB_EV_A, SWITCH_RANGE, screening, zbl_pair_energy
 from mlip.testing import crystal, molecule
 
 R_MAX = 3.5
@@ -44,8 +44,8 @@ def test_screening_is_one_at_contact_so_short_range_is_the_bare_coulomb_repulsio
 
 
 @pytest.mark.parametrize("z1,z2", [(1, 1), (1, 6), (6, 8), (29, 29)])
-def test_repulsive_and_smooth_to_zero_at_the_covalent_radii_sum(z1, z2):
-    rc = covalent_radii[z1] + covalent_radii[z2]
+def test_repulsive_and_smooth_to_zero_inside_the_covalent_radii_sum(z1, z2):
+    rc = SWITCH_RANGE * (covalent_radii[z1] + covalent_radii[z2])
     r = torch.linspace(0.2, rc - 1e-9, 400, dtype=torch.float64).requires_grad_()
     e = zbl_pair_energy(r, torch.full((400,), z1), torch.full((400,), z2))
     (de,) = torch.autograd.grad(e.sum(), r, create_graph=True)
@@ -53,7 +53,7 @@ def test_repulsive_and_smooth_to_zero_at_the_covalent_radii_sum(z1, z2):
     e, de = e.detach(), de.detach()
     inside = r < rc - 1e-3  # (the last points are polynomial rounding around zero)
     assert bool((e[inside] > 0).all()) and bool((de[inside] < 0).all())  # repulsive inside the switch
-    # energy, force and curvature all reach zero at the covalent radii sum (C2 switch)
+    # energy, force and curvature all reach zero where the switch ends (C2)
     assert abs(float(e[-1])) < 1e-12 * float(e[0])
     assert abs(float(de[-1])) < 1e-9 * abs(float(de[0]))
     assert abs(float(d2e[-1])) < 1e-6 * abs(float(d2e[0]))
@@ -62,7 +62,7 @@ def test_repulsive_and_smooth_to_zero_at_the_covalent_radii_sum(z1, z2):
 
 
 def _compressed_molecule() -> ase.Atoms:
-    """Methanol with one H pushed to 0.70 Å of its carbon (inside the C-H covalent radii sum)."""
+    """Methanol with one H pushed to 0.70 Å of its carbon (0.65 of the C-H covalent radii sum)."""
     atoms = molecule()
     c = int(np.flatnonzero(atoms.numbers == 6)[0])
     h = int(np.argmin(np.where(atoms.numbers == 1, atoms.get_distances(c, range(len(atoms))), np.inf)))
@@ -73,7 +73,7 @@ def _compressed_molecule() -> ase.Atoms:
 
 def _compressed_crystal() -> ase.Atoms:
     atoms = crystal()
-    atoms.set_cell(atoms.cell.array * 0.45, scale_atoms=True)  # C-O and C-H pairs below their radii sums
+    atoms.set_cell(atoms.cell.array * 0.4, scale_atoms=True)  # pairs well below their covalent radii sums
     return atoms
 
 
@@ -103,8 +103,7 @@ def test_the_energy_adds_exactly_the_pair_energies(family):
         extra = _pairs_energy(atoms)
         assert extra > 1.0  # the structure has compressed bonds: the check is not vacuous
         assert _energy(on, atoms) - _energy(off, atoms) == pytest.approx(extra, rel=1e-10)
-    relaxed = molecule()  # stretched so that every bond is longer than its covalent radii sum: nothing added
-    relaxed.positions *= 1.15
+    relaxed = molecule()  # every bond longer than SWITCH_RANGE times its covalent radii sum: nothing added
     assert _pairs_energy(relaxed) == 0.0
     assert _energy(on, relaxed) == _energy(off, relaxed)
 
