@@ -122,8 +122,8 @@ def test_dense_sdpa_attention_equals_edge_attention(monkeypatch):
     batch = _batch(structures)
     pairs = batch.edge_index[0] * batch.n_atoms + batch.edge_index[1]
     assert torch.unique(pairs).numel() < pairs.numel()  # the crystal has periodic images of one pair
-    edge = _model(edge_values=False).eval()
-    dense = _model(edge_values=False, attention="dense").eval()
+    edge = _model(edge_values=False, edge_gates=False).eval()
+    dense = _model(edge_values=False, edge_gates=False, attention="dense").eval()
     dense.load_state_dict(edge.state_dict())
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -338,9 +338,11 @@ def relative_rotation_error(model, batch, n_rotations: int = 8, seed: int = 1) -
     return float(e_rel), float(f_rel)
 
 
-def _effect_config(mode: str, weight: float, e0s, seed: int, num_radial: int) -> dict:
+def _effect_config(mode: str, weight: float, e0s, seed: int, num_radial: int, edge_gates: bool = False) -> dict:
+    # the architecture of the measurements in EFFECT_MEASURED: without the (later) edge gates
     return dict(SMALL, elements=sorted(e0s), e0s=e0s, r_max=4.0, num_radial=num_radial, transform_hidden=16,
-                readout_hidden=16, use_charge_spin=True, symmetry_mode=mode, equivariance_loss_weight=weight, seed=seed)
+                readout_hidden=16, use_charge_spin=True, symmetry_mode=mode, equivariance_loss_weight=weight, seed=seed,
+                edge_gates=edge_gates)
 
 
 def train_briefly(mode: str, weight: float, e0s, train, seed: int = 0, num_radial: int = 8, steps: int = 60,
@@ -406,3 +408,31 @@ def test_alignment_loss_lowers_rotation_error_vs_untrained_and_augmentation(seed
     assert e_l < 0.7 * e_a and f_l < 0.7 * f_a
     ratios = [e_l / e_u, f_l / f_u, e_l / e_a, f_l / f_a]
     assert round(max(ratios), 2) <= 0.51, ratios  # the largest ratio of docs/learned_equivariance.md
+
+
+def test_edge_gates_modulate_keys_and_values_and_old_files_load_without_them(tmp_path):
+    """``edge_gates`` adds the edge-conditioned gates g_k, g_v (their output changes the energy); a
+    model file written before the option (no key, no gate weights) loads with the gates off and
+    predicts exactly what it did."""
+    from mlip.models.base import load_model, save_model
+
+    batch = _batch([molecule(), crystal()])
+    gated = _model().eval()
+    assert gated.config.edge_gates and gated.blocks[0].attn.key_gate is not None
+    e0 = predict(gated, batch)["energy"]
+    for block in gated.blocks:  # a neighbour-independent gate of ones: the ungated attention
+        for gate in (block.attn.key_gate, block.attn.value_gate):
+            torch.nn.init.zeros_(gate.weight)
+            torch.nn.init.ones_(gate.bias)
+    plain = _model(edge_gates=False).eval()
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "_gate." not in k})
+    torch.testing.assert_close(predict(gated, batch)["energy"], predict(plain, batch)["energy"], rtol=1e-12, atol=1e-12)
+    assert rel_err(e0, predict(plain, batch)["energy"]) > 1e-6
+
+    save_model(plain, tmp_path / "plain.pt")
+    payload = torch.load(tmp_path / "plain.pt", weights_only=True)
+    del payload["config"]["edge_gates"]  # as written before the option existed
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt").to(torch.float64)
+    assert not old.config.edge_gates
+    torch.testing.assert_close(predict(old, batch)["energy"], predict(plain, batch)["energy"], rtol=0, atol=0)

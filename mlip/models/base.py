@@ -203,9 +203,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     payload = load_torch_file(path, "model file", ("family", "config", "state_dict"), map_location,
                               missing=f"no model file at {path}")
     config = dict(payload["config"])
-    # files written before the coordination-weighted shift keep the constant shift they were trained with
-    if "shift_by_coordination" in config_fields(payload["family"]):
-        config.setdefault("shift_by_coordination", False)
+    # files written before these options keep what they were trained with (the constant shift, no gates)
+    for key in ("shift_by_coordination", "edge_gates"):
+        if key in config_fields(payload["family"]):
+            config.setdefault(key, False)
     model = build_model(payload["family"], config)
     floats = [v for v in payload["state_dict"].values() if v.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32

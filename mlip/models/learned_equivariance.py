@@ -77,7 +77,10 @@ class LearnedEquivarianceConfig:
     transformation network is the identity and which the energy head reads. ``attention`` is
     ``"edge"`` (edge-wise scatter softmax; any structure) or ``"dense"`` (one fused
     ``scaled_dot_product_attention`` call per block over the padded structures of the batch, the
-    same result; needs ``edge_values: false``; memory O(n_graphs n_max^2): for small molecules).
+    same result; needs ``edge_values: false`` and ``edge_gates: false``; memory O(n_graphs n_max^2):
+    for small molecules). ``edge_gates`` multiplies each neighbour's key and value by a function of
+    the edge (:class:`mlip.nn.attention.NeighborAttention`); model files written before the option
+    load with ``false``.
     ``direct_forces`` adds a non-conservative force head (``forward`` then also returns ``forces``).
     """
 
@@ -90,6 +93,7 @@ class LearnedEquivarianceConfig:
     num_radial: int = 8
     envelope_p: int = 5
     edge_values: bool = True
+    edge_gates: bool = True
     attention: str = "edge"
     readout_hidden: int = 32
     invariant_channels: int | None = None
@@ -115,8 +119,8 @@ def _validate(cfg: LearnedEquivarianceConfig) -> None:
         raise ValueError(f"{name}: symmetry_mode must be one of {SYMMETRY_MODES}, got {cfg.symmetry_mode!r}")
     if cfg.attention not in ATTENTION:
         raise ValueError(f"{name}: attention must be one of {ATTENTION}, got {cfg.attention!r}")
-    if cfg.attention == "dense" and cfg.edge_values:
-        raise ValueError(f"{name}: attention='dense' (SDPA) needs edge_values: false")
+    if cfg.attention == "dense" and (cfg.edge_values or cfg.edge_gates):
+        raise ValueError(f"{name}: attention='dense' (SDPA) needs edge_values: false and edge_gates: false")
     if int(cfg.num_layers) < 1:
         raise ValueError(f"{name}: num_layers must be >= 1, got {cfg.num_layers}")
     if int(cfg.num_channels) % int(cfg.num_heads):
@@ -221,7 +225,8 @@ class LearnedEquivarianceModel(PotentialModel):
             self.radial_basis = BesselBasis(cfg.r_max, K)
             self.edge_embedding = _mlp([K + 3, C, C])
             self.blocks = torch.nn.ModuleList([
-                TransformerBlock(C, int(cfg.num_heads), C, float(cfg.mlp_ratio), bool(cfg.edge_values))
+                TransformerBlock(C, int(cfg.num_heads), C, float(cfg.mlp_ratio), bool(cfg.edge_values),
+                                 bool(cfg.edge_gates))
                 for _ in range(int(cfg.num_layers))
             ])
             self.readout = MLPReadout(n_read, int(cfg.readout_hidden), len(cfg.heads))

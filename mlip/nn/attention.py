@@ -52,13 +52,18 @@ class NeighborAttention(torch.nn.Module):
     Scores ``s_ij = q_i . k_j / sqrt(d) + b(e_ij)`` per head (``e_ij`` an edge embedding, not
     rotation-invariant on purpose); values ``v_j`` (+ ``w(e_ij)`` with ``edge_values``);
     weights as in the module docstring. Bias-free projections: zero input gives zero output.
+    With ``edge_gates`` the edge also multiplies the sender's key and value channel by channel,
+    ``k_j ⊙ g_k(e_ij)`` and ``v_j ⊙ g_v(e_ij)`` (a continuous filter, as in SchNet's convolution):
+    the geometry then modulates what each neighbour contributes instead of only adding to it,
+    which the additive ``b`` and ``w`` cannot express.
 
     Shapes:
         x [n_atoms, C]; edge_feats [n_edges, edge_dim]; envelope [n_edges];
         sender/receiver [n_edges] -> [n_atoms, C].
     """
 
-    def __init__(self, num_channels: int, num_heads: int, edge_dim: int, edge_values: bool = True) -> None:
+    def __init__(self, num_channels: int, num_heads: int, edge_dim: int, edge_values: bool = True,
+                 edge_gates: bool = False) -> None:
         super().__init__()
         if num_channels % num_heads:
             raise ValueError(f"num_channels={num_channels} must be divisible by num_heads={num_heads}")
@@ -66,6 +71,8 @@ class NeighborAttention(torch.nn.Module):
         self.qkv = torch.nn.Linear(self.C, 3 * self.C, bias=False)
         self.edge_bias = torch.nn.Linear(edge_dim, self.H)
         self.edge_value = torch.nn.Linear(edge_dim, self.C, bias=False) if edge_values else None
+        self.key_gate = torch.nn.Linear(edge_dim, self.C) if edge_gates else None
+        self.value_gate = torch.nn.Linear(edge_dim, self.C) if edge_gates else None
         self.sink = torch.nn.Parameter(torch.zeros(self.H))
         self.out = torch.nn.Linear(self.C, self.C, bias=False)
 
@@ -74,7 +81,10 @@ class NeighborAttention(torch.nn.Module):
         """Edge scores ``[n_edges, H]`` and sender values ``[n_atoms, H, D]``."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.H, self.D).unbind(1)
-        s = (q[receiver] * k[sender]).sum(-1) / math.sqrt(self.D) + self.edge_bias(edge_feats)
+        k_e = k[sender]  # [n_edges, H, D]
+        if self.key_gate is not None:
+            k_e = k_e * self.key_gate(edge_feats).view(-1, self.H, self.D)
+        s = (q[receiver] * k_e).sum(-1) / math.sqrt(self.D) + self.edge_bias(edge_feats)
         return s, v
 
     def forward(self, x: torch.Tensor, edge_feats: torch.Tensor, envelope: torch.Tensor,
@@ -86,6 +96,8 @@ class NeighborAttention(torch.nn.Module):
         w = torch.exp(s - m[receiver]) * envelope[:, None]  # [n_edges, H]
         denom = torch.exp(sink[None, :] - m) + scatter_sum(w, receiver, n)  # [n, H], >= exp(sink - m) > 0
         val = v[sender]  # [n_edges, H, D]
+        if self.value_gate is not None:
+            val = val * self.value_gate(edge_feats).view(-1, self.H, self.D)
         if self.edge_value is not None:
             val = val + self.edge_value(edge_feats).view(-1, self.H, self.D)
         o = scatter_sum(w[:, :, None] * val, receiver, n) / denom[:, :, None]
@@ -108,8 +120,9 @@ class NeighborAttention(torch.nn.Module):
 
         Shapes: as :meth:`forward`; memory is O(n_graphs * n_max^2), so use it for small molecules.
         """
-        if self.edge_value is not None:
-            raise ValueError("dense (SDPA) attention needs edge_values=False: edge-conditioned values are not SDPA")
+        if self.edge_value is not None or self.key_gate is not None:
+            raise ValueError("dense (SDPA) attention needs edge_values=False and edge_gates=False: "
+                             "edge-conditioned values and keys are not SDPA")
         n, H, D = x.shape[0], self.H, self.D
         if graph is None:
             graph = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -152,12 +165,12 @@ class TransformerBlock(torch.nn.Module):
     """
 
     def __init__(self, num_channels: int, num_heads: int, edge_dim: int, mlp_ratio: float = 2.0,
-                 edge_values: bool = True) -> None:
+                 edge_values: bool = True, edge_gates: bool = False) -> None:
         super().__init__()
         C = int(num_channels)
         hidden = max(1, round(mlp_ratio * C))
         self.norm_attn = torch.nn.LayerNorm(C)
-        self.attn = NeighborAttention(C, num_heads, edge_dim, edge_values)
+        self.attn = NeighborAttention(C, num_heads, edge_dim, edge_values, edge_gates)
         self.norm_mlp = torch.nn.LayerNorm(C)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(C, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, C))
 
