@@ -59,8 +59,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ethanol"
 MODELS: dict[str, dict] = {
     "equivariant": {"family": "equivariant", "lr": 0.01},
     "frame-averaged": {"family": "frame-averaged", "lr": 0.01},
-    "learned-equivariance": {"family": "learned-equivariance", "lr": 0.003},
-    "learned-equivariance-augment": {"family": "learned-equivariance", "lr": 0.003,
+    "learned-equivariance": {"family": "learned-equivariance", "lr": 0.005},
+    "learned-equivariance-augment": {"family": "learned-equivariance", "lr": 0.005,
                                      "model": {"symmetry_mode": "augment"}},
     "mace": {"family": "mace", "lr": 0.01},
 }
