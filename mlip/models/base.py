@@ -18,6 +18,8 @@ import torch
 
 from mlip.atomic import atomic_path
 from mlip.data.graph import GraphBatch
+from mlip.nn.readout import bond_count
+from mlip.nn.repulsion import zbl_atom_energy
 
 #: family name -> model class (each class has a ``Config`` dataclass attribute)
 MODELS: dict[str, type["PotentialModel"]] = {}
@@ -70,6 +72,23 @@ class PotentialModel(torch.nn.Module):
             names = sorted({chemical_symbols[int(z)] for z in unknown.unique()})
             allowed = [chemical_symbols[z] for z in self.elements]
             raise ValueError(f"model was not trained on element(s) {names}; it knows {allowed}")
+
+    def finish_node_energy(self, learned: torch.Tensor, element: torch.Tensor, atom_head: torch.Tensor,
+                           batch: GraphBatch, r: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
+        """Each atom's energy (eV) from the network's per-atom output: the family's ``atomic_energies``
+        (scale, the shift weighted by the smooth bond count, E0) plus, with ``config.pair_repulsion``,
+        the atom's share of the ZBL pair energies (:mod:`mlip.nn.repulsion`).
+
+        Shapes: learned, element, atom_head [n_atoms]; r, envelope [n_edges] (the model's cutoff
+        envelope) -> [n_atoms].
+        """
+        sender, receiver = batch.edge_index[0], batch.edge_index[1]
+        z_sender, z_receiver = batch.numbers[sender], batch.numbers[receiver]
+        coordination = bond_count(r, envelope, z_sender, z_receiver, receiver, batch.n_atoms)
+        node_energy = self.atomic_energies(learned, element, atom_head, coordination)
+        if self.config.pair_repulsion:
+            node_energy = node_energy + zbl_atom_energy(r, z_sender, z_receiver, receiver, batch.n_atoms)
+        return node_energy
 
     def forward(self, batch: GraphBatch, edge_vec: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

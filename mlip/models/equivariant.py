@@ -35,8 +35,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.irreps import spherical_harmonics
 from mlip.nn.radial import BesselBasis, MLPRadial, PolynomialEnvelope, SplineBasis, SplineRadial
-from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, bond_count, head_index, select_head
-from mlip.nn.repulsion import zbl_atom_energy
+from mlip.nn.readout import AtomicEnergies, LinearReadout, MLPReadout, head_index, select_head
 from mlip.nn.s2grid import ACTIVATIONS, GridMixing
 from mlip.nn.scatter import scatter_sum
 from mlip.nn.tensor_product import ConvTP, EquivariantLinear, PathLinear, SpeciesLinear, SymmetricContraction
@@ -373,11 +372,7 @@ class EquivariantModel(PotentialModel):
         for i, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
             h = layer(backend, h, edges, element, extra_scalars=extra if i == 0 else None)
             node_energy = node_energy + select_head(readout(h[:, :, 0]), atom_head)
-        node_energy = self.atomic_energies(node_energy, element, atom_head,
-                                           bond_count(r, envelope, batch.numbers[sender], batch.numbers[receiver],
-                                                      receiver, n_atoms))
-        if self.config.pair_repulsion:
-            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
+        node_energy = self.finish_node_energy(node_energy, element, atom_head, batch, r, envelope)
         energy = scatter_sum(node_energy, batch.batch, n_graphs)
         return {"node_energy": node_energy, "energy": energy}
 

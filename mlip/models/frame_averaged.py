@@ -29,8 +29,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.frames import FrameSet, sample_frames, structure_frames
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
-from mlip.nn.readout import AtomicEnergies, MLPReadout, bond_count, head_index, select_head
-from mlip.nn.repulsion import zbl_atom_energy
+from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
 from mlip.nn.scatter import scatter_sum
 
 AVERAGING = ("full", "stochastic")
@@ -256,10 +255,7 @@ class FrameAveragedModel(PotentialModel):
         e_rep = select_head(self.readout(learned), atom_head[atom_src])
         node_energy = scatter_sum(e_rep * w, atom_src, n_atoms)
         r = edge_vec.norm(dim=-1)
-        coordination = bond_count(r, self.envelope(r), batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
-        node_energy = self.atomic_energies(node_energy, element, atom_head, coordination)
-        if self.config.pair_repulsion:
-            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[sender], batch.numbers[receiver], receiver, n_atoms)
+        node_energy = self.finish_node_energy(node_energy, element, atom_head, batch, r, self.envelope(r))
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f_frame = self.force_head(learned)  # [n_rep_atoms, 3] in frame coordinates

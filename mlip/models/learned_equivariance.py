@@ -59,8 +59,7 @@ from mlip.models.base import PotentialModel, register, seeded
 from mlip.nn.attention import TransformerBlock
 from mlip.nn.embedding import ChargeSpinEmbedding, SpeciesEmbedding
 from mlip.nn.radial import BesselBasis, PolynomialEnvelope
-from mlip.nn.readout import AtomicEnergies, MLPReadout, bond_count, head_index, select_head
-from mlip.nn.repulsion import zbl_atom_energy
+from mlip.nn.readout import AtomicEnergies, MLPReadout, head_index, select_head
 from mlip.nn.scatter import scatter_sum
 
 SYMMETRY_MODES = ("learned", "augment", "none")
@@ -310,12 +309,7 @@ class LearnedEquivarianceModel(PotentialModel):
         atom_head = graph_head[batch.batch]
         e = self.readout(self._readout_input(hs[-1])) - self.readout(self._readout_input(h_iso))
         r = edge_vec.norm(dim=-1)
-        coordination = bond_count(r, self.envelope(r), batch.numbers[batch.edge_index[0]], batch.numbers[receiver],
-                                  receiver, batch.n_atoms)
-        node_energy = self.atomic_energies(select_head(e, atom_head), element, atom_head, coordination)
-        if cfg.pair_repulsion:
-            node_energy = node_energy + zbl_atom_energy(r, batch.numbers[batch.edge_index[0]], batch.numbers[receiver],
-                                                        receiver, batch.n_atoms)
+        node_energy = self.finish_node_energy(select_head(e, atom_head), element, atom_head, batch, r, self.envelope(r))
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f = self.force_head(hs[-1] - h_iso)  # [n_atoms, 3] in the frame the model saw
