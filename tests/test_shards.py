@@ -145,6 +145,43 @@ def test_sigkilled_conversion_never_looks_complete_and_a_rerun_finishes_it(tmp_p
     assert again.resumed == again.n_structures == 1500
 
 
+def test_a_kill_between_a_shard_and_its_progress_record_is_finished_by_a_rerun(tmp_path, monkeypatch):
+    """The one window the SIGKILL test hits only by chance: shard k is on disk, progress.json
+    still lists k shards."""
+    from mlip.data.formats import convert as convert_module
+    src = tmp_path / "mptrj.json"
+    write_mptrj(src, n_frames=50, seed=6)
+    reference = convert([str(src)], str(tmp_path / "reference"), shard_size=20)
+    write_json = convert_module._write_json
+
+    def killed_after_second_shard(path, data):
+        if len(data.get("shards", [])) == 2 and "signature" in data and "format" not in data:
+            raise KeyboardInterrupt
+        write_json(path, data)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(convert_module, "_write_json", killed_after_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        convert([str(src)], str(out), shard_size=20)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.glob("shard-*.h5")) == ["shard-00000.h5", "shard-00001.h5"]
+    assert len(json.loads((out / "progress.json").read_text())["shards"]) == 1
+    again = convert([str(src)], str(out), shard_size=20)
+    assert again.resumed == 20 and again.n_structures == 50
+    assert content(expand_paths(out)) == content(reference.outputs)
+
+
+def test_a_folder_with_a_foreign_shard_and_no_progress_record_is_refused(tmp_path):
+    src = tmp_path / "mptrj.json"
+    write_mptrj(src, n_frames=10, seed=7)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shard-00000.h5").write_bytes(b"someone else's file")
+    with pytest.raises(DataError, match="holds other files"):
+        convert([str(src)], str(out), shard_size=5)
+    assert (out / "shard-00000.h5").read_bytes() == b"someone else's file"
+
+
 @pytest.mark.slow
 def test_sigkilled_single_file_conversion_leaves_no_output(tmp_path):
     src = tmp_path / "mptrj.json"

@@ -262,9 +262,14 @@ def _prepare(folder: str, signature: dict) -> dict | None:
         raise DataError(f"{folder}: holds a finished conversion of other inputs or options; "
                         "remove it or choose another output folder")
     state = _read_json(progress) if os.path.exists(progress) else {}
+    if state:
+        # a kill between a shard's write and the progress update leaves that one shard unrecorded
+        unrecorded = os.path.join(folder, _shard_name(len(state["shards"])))
+        if os.path.exists(unrecorded):
+            os.unlink(unrecorded)
     if state and state.get("signature") != signature:
         # inputs or options changed since the interrupted run: its shards are worthless
-        for shard in state.get("shards", []):
+        for shard in state["shards"]:
             path = os.path.join(folder, shard["file"])
             if os.path.exists(path):
                 os.unlink(path)
@@ -290,8 +295,12 @@ def _convert_shards(files: list[str], folder: str, keys: LabelKeys | None, requi
         done = _read_json(os.path.join(folder, MANIFEST))
         paths = [os.path.join(folder, s["file"]) for s in done["shards"]]
         return Summary(paths, done["n_structures"], done["n_bad"], done["bad"], resumed=done["n_structures"])
-    shards = list(state.get("shards", []))
-    bad = BadFrames(skip_bad, state.get("n_bad", 0), state.get("bad", []))
+    if not state:
+        # recorded before any shard exists, so that every shard in the folder is known to be ours
+        state = {"signature": signature, "shards": [], "n_bad": 0, "bad": []}
+        _write_json(os.path.join(folder, PROGRESS), state)
+    shards = list(state["shards"])
+    bad = BadFrames(skip_bad, state["n_bad"], state["bad"])
     resumed = sum(s["n_structures"] for s in shards)
     if progress is not None and resumed:
         progress(resumed)
@@ -310,6 +319,7 @@ def _convert_shards(files: list[str], folder: str, keys: LabelKeys | None, requi
             "n_bad": bad.n, "bad": bad.messages})
     total = sum(s["n_structures"] for s in shards)
     if total == 0:
+        os.unlink(os.path.join(folder, PROGRESS))
         raise DataError(f"{files}: no structures to write")
     _write_json(os.path.join(folder, MANIFEST), {
         "format": "mlip-hdf5-shards", "version": 1, "signature": signature, "shards": shards,
