@@ -190,11 +190,7 @@ def export_model(
         "dtype": str(dt).replace("torch.", ""), "use_charge_spin": reads_charge_spin(net.config, [head])[0],
         "mlip_version": __version__, "inputs": [i[0] for i in INPUTS], "outputs": [o[0] for o in OUTPUTS],
     }
-    # CPU: Inductor's vectorised atomic add (index_add with several threads) fails an internal
-    # assertion in torch 2.13 when generating this graph; scalar C++ code compiles and is exact
     configs: dict[str, Any] = {"aot_inductor.metadata": {"mlip": json.dumps(meta)}}
-    if dev.type == "cpu":
-        configs["cpp.vec_isa_ok"] = False
     fn = EnergyForcesStress(net, head)
     example = example_inputs(net, dt, dev)
     with traceable_kernels(net, "torch-export"):

@@ -99,6 +99,27 @@ def test_other_sizes_reuse_the_compiled_function(tiny_model, compiled_calc):
     assert compiled_calc.model.failed is None
 
 
+def test_compiles_with_several_threads(tiny_model):
+    """With more than one intra-op thread Inductor's CPU code sums a segment by a vectorised atomic add,
+    which it cannot write into a one-element output (one structure's energy): the compiled function
+    must still be used, not fall back to eager."""
+    import warnings
+
+    torch._dynamo.reset()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calc = MLIPCalculator(tiny_model, device="cpu", dtype="float32", compile=True)
+        atoms = silicon((1, 2, 2), seed=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got = results(calc, atoms)
+    finally:
+        torch.set_num_threads(before)
+    assert calc.model.failed is None and calc.model.n_compiled == 1
+    assert_close(got, results(MLIPCalculator(tiny_model, device="cpu", dtype="float32"), atoms), rtol=1e-5)
+
+
 def test_failed_compilation_warns_once_and_runs_eager(tiny_model, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler in this test")
