@@ -17,6 +17,10 @@ is the number of calls after which the compiled calculator has paid for its comp
     python -m benchmarks.compile_speed --presets medium:skip_per_element=false   # a model override
     python -m benchmarks.compile_speed --presets small --calls 20 --structure Si-216 --second Si-64
     python -m benchmarks.compile_speed --train --presets small --structure Si-64 --batch-structures 4
+    python -m benchmarks.compile_speed --export --presets small --structure Cu-108
+
+``--export`` times the AOTInductor package of ``mlip export`` (float32, CPU) against eager instead,
+calls taking turns, with the export's wall time.
 
 ``--train`` times a training step instead: a batch of ``--batch-structures`` MD-like copies of
 ``--structure``, energy + forces + stress with ``create_graph`` (a double backward), a loss on all
@@ -82,6 +86,29 @@ def call(calc: Any, atoms: Any) -> tuple[float, float, dict[str, np.ndarray]]:
     res = {"energy": np.array(atoms.get_potential_energy()), "forces": atoms.get_forces(),
            "stress": atoms.get_stress()}
     return time.perf_counter() - t0, time.process_time() - c0, res
+
+
+def exported(model: Any, atoms: Any, n_calls: int) -> dict[str, Any]:
+    """The AOTInductor package of ``model`` (``mlip export``, float32 CPU) against the eager model:
+    export wall seconds, median CPU ms per call of each (calls taking turns), largest force difference."""
+    from mlip.calculator import MLIPCalculator
+    from mlip.export import export_model
+
+    folder = Path(tempfile.mkdtemp(prefix="mlip-export-bench-"))
+    t0 = time.perf_counter()
+    export_model(model, folder / "model.pt2")
+    export_s = time.perf_counter() - t0
+    eager = MLIPCalculator(model, device="cpu", dtype="float32", compute_stress=True)
+    package = MLIPCalculator(str(folder / "model.pt2"), device="cpu", compute_stress=True)
+    _, _, ref = call(eager, atoms)
+    _, _, got = call(package, atoms)
+    cpu: dict[str, list[float]] = {"eager": [], "exported": []}
+    for step in steps(atoms, n_calls, seed=2):
+        for name, calc in (("eager", eager), ("exported", package)):
+            cpu[name].append(call(calc, step)[1])
+    med = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
+    return {"export_s": export_s, "export_eager_cpu_ms": med["eager"], "exported_cpu_ms": med["exported"],
+            "exported_forces_diff": float(np.abs(got["forces"] - ref["forces"]).max())}
 
 
 def run(preset: str, structure: str, second: str, n_calls: int) -> dict[str, Any]:
@@ -209,6 +236,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return common.markdown_table(header, out)
 
 
+def export_table(rows: list[dict[str, Any]]) -> str:
+    header = ["preset", "structure", "atoms", "eager CPU ms", "exported CPU ms", "speed-up", "export s",
+              "max |ΔF| eV/Å"]
+    out = [[r["preset"], r["structure"], r["n_atoms"], f"{r['export_eager_cpu_ms']:.0f}",
+            f"{r['exported_cpu_ms']:.0f}", f"{r['export_eager_cpu_ms'] / r['exported_cpu_ms']:.2f}x",
+            f"{r['export_s']:.0f}", f"{r['exported_forces_diff']:.1e}"] for r in rows]
+    return common.markdown_table(header, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="small,medium")
@@ -220,6 +256,8 @@ def main() -> None:
     ap.add_argument("--train", action="store_true",
                     help="time a training step (forces in the loss: double backward) instead of calculator calls")
     ap.add_argument("--batch-structures", type=int, default=4, help="with --train: structures per batch")
+    ap.add_argument("--export", action="store_true",
+                    help="time the AOTInductor package (mlip export) against eager instead of torch.compile")
     ap.add_argument("--keep-cache", action="store_true",
                     help="use the usual Inductor cache (the first compile may then be warm)")
     args = ap.parse_args()
@@ -233,12 +271,17 @@ def main() -> None:
     for preset in args.presets.split(","):
         if args.train:
             rows.append(run_training(preset, args.structure, args.batch_structures, args.calls))
+        elif args.export:
+            atoms = common.make_structure(args.structure)
+            model = build(preset, sorted(set(atoms.numbers.tolist())))
+            rows.append({"preset": preset, "structure": args.structure, "n_atoms": len(atoms),
+                         **exported(model, atoms, args.calls)})
         else:
             rows.append(run(preset, args.structure, args.second, args.calls))
         print(json.dumps(rows[-1]), flush=True)
     env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print()
-    print(training_table(rows) if args.train else table(rows))
+    print(training_table(rows) if args.train else export_table(rows) if args.export else table(rows))
     print(f"\n{common.describe(env)}; load average at the end {env['load_average_end']}")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
