@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the Python of the venv with mace-torch (it pins its own e3nn): $MACE_PYTHON, else ``venv-mace`` beside the checkout
+MACE_PYTHON = os.environ.get("MACE_PYTHON") or str(ROOT.parent / "venv-mace" / "bin" / "python")
 KT_300K = 300.0 * 8.617333262e-5  # eV
 
 

@@ -52,7 +52,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+try:
+    from benchmarks import _common as common
+except ImportError:  # run as a script: python benchmarks/accuracy.py
+    import _common as common  # type: ignore[no-redef]
+
+ROOT = common.ROOT
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ethanol"
 
 #: the models compared: mlip family + model-section overrides of its ``small`` preset, or MACE
@@ -579,9 +584,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-equivariance", type=int, default=50,
                    help="test structures in the rotation-error measurement")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mace-python", default=os.environ.get("MACE_PYTHON", "/work/venv-mace/bin/python"),
+    p.add_argument("--mace-python", default=common.MACE_PYTHON,
                    help="a Python with mace-torch installed, e.g. a separate venv's bin/python (default: "
-                        "$MACE_PYTHON, else /work/venv-mace/bin/python); MACE is skipped when it does not exist")
+                        "$MACE_PYTHON, else ../venv-mace/bin/python beside the checkout); MACE is skipped when it does not exist")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--work", default="runs/accuracy", help="run folders: checkpoints, models, logs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -83,7 +83,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mace-python", default="venv-mace/bin/python", help="python of the venv with mace-torch")
+    ap.add_argument("--mace-python", default=speed.MACE_PYTHON, help="python of the venv with mace-torch")
     ap.add_argument("--presets", default="medium,small")
     ap.add_argument("--structures", default=DEFAULT_STRUCTURES)
     ap.add_argument("--warmup", type=int, default=3)

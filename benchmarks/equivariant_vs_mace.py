@@ -7,8 +7,8 @@ mace-torch pins its own e3nn); after warm-up calls the two take turns, one call 
 mlip, MACE, ...), so a change in machine load hits both alike. Reported: median process CPU time
 per call (robust to other processes sharing the cores), median wall-clock time, and their ratios::
 
-    python -m venv /work/venv-mace && /work/venv-mace/bin/pip install torch==2.13.0 mace-torch
-    python -m benchmarks.equivariant_vs_mace --mace-python /work/venv-mace/bin/python
+    python -m venv ../venv-mace && ../venv-mace/bin/pip install torch==2.13.0 mace-torch
+    python -m benchmarks.equivariant_vs_mace          # --mace-python ../venv-mace/bin/python is the default
     python -m benchmarks.equivariant_vs_mace --profile Si-216   # where mlip's time goes (torch.profiler)
 
 Sizes: the defaults ``--channels 128 --lmax 3 --hidden-lmax 1 --layers 2 --correlation 3 --r-max 6``

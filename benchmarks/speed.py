@@ -46,7 +46,7 @@ except ImportError:  # run as a script: python benchmarks/speed.py
 
 ELEMENTS = [1, 6, 8, 14, 29]  # H C O Si Cu: every structure the benchmarks build
 DEFAULT_STRUCTURES = "molecule-27,Cu-108,Cu-500,Cu-2048,Cu-4000,Cu-10976"
-MACE_PYTHON = "/work/venv-mace/bin/python"
+MACE_PYTHON = common.MACE_PYTHON
 
 
 # ========================================================================== worker side: engines
