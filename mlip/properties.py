@@ -178,9 +178,9 @@ def phonons(atoms: Atoms, calc: Calculator, supercell: tuple[int, int, int] = (3
     band = _band_structure(ph, band_points)
     ph.run_mesh(list(mesh), is_gamma_center=True)  # keeps the point-group symmetry of the mesh
     ph.run_total_dos()
-    dos = ph.get_total_dos_dict()
+    dos = ph.total_dos
     out = {"gamma_thz": gamma, "band": band,
-           "dos": {"frequencies": np.asarray(dos["frequency_points"]), "dos": np.asarray(dos["total_dos"])},
+           "dos": {"frequencies": np.asarray(dos.frequency_points), "dos": np.asarray(dos.dos)},
            "phonopy": ph}
     if plot is not None:
         _plot(out, plot)
@@ -191,7 +191,7 @@ def frequencies_at(ph: Any, qpoints: Any) -> np.ndarray:
     """Phonon frequencies (THz; imaginary ones negative) at ``qpoints`` [n_q, 3] (reduced coordinates of
     the primitive cell's reciprocal lattice) of a ``Phonopy`` object with force constants -> [n_q, n_modes]."""
     ph.run_qpoints(np.asarray(qpoints, dtype=float))
-    return np.asarray(ph.get_qpoints_dict()["frequencies"])
+    return np.asarray(ph.qpoints.frequencies)
 
 
 def _band_structure(ph: Any, n_points: int) -> dict[str, Any]:
@@ -200,9 +200,8 @@ def _band_structure(ph: Any, n_points: int) -> dict[str, Any]:
 
     path = Cell(ph.primitive.cell).bandpath(npoints=n_points)
     ph.run_band_structure([path.kpts])
-    bands = ph.get_band_structure_dict()
     x, special, labels = path.get_linear_kpoint_axis()
-    return {"distances": np.asarray(x), "frequencies": np.asarray(bands["frequencies"][0]), "path": path.path,
+    return {"distances": np.asarray(x), "frequencies": np.asarray(ph.band_structure.frequencies[0]), "path": path.path,
             "label_distances": np.asarray(special), "labels": list(labels)}
 
 

@@ -144,8 +144,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     >>> rel_err(torch.tensor([1.0, 2.5]), torch.tensor([1.0, 2.0]))
     0.25
     """
-    scale = max(float(b.abs().max()), 1e-30)
-    return float((a - b).abs().max()) / scale
+    scale = max(float(b.detach().abs().max()), 1e-30)
+    return float((a - b).detach().abs().max()) / scale
 
 
 class ModelConformance:
