@@ -9,6 +9,9 @@ davkovacs/BOTNet-datasets (``train.xyz``, ``test_MD.xyz``, ``isolated_atoms.xyz`
     python benchmarks/accuracy.py --models equivariant mace --mace-python /path/to/mace-venv/bin/python
     python benchmarks/accuracy.py --report           # table + learning curves of finished runs only
     python benchmarks/accuracy.py --rescore          # recompute test errors from the saved models
+    python -m benchmarks accuracy --mean-of benchmarks/results benchmarks/results/accuracy_repeat \
+        benchmarks/results/accuracy_seed1_2026-12-07 benchmarks/results/accuracy_seed2_2026-12-07
+                                                     # mean errors of repeated runs (seeds, repeats)
 
 Protocol (the same for every model):
 
@@ -479,6 +482,34 @@ def per_file_table(runs: dict[str, dict], key: str, label: str) -> str:
     return "\n".join(lines)
 
 
+def mean_table(folders: list[Path], split: str, key: str, label: str) -> str:
+    """Markdown table of one error (``key`` of :func:`errors`, in meV) on every test file: per model
+    the mean over the runs found in ``folders`` (repeats or seeds of the same protocol), their range
+    and count, and the mean's ratio to MACE's mean (``×MACE``)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for folder in folders:
+        for name, run in load_results(folder, split).items():
+            for f, t in run["tests"].items():
+                if key in t:
+                    values.setdefault(name, {}).setdefault(f, []).append(1e3 * t[key])
+    if not values:
+        raise SystemExit(f"no finished {split} runs in {[str(f) for f in folders]}")
+    files = list(dict.fromkeys(f for per_file in values.values() for f in per_file))
+    mace = {f: float(np.mean(v)) for f, v in values.get("mace", {}).items()}
+    lines = [f"| {label}: mean (min-max, runs) | " + " | ".join(files) + " |", "|---|" + "---|" * len(files)]
+    for name, per_file in values.items():
+        cells = []
+        for f in files:
+            v = per_file.get(f)
+            if not v:
+                cells.append("")
+                continue
+            ratio = f" {np.mean(v) / mace[f]:.2f}×MACE" if f in mace and name != "mace" and mace[f] > 0 else ""
+            cells.append(f"{np.mean(v):.1f} ({min(v):.0f}-{max(v):.0f}, {len(v)}){ratio}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def learning_curves(runs: dict[str, dict], path: Path, title: str) -> Path:
     """Validation energy and force MAE against training CPU minutes, one line per model (PNG)."""
     import matplotlib
@@ -594,8 +625,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", action="store_true", help="only rebuild the tables and plot from finished runs")
     p.add_argument("--rescore", action="store_true",
                    help="recompute the test errors of finished runs from their saved models (no training)")
+    p.add_argument("--mean-of", nargs="+", metavar="DIR", default=None,
+                   help="only print the mean errors over the finished runs in these results folders "
+                        "(repeats or seeds of the same protocol)")
     args = p.parse_args(argv)
     results = Path(args.results)
+    if args.mean_of:
+        folders = [Path(f) for f in args.mean_of]
+        print("\n\n".join([mean_table(folders, args.split, "forces_mae", "F MAE (meV/Å)"),
+                            mean_table(folders, args.split, "energy_mae", "E MAE (meV)")]))
+        return
     if args.rescore:
         _, tests = prepare_split(args.split, data_files(args.data_dir), args.n_test, Path(args.work) / args.split)
         rescore(results, args.split, tests, args.models)

@@ -36,3 +36,24 @@ def test_train_vs_mace_smoke_times_both_data_shapes(tmp_path):
         assert r["n_atoms"] > 0 and r["n_edges"] > 0
         if engine == "MACE":  # the same structures, each code's own neighbour list: the same edges
             assert r["n_edges"] == rows[("mlip", structure)]["n_edges"]
+
+
+def test_accuracy_mean_of_repeated_runs(tmp_path):
+    """``accuracy --mean-of``: per model and test file the mean over the folders' runs, its range and
+    count, and the ratio of the means to MACE's."""
+    from benchmarks.accuracy import mean_table
+
+    def write(folder: Path, name: str, forces_mae: float) -> None:
+        folder.mkdir(exist_ok=True)
+        run = {"tests": {"MD": {"forces_mae": forces_mae, "energy_mae": 0.01}, "dimers": {"energy_mae": 2.0}}}
+        (folder / f"accuracy-{name}.json").write_text(json.dumps(run))
+
+    write(tmp_path / "a", "equivariant", 0.030)
+    write(tmp_path / "b", "equivariant", 0.036)
+    write(tmp_path / "a", "mace", 0.040)
+    table = mean_table([tmp_path / "a", tmp_path / "b"], "rmd17", "forces_mae", "F MAE (meV/Å)")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:]}
+    assert rows == {"equivariant": "33.0 (30-36, 2) 0.82×MACE", "mace": "40.0 (40-40, 1)"}
+    assert "dimers" not in table.splitlines()[0]  # no force error there
+    energy = mean_table([tmp_path / "a", tmp_path / "b"], "rmd17", "energy_mae", "E MAE (meV)")
+    assert energy.splitlines()[0].endswith("| MD | dimers |")
