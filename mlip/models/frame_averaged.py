@@ -235,8 +235,9 @@ class FrameAveragedModel(PotentialModel):
         # --- frame-projected edge vectors (gradients flow through the frame)
         rotation = frames.rotation.to(dtype)  # [n_frames, 3, 3]
         vec = torch.einsum("ei,eij->ej", edge_vec[edge_src], rotation[edge_frame])  # [n_rep_edges, 3]
-        r = edge_vec.norm(dim=-1)[edge_src]
-        envelope = self.envelope(r)
+        r_lab = edge_vec.norm(dim=-1)  # [n_edges]: lengths and envelope do not depend on the frame
+        envelope_lab = self.envelope(r_lab)
+        r, envelope = r_lab[edge_src], envelope_lab[edge_src]
         edge_in = torch.cat([self.radial_basis(r) * envelope[:, None], vec / self.r_max], dim=-1)
         edge_emb = self.edge_embedding(edge_in)  # [n_rep_edges, C]
 
@@ -254,8 +255,7 @@ class FrameAveragedModel(PotentialModel):
         w = frames.weight.to(dtype)[atom_frame]  # [n_rep_atoms]
         e_rep = select_head(self.readout(learned), atom_head[atom_src])
         node_energy = scatter_sum(e_rep * w, atom_src, n_atoms)
-        r = edge_vec.norm(dim=-1)
-        node_energy = self.finish_node_energy(node_energy, element, atom_head, batch, r, self.envelope(r))
+        node_energy = self.finish_node_energy(node_energy, element, atom_head, batch, r_lab, envelope_lab)
         out = {"node_energy": node_energy, "energy": scatter_sum(node_energy, batch.batch, n_graphs)}
         if self.force_head is not None:
             f_frame = self.force_head(learned)  # [n_rep_atoms, 3] in frame coordinates
