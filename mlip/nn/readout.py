@@ -15,6 +15,7 @@ import torch
 from ase.data import covalent_radii
 
 from mlip.nn.frames import smoothstep
+from mlip.nn.scatter import scatter_sum
 
 
 def head_index(heads: Sequence[str], batch_heads: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -145,7 +146,7 @@ def bond_count(r: torch.Tensor, envelope: torch.Tensor, z_sender: torch.Tensor, 
     s = covalent_radius_sum(z_sender, z_receiver, r)
     inner, outer = BOND_RANGE
     b = 1.0 - smoothstep((r - inner * s) / ((outer - inner) * s))
-    return r.new_zeros(n_atoms).index_add_(0, receiver, b * envelope)
+    return scatter_sum(b * envelope, receiver, n_atoms)
 
 
 class AtomicEnergies(torch.nn.Module):

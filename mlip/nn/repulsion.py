@@ -25,6 +25,7 @@ from ase.units import Bohr, Hartree
 
 from mlip.nn.radial import PolynomialEnvelope
 from mlip.nn.readout import covalent_radius_sum
+from mlip.nn.scatter import scatter_sum
 
 #: e² / (4 π ε0) in eV Å
 COULOMB_EV_A = Hartree * Bohr
@@ -67,4 +68,4 @@ def zbl_atom_energy(r: torch.Tensor, z_sender: torch.Tensor, z_receiver: torch.T
 
     Shapes: r, z_sender, z_receiver, receiver [n_edges] -> [n_atoms] (eV).
     """
-    return r.new_zeros(n_atoms).index_add_(0, receiver, 0.5 * zbl_pair_energy(r, z_sender, z_receiver))
+    return scatter_sum(0.5 * zbl_pair_energy(r, z_sender, z_receiver), receiver, n_atoms)
