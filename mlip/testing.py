@@ -98,6 +98,12 @@ def transform(batch: GraphBatch, R: torch.Tensor, shift: torch.Tensor | None = N
     return out
 
 
+def _energy(model: PotentialModel, batch: GraphBatch) -> float:
+    """The batch's total energy (eV), no graph recorded."""
+    with torch.no_grad():
+        return float(model(batch, batch.edge_vectors())["energy"].sum())
+
+
 def finite_difference_forces(model: PotentialModel, batch: GraphBatch, h: float = 1e-5) -> torch.Tensor:
     """``-dE/dr`` of every atom and component by central differences of the model's energy.
 
@@ -111,8 +117,7 @@ def finite_difference_forces(model: PotentialModel, batch: GraphBatch, h: float 
                 b = copy.copy(batch)
                 b.positions = batch.positions.clone()
                 b.positions[i, k] += sign * h
-                with torch.no_grad():
-                    e.append(float(model(b, b.edge_vectors())["energy"].sum()))
+                e.append(_energy(model, b))
             fd[i, k] = -(e[0] - e[1]) / (2 * h)
     return fd
 
@@ -131,9 +136,7 @@ def finite_difference_stress(model: PotentialModel, batch: GraphBatch, h: float 
             eps = torch.zeros(3, 3, dtype=torch.float64)
             eps[i, j] += sign * h
             eps[j, i] += sign * h if i != j else 0.0
-            b = transform(batch, torch.eye(3, dtype=torch.float64) + eps)  # symmetric strain
-            with torch.no_grad():
-                e.append(float(model(b, b.edge_vectors())["energy"].sum()))
+            e.append(_energy(model, transform(batch, torch.eye(3, dtype=torch.float64) + eps)))  # symmetric strain
         out[i, j] = out[j, i] = (e[0] - e[1]) / (2 * h) / volume / (1.0 if i == j else 2.0)
     return out
 
