@@ -88,6 +88,16 @@ def call(calc: Any, atoms: Any) -> tuple[float, float, dict[str, np.ndarray]]:
     return time.perf_counter() - t0, time.process_time() - c0, res
 
 
+def take_turns(calcs: dict[str, Any], structures: list[Any]) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU seconds per call of each calculator, the calculators taking turns on each
+    structure (A B A B ...: both see the same load)."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calcs}
+    for atoms in structures:
+        for name, calc in calcs.items():
+            times[name].append(call(calc, atoms)[:2])
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
+
+
 def exported(model: Any, atoms: Any, n_calls: int) -> dict[str, Any]:
     """The AOTInductor package of ``model`` (``mlip export``, float32 CPU) against the eager model:
     export wall seconds, median CPU ms per call of each (calls taking turns), largest force difference."""
@@ -102,11 +112,8 @@ def exported(model: Any, atoms: Any, n_calls: int) -> dict[str, Any]:
     package = MLIPCalculator(str(folder / "model.pt2"), device="cpu", compute_stress=True)
     _, _, ref = call(eager, atoms)
     _, _, got = call(package, atoms)
-    cpu: dict[str, list[float]] = {"eager": [], "exported": []}
-    for step in steps(atoms, n_calls, seed=2):
-        for name, calc in (("eager", eager), ("exported", package)):
-            cpu[name].append(call(calc, step)[1])
-    med = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
+    med = {k: 1e3 * cpu for k, (_, cpu) in take_turns({"eager": eager, "exported": package},
+                                                        steps(atoms, n_calls, seed=2)).items()}
     return {"export_s": export_s, "export_eager_cpu_ms": med["eager"], "exported_cpu_ms": med["exported"],
             "exported_forces_diff": float(np.abs(got["forces"] - ref["forces"]).max())}
 
@@ -133,11 +140,7 @@ def run(preset: str, structure: str, second: str, n_calls: int) -> dict[str, Any
                 "failed": compiled.model.failed, "failed_after_s": wall_first}
     err = {k: float(np.abs(first[k] - ref[k]).max()) for k in ref}
     graphs = counters["stats"]["unique_graphs"]
-    times: dict[str, list[tuple[float, float]]] = {"eager": [], "compiled": []}
-    for step in steps(atoms, n_calls):
-        for name, calc in (("eager", eager), ("compiled", compiled)):
-            wall, cpu, _ = call(calc, step)
-            times[name].append((wall, cpu))
+    med = take_turns({"eager": eager, "compiled": compiled}, steps(atoms, n_calls))
     other = common.make_structure(second)
     wall_other, _, res_other = call(compiled, other)
     _, _, ref_other = call(eager, other)
@@ -147,7 +150,6 @@ def run(preset: str, structure: str, second: str, n_calls: int) -> dict[str, Any
     torch._dynamo.reset()
     again = MLIPCalculator(model, device="cpu", dtype="float32", compute_stress=True, compile=True)
     wall_warm, _, _ = call(again, atoms)
-    med = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
     gain = med["eager"][1] - med["compiled"][1]
     batch = eager.batch_from_atoms(atoms)
     return {
